@@ -1,0 +1,45 @@
+# Two commands do all set-up on a fresh machine with only Python 3.10+:
+#   make demo   - create .venv, install torchlbfgs, run every example in docs/examples/
+#   make test   - create .venv, install torchlbfgs with its test/dev extras, run ruff, mypy, pytest
+# torch is installed first, pinned to the CPU build torch==2.13.0, when the venv has none:
+# an unpinned torch would pull a multi-GB CUDA build.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: demo test lint typecheck pytest bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(VENV)/.torch: $(PY)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_PIN)"
+	touch $@
+
+$(VENV)/.installed-%: pyproject.toml $(VENV)/.torch
+	$(PY) -m pip install --quiet -e ".[$*]"
+	touch $@
+
+demo: $(VENV)/.installed-test
+	@for example in docs/examples/*.py; do \
+		echo "=== $$example"; \
+		$(PY) "$$example" || exit 1; \
+	done
+
+lint: $(VENV)/.installed-test,dev
+	$(PY) -m ruff check src tests bench docs/examples
+	$(PY) -m ruff format --check src tests bench docs/examples
+
+typecheck: $(VENV)/.installed-test,dev
+	$(PY) -m mypy
+
+pytest: $(VENV)/.installed-test,dev
+	$(PY) -m pytest
+
+test: lint typecheck pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,30 @@
+"""torchlbfgs: L-BFGS for PyTorch as pure functions over an immutable state pytree.
+
+Example:
+    >>> import torch, torchlbfgs
+    >>> fun = lambda p: (p["a"] - 1.0).pow(2).sum() + (p["b"] + 2.0).pow(2).sum()
+    >>> params = {"a": torch.zeros(2), "b": torch.zeros(())}
+    >>> state = torchlbfgs.init(fun, params)
+    >>> params, state = torchlbfgs.update(fun, params, state)
+    >>> params["a"], params["b"]
+    (tensor([1., 1.]), tensor(-2.))
+"""
+
+from torchlbfgs.direction import inv_hessian_product
+from torchlbfgs.line_search import LineSearchResult, line_search
+from torchlbfgs.state import LBFGSState, StopReason, status_message
+from torchlbfgs.update import init, update
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LBFGSState",
+    "LineSearchResult",
+    "StopReason",
+    "__version__",
+    "init",
+    "inv_hessian_product",
+    "line_search",
+    "status_message",
+    "update",
+]

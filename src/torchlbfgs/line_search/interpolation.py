@@ -1,0 +1,49 @@
+"""Safeguarded polynomial interpolation of a 1-D function along the search direction."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["cubic_minimizer", "quadratic_backtrack"]
+
+
+def cubic_minimizer(
+    t1: torch.Tensor,
+    f1: torch.Tensor,
+    g1: torch.Tensor,
+    t2: torch.Tensor,
+    f2: torch.Tensor,
+    g2: torch.Tensor,
+    lower: torch.Tensor | None = None,
+    upper: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""Minimiser of the cubic through :math:`(t_i, f_i, f'_i)`, clamped to ``[lower, upper]``.
+
+    Nocedal & Wright eq. 3.59, written as ``torch.optim.lbfgs._cubic_interpolate`` does (same
+    operation order, so the same floating-point result). Bounds default to the interval
+    between ``t1`` and ``t2``. Where the cubic has no minimiser (negative discriminant) or the
+    data are not finite, the midpoint of the bounds is returned.
+    """
+    if lower is None or upper is None:
+        lower, upper = torch.minimum(t1, t2), torch.maximum(t1, t2)
+    d1 = g1 + g2 - 3 * (f1 - f2) / (t1 - t2)
+    d2_square = d1**2 - g1 * g2
+    d2 = torch.sqrt(torch.clamp(d2_square, min=0))
+    from_t2 = t2 - (t2 - t1) * ((g2 + d2 - d1) / (g2 - g1 + 2 * d2))
+    from_t1 = t1 - (t1 - t2) * ((g1 + d2 - d1) / (g1 - g2 + 2 * d2))
+    minimiser = torch.where(t1 <= t2, from_t2, from_t1)
+    clamped = torch.minimum(torch.maximum(minimiser, lower), upper)
+    usable = (d2_square >= 0) & torch.isfinite(clamped)
+    return torch.where(usable, clamped, (lower + upper) / 2)
+
+
+def quadratic_backtrack(
+    t: torch.Tensor, f0: torch.Tensor, gtd0: torch.Tensor, f_t: torch.Tensor
+) -> torch.Tensor:
+    r"""Next trial step after an Armijo failure at ``t``: the minimiser of the quadratic through
+    :math:`f(0), f'(0), f(t)` (N&W eq. 3.58), safeguarded to ``[0.1 t, 0.5 t]``; ``0.5 t`` when
+    :math:`f(t)` is not finite."""
+    curvature = f_t - f0 - gtd0 * t
+    minimiser = -gtd0 * t * t / (2 * curvature)
+    safe = torch.clamp(minimiser, min=0.1 * t, max=0.5 * t)
+    return torch.where(torch.isfinite(safe) & (curvature > 0), safe, 0.5 * t)

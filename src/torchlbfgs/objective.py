@@ -1,0 +1,69 @@
+"""Evaluate the user's function and its gradient on the flat parameter vector.
+
+Users write ``fun(params) -> scalar`` over their own pytree; the algorithm needs
+``x -> (f(x), grad f(x))`` over the flat vector ``x``. This module builds that map, either with
+``torch.func.grad_and_value`` (so it composes with ``vmap`` and ``torch.compile``) or, with
+``value_and_grad=True``, from a user function that already returns ``(value, grad_pytree)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from torchlbfgs.pytree import Unravel, ravel_pytree
+
+__all__ = ["FlatObjective", "flat_objective"]
+
+FlatObjective = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""``x -> (f(x), grad f(x))`` on flat real vectors of shape ``(n,)``."""
+
+
+def _check_scalar(value: Any) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"fun must return a scalar tensor; it returned a {type(value).__name__}")
+    if value.dim() != 0:
+        raise ValueError(f"fun must return a scalar (0-d) tensor; it returned shape {tuple(value.shape)}")
+    return value
+
+
+def flat_objective(
+    fun: Callable[..., Any], unravel: Unravel, *, value_and_grad: bool = False
+) -> FlatObjective:
+    """Wrap ``fun(params)`` as ``x -> (value, flat_grad)`` on the flat vector ``x``.
+
+    Args:
+        fun: ``fun(params) -> scalar tensor``, or with ``value_and_grad=True``
+            ``fun(params) -> (scalar tensor, grad pytree shaped like params)``.
+        unravel: the :class:`~torchlbfgs.pytree.Unravel` of the params.
+        value_and_grad: ``fun`` computes its own gradient (e.g. a closure calling ``backward``).
+    """
+    n = unravel.numel
+    if value_and_grad:
+
+        def evaluate_with_own_grad(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            out = fun(unravel(x))
+            if not (isinstance(out, tuple) and len(out) == 2):
+                raise TypeError("with value_and_grad=True, fun must return a (value, grad) pair")
+            value, grad = out
+            flat_grad, _ = ravel_pytree(grad)
+            if flat_grad.shape != (n,):
+                raise ValueError(
+                    f"fun's gradient has {flat_grad.numel()} values; expected {n}, one per parameter"
+                )
+            return _check_scalar(value), flat_grad.to(x.dtype)
+
+        return evaluate_with_own_grad
+
+    def value_of_flat(x: torch.Tensor) -> torch.Tensor:
+        return _check_scalar(fun(unravel(x)))
+
+    grad_and_value = torch.func.grad_and_value(value_of_flat)
+
+    def evaluate(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        grad, value = grad_and_value(x)
+        return value, grad
+
+    return evaluate

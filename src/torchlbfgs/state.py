@@ -1,0 +1,132 @@
+"""The immutable L-BFGS state and its stop-reason codes.
+
+Every leaf is a tensor whose shape and dtype depend only on ``history_size`` and the number of
+parameters ``n``, never on data: this is what lets ``torch.func.vmap`` batch the state and
+``torch.compile`` trace ``update`` once.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import NamedTuple
+
+import torch
+
+__all__ = ["LBFGSState", "StopReason", "status_message"]
+
+
+class StopReason(enum.IntEnum):
+    """Why a problem stopped; stored in :attr:`LBFGSState.status` as an integer tensor.
+
+    ``RUNNING`` means the problem is still being optimized. Codes 1-4 are convergence (a
+    tolerance was met), codes 5-7 are failures or exhausted budgets.
+    """
+
+    RUNNING = 0
+    GRADIENT_TOLERANCE = 1
+    """``max|g| <= tolerance_grad``: first-order optimality reached."""
+    VALUE_CHANGE_TOLERANCE = 2
+    """``|f_{k+1} - f_k| < tolerance_change``."""
+    STEP_TOLERANCE = 3
+    """``max|x_{k+1} - x_k| <= tolerance_change``."""
+    DIRECTIONAL_DERIVATIVE_TOLERANCE = 4
+    """``g'd > -tolerance_change``: no descent left along the L-BFGS direction."""
+    LINE_SEARCH_FAILED = 5
+    """The line search found no point with a lower value; the params were left unchanged."""
+    NON_FINITE = 6
+    """The value or gradient at the current or accepted point is NaN or infinite."""
+    MAX_EVALS = 7
+    """The evaluation budget ``max_evals`` was used up."""
+
+
+_MESSAGES = {
+    StopReason.RUNNING: "running: no stopping criterion met yet",
+    StopReason.GRADIENT_TOLERANCE: "converged: max|gradient| <= tolerance_grad",
+    StopReason.VALUE_CHANGE_TOLERANCE: "converged: change in value < tolerance_change",
+    StopReason.STEP_TOLERANCE: "converged: max|step| <= tolerance_change",
+    StopReason.DIRECTIONAL_DERIVATIVE_TOLERANCE: (
+        "converged: directional derivative > -tolerance_change (no descent left)"
+    ),
+    StopReason.LINE_SEARCH_FAILED: "failed: line search found no decrease",
+    StopReason.NON_FINITE: "failed: value or gradient is NaN or infinite",
+    StopReason.MAX_EVALS: "stopped: evaluation budget max_evals used up",
+}
+
+
+def status_message(code: int | torch.Tensor) -> str:
+    """Human-readable text for a stop-reason code.
+
+    Example:
+        >>> from torchlbfgs import StopReason, status_message
+        >>> status_message(StopReason.GRADIENT_TOLERANCE)
+        'converged: max|gradient| <= tolerance_grad'
+    """
+    if isinstance(code, torch.Tensor):
+        if code.numel() != 1:
+            raise ValueError(f"status_message takes one code, got a tensor of shape {tuple(code.shape)}")
+        code = int(code.item())
+    try:
+        return _MESSAGES[StopReason(code)]
+    except ValueError:
+        raise ValueError(
+            f"unknown stop-reason code {code}; known codes are 0..{len(_MESSAGES) - 1}"
+        ) from None
+
+
+class LBFGSState(NamedTuple):
+    r"""State of L-BFGS at iterate :math:`x_k` (a pytree; every leaf a tensor).
+
+    The curvature pairs :math:`(s_i, y_i) = (x_{i+1} - x_i,\ \nabla f_{i+1} - \nabla f_i)` live
+    in fixed-size ring buffers: slot ``(head - 1) % m`` holds the newest pair, and the ``n_pairs``
+    slots before it (cyclically) the older ones. Empty or never-written slots have ``rho = 0``
+    and so contribute nothing to the two-loop recursion.
+
+    Attributes:
+        value: ``()`` - :math:`f(x_k)`.
+        grad: ``(n,)`` - :math:`\nabla f(x_k)`, flattened like the params.
+        s_history: ``(m, n)`` - ring buffer of steps :math:`s_i`.
+        y_history: ``(m, n)`` - ring buffer of gradient changes :math:`y_i`.
+        rho: ``(m,)`` - curvature weights :math:`\rho_i = 1 / (y_i^\top s_i)`; 0 in empty slots.
+        gamma: ``()`` - scaling of the initial inverse Hessian :math:`H_k^0 = \gamma_k I`,
+            :math:`\gamma_k = s^\top y / y^\top y` of the newest accepted pair
+            (Nocedal & Wright eq. 7.20); 1 before any pair.
+        head: ``()`` int64 - ring-buffer slot the next accepted pair is written to.
+        n_pairs: ``()`` int64 - number of valid pairs, at most ``m``.
+        iteration: ``()`` int64 - number of iterations taken (``update`` calls that moved).
+        n_evals: ``()`` int64 - number of evaluations of ``fun`` (value and gradient) so far.
+        status: ``()`` int64 - a :class:`StopReason` code; 0 while running.
+    """
+
+    value: torch.Tensor
+    grad: torch.Tensor
+    s_history: torch.Tensor
+    y_history: torch.Tensor
+    rho: torch.Tensor
+    gamma: torch.Tensor
+    head: torch.Tensor
+    n_pairs: torch.Tensor
+    iteration: torch.Tensor
+    n_evals: torch.Tensor
+    status: torch.Tensor
+
+    @property
+    def history_size(self) -> int:
+        """``m``, the number of curvature pairs the state can hold."""
+        return self.s_history.shape[-2]
+
+    @property
+    def stopped(self) -> torch.Tensor:
+        """Boolean tensor: the problem has converged or failed, and ``update`` is a no-op."""
+        return self.status != StopReason.RUNNING
+
+    @property
+    def converged(self) -> torch.Tensor:
+        """Boolean tensor: a convergence tolerance was met (codes 1-4)."""
+        return (self.status >= StopReason.GRADIENT_TOLERANCE) & (
+            self.status <= StopReason.DIRECTIONAL_DERIVATIVE_TOLERANCE
+        )
+
+    @property
+    def failed(self) -> torch.Tensor:
+        """Boolean tensor: the line search failed or a non-finite value was met (codes 5-6)."""
+        return (self.status == StopReason.LINE_SEARCH_FAILED) | (self.status == StopReason.NON_FINITE)

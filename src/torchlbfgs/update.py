@@ -1,0 +1,232 @@
+r"""``init`` and ``update``: L-BFGS as pure functions over :class:`~torchlbfgs.LBFGSState`.
+
+One iteration (Nocedal & Wright, Algorithm 7.5):
+
+1. direction :math:`d_k = -H_k g_k` by the two-loop recursion;
+2. a line search for :math:`t_k` along :math:`d_k`;
+3. :math:`x_{k+1} = x_k + t_k d_k`, and the pair :math:`s_k = t_k d_k`,
+   :math:`y_k = g_{k+1} - g_k` enters the memory if its curvature is acceptable.
+
+The first trial step is ``learning_rate``, except on the very first iteration where it is
+``min(1, 1/|g_0|_1) * learning_rate`` (torch's choice: the first direction is unscaled).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from torchlbfgs.direction import inv_hessian_product
+from torchlbfgs.history import (
+    CURVATURE_RULES,
+    CurvatureRule,
+    History,
+    accept_curvature_pair,
+    push_curvature_pair,
+)
+from torchlbfgs.line_search import LineSearch, check_line_search_options, search_along
+from torchlbfgs.objective import flat_objective
+from torchlbfgs.pytree import ravel_pytree
+from torchlbfgs.state import LBFGSState, StopReason
+
+__all__ = ["init", "update"]
+
+PyTree = Any
+
+
+def _status(code: StopReason, like: torch.Tensor) -> torch.Tensor:
+    return torch.full((), int(code), dtype=torch.int64, device=like.device)
+
+
+def init(
+    fun: Callable[..., Any],
+    params: PyTree,
+    *,
+    history_size: int = 10,
+    value_and_grad: bool = False,
+) -> LBFGSState:
+    """Evaluate ``fun`` and its gradient at ``params`` and return the initial state.
+
+    Args:
+        fun: ``fun(params) -> scalar tensor``; or, with ``value_and_grad=True``,
+            ``fun(params) -> (value, grad)`` with ``grad`` shaped like ``params``.
+        params: the starting point, any pytree of floating (or complex) tensors of one dtype.
+        history_size: ``m``, the number of curvature pairs kept.
+        value_and_grad: see ``fun``.
+
+    Returns:
+        an :class:`~torchlbfgs.LBFGSState` with an empty history. Its status is
+        ``NON_FINITE`` if the value or gradient at ``params`` is not finite.
+
+    Example:
+        >>> import torch, torchlbfgs
+        >>> state = torchlbfgs.init(lambda p: (p["w"] ** 2).sum(), {"w": torch.ones(3)})
+        >>> state.value, state.grad, state.s_history.shape
+        (tensor(3.), tensor([2., 2., 2.]), torch.Size([10, 3]))
+    """
+    if not isinstance(history_size, int) or history_size < 1:
+        raise ValueError(f"history_size must be a positive int, got {history_size!r}")
+    x, unravel = ravel_pytree(params)
+    value, grad = flat_objective(fun, unravel, value_and_grad=value_and_grad)(x)
+    value = value.to(x.dtype)
+    finite = torch.isfinite(value) & torch.isfinite(grad).all()
+    zero_count = torch.zeros((), dtype=torch.int64, device=x.device)
+    return LBFGSState(
+        value=value,
+        grad=grad,
+        s_history=x.new_zeros(history_size, x.numel()),
+        y_history=x.new_zeros(history_size, x.numel()),
+        rho=x.new_zeros(history_size),
+        gamma=x.new_ones(()),
+        head=zero_count,
+        n_pairs=zero_count,
+        iteration=zero_count,
+        n_evals=zero_count + 1,
+        status=torch.where(finite, _status(StopReason.RUNNING, x), _status(StopReason.NON_FINITE, x)),
+    )
+
+
+def _check_state(state: LBFGSState, x: torch.Tensor) -> None:
+    if not isinstance(state, LBFGSState):
+        raise TypeError(f"state must be an LBFGSState (from torchlbfgs.init), got {type(state).__name__}")
+    n = x.numel()
+    if state.grad.shape != (n,):
+        raise ValueError(
+            f"state.grad has shape {tuple(state.grad.shape)} but params have {n} values; "
+            "was the state made by init() for these params?"
+        )
+    if state.s_history.shape[-1] != n or state.y_history.shape != state.s_history.shape:
+        raise ValueError(
+            f"state history has shapes {tuple(state.s_history.shape)} / {tuple(state.y_history.shape)}; "
+            f"expected (history_size, {n}) for both"
+        )
+    if state.grad.dtype != x.dtype:
+        raise TypeError(f"state is {state.grad.dtype} but params are {x.dtype}")
+
+
+def update(
+    fun: Callable[..., Any],
+    params: PyTree,
+    state: LBFGSState,
+    *,
+    line_search: LineSearch = "strong_wolfe",
+    learning_rate: float = 1.0,
+    tolerance_grad: float = 1e-7,
+    tolerance_change: float = 1e-9,
+    curvature_rule: CurvatureRule = "relative",
+    c1: float = 1e-4,
+    c2: float = 0.9,
+    max_ls: int = 25,
+    max_evals: int | None = None,
+    value_and_grad: bool = False,
+    early_exit: bool | None = None,
+) -> tuple[PyTree, LBFGSState]:
+    """Take one L-BFGS iteration from ``params``; return the new params and state.
+
+    Pure: neither ``params`` nor ``state`` is modified. Branch-free on tensor values, so
+    ``torch.func.vmap(update)`` runs a batch of problems, each stopping on its own: once a
+    problem's ``state.status`` is not ``RUNNING``, ``update`` returns its params and state
+    unchanged.
+
+    Args:
+        fun: ``fun(params) -> scalar tensor`` (or ``(value, grad)`` with ``value_and_grad``).
+        params: the current point; ``state`` must have been built for it by :func:`init`
+            or a previous ``update``.
+        state: the current :class:`~torchlbfgs.LBFGSState`.
+        line_search: ``"strong_wolfe"``, ``"backtracking"`` or ``None`` (fixed step).
+        learning_rate: the first trial step of each line search (torch's ``lr``).
+        tolerance_grad: converged when ``max|g| <= tolerance_grad``.
+        tolerance_change: converged when the value changes by less than this, the step
+            ``max|x_{k+1} - x_k|`` is at most this, or the directional derivative exceeds
+            ``-tolerance_change``.
+        curvature_rule: ``"relative"`` (L-BFGS-B's scale-free test) or ``"absolute"``
+            (torch's ``s'y > 1e-10``); see :mod:`torchlbfgs.history`.
+        c1, c2: line-search constants.
+        max_ls: iteration limit of each line search (torch's ``max_ls``).
+        max_evals: total budget of evaluations over the whole run (counted in
+            ``state.n_evals``); the problem stops with ``MAX_EVALS`` when it is used up.
+        value_and_grad: ``fun`` returns ``(value, grad)`` itself.
+        early_exit: see :mod:`torchlbfgs.line_search.loop`.
+
+    Returns:
+        ``(new_params, new_state)``; ``new_params`` has the structure and dtypes of ``params``.
+
+    Example:
+        >>> import torch, torchlbfgs
+        >>> fun = lambda x: ((x - torch.arange(3.0, dtype=x.dtype)) ** 2).sum()
+        >>> x = torch.zeros(3, dtype=torch.float64)
+        >>> state = torchlbfgs.init(fun, x)
+        >>> for _ in range(5):
+        ...     x, state = torchlbfgs.update(fun, x, state)
+        >>> x, torchlbfgs.status_message(state.status)
+        (tensor([0., 1., 2.], dtype=torch.float64), 'converged: max|gradient| <= tolerance_grad')
+    """
+    check_line_search_options(line_search, c1, c2, max_ls)
+    if curvature_rule not in CURVATURE_RULES:
+        raise ValueError(f"curvature_rule must be one of {CURVATURE_RULES}, got {curvature_rule!r}")
+    x, unravel = ravel_pytree(params)
+    _check_state(state, x)
+    objective = flat_objective(fun, unravel, value_and_grad=value_and_grad)
+    value, grad = state.value, state.grad
+    running = state.status == StopReason.RUNNING
+
+    history = History(state.s_history, state.y_history, state.rho, state.gamma, state.head, state.n_pairs)
+    direction = -inv_hessian_product(history, grad)
+    gtd = torch.dot(grad, direction)
+    grad_small = grad.abs().max() <= tolerance_grad
+    no_descent = gtd > -tolerance_change
+    searching = running & ~grad_small & ~no_descent
+    first_step = torch.clamp(torch.reciprocal(grad.abs().sum()), max=1.0)
+    step_size = torch.where(state.iteration == 0, first_step, torch.ones_like(first_step)) * learning_rate
+
+    evals_left = None if max_evals is None else max_evals - state.n_evals
+    found = search_along(
+        line_search, objective, x, direction, value, grad, step_size,
+        active=searching, max_evals=evals_left, c1=c1, c2=c2,
+        tolerance_change=tolerance_change, max_ls=max_ls, early_exit=early_exit,
+    )  # fmt: skip
+    t, new_value, new_grad = found.step_size, found.value.to(x.dtype), found.grad
+    finite = torch.isfinite(new_value) & torch.isfinite(new_grad).all()
+    acceptable = found.success | (new_value < value) if line_search is not None else found.success
+    accept = searching & finite & acceptable
+
+    step = t * direction
+    y = new_grad - grad
+    ys, curvature_ok = accept_curvature_pair(step, y, grad, curvature_rule)
+    history = push_curvature_pair(history, step, y, ys, accept & curvature_ok)
+    n_evals = state.n_evals + found.n_evals
+    out_of_evals = torch.zeros_like(accept) if max_evals is None else n_evals >= max_evals
+
+    # Stop reasons, in torch's order of tests; the first that holds is reported.
+    stop = StopReason
+    status = _status(stop.RUNNING, x)
+    for condition, code in reversed((
+        (grad_small, stop.GRADIENT_TOLERANCE),
+        (no_descent, stop.DIRECTIONAL_DERIVATIVE_TOLERANCE),
+        (searching & ~finite & (found.n_evals > 0), stop.NON_FINITE),
+        (searching & ~accept & out_of_evals, stop.MAX_EVALS),
+        (searching & ~accept, stop.LINE_SEARCH_FAILED),
+        (accept & (new_grad.abs().max() <= tolerance_grad), stop.GRADIENT_TOLERANCE),
+        (accept & (step.abs().max() <= tolerance_change), stop.STEP_TOLERANCE),
+        (accept & ((new_value - value).abs() < tolerance_change), stop.VALUE_CHANGE_TOLERANCE),
+        (accept & out_of_evals, stop.MAX_EVALS),
+    )):  # fmt: skip
+        status = torch.where(condition, _status(code, x), status)
+
+    new_x = torch.where(accept, x + step, x)
+    new_state = LBFGSState(
+        value=torch.where(accept, new_value, value),
+        grad=torch.where(accept, new_grad, grad),
+        s_history=history.s_history,
+        y_history=history.y_history,
+        rho=history.rho,
+        gamma=history.gamma,
+        head=history.head,
+        n_pairs=history.n_pairs,
+        iteration=state.iteration + searching.long(),
+        n_evals=n_evals,
+        status=torch.where(running, status, state.status),
+    )
+    return unravel(new_x), new_state
