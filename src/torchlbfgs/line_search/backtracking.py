@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 
 from torchlbfgs.line_search.interpolation import quadratic_backtrack
-from torchlbfgs.line_search.loop import run_masked_loop
+from torchlbfgs.line_search.loop import run_masked_loop, trial_point
 from torchlbfgs.line_search.result import FlatLineSearchResult
 from torchlbfgs.objective import FlatObjective
 
@@ -62,7 +62,7 @@ def backtracking(
 
     def step(s: _Search) -> _Search:
         running = ~s.done
-        f_new, g_new = objective(x + s.t * direction)
+        f_new, g_new = objective(trial_point(x, direction, s.t, running))
         gtd_new = torch.dot(g_new, direction)
         finite = torch.isfinite(f_new) & torch.isfinite(gtd_new)
         accepted = running & finite & (f_new <= value + c1 * s.t * gtd)

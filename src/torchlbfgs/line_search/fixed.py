@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from torchlbfgs.line_search.loop import run_masked_loop
+from torchlbfgs.line_search.loop import run_masked_loop, trial_point
 from torchlbfgs.line_search.result import FlatLineSearchResult
 from torchlbfgs.objective import FlatObjective
 
@@ -38,7 +38,7 @@ def fixed_step(
     )
 
     def evaluate(_: FlatLineSearchResult) -> FlatLineSearchResult:
-        f_new, g_new = objective(x + step_size * direction)
+        f_new, g_new = objective(trial_point(x, direction, step_size, active))
         finite = torch.isfinite(f_new) & torch.isfinite(g_new).all()
         return FlatLineSearchResult(
             step_size=torch.where(active, step_size, idle.step_size),

@@ -19,7 +19,7 @@ from typing import TypeVar
 import torch
 from torch._C._functorch import is_functorch_wrapped_tensor
 
-__all__ = ["exits_early", "run_masked_loop"]
+__all__ = ["exits_early", "run_masked_loop", "trial_point"]
 
 Carry = TypeVar("Carry")
 
@@ -46,3 +46,13 @@ def run_masked_loop(
             break
         carry = step(carry)
     return carry
+
+
+def trial_point(x: torch.Tensor, direction: torch.Tensor, t: torch.Tensor, running: torch.Tensor) -> torch.Tensor:
+    """``x + t d`` for running problems, ``x`` itself for finished ones.
+
+    Finished problems are still evaluated inside a batch; evaluating them at their current,
+    known-good point rather than at a stale trial step keeps overflow, NaN and subnormal
+    arithmetic (slow on CPUs) out of work whose result is discarded anyway.
+    """
+    return x + torch.where(running, t, torch.zeros_like(t)) * direction

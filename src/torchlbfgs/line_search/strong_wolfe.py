@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 
 from torchlbfgs.line_search.interpolation import cubic_minimizer
-from torchlbfgs.line_search.loop import run_masked_loop
+from torchlbfgs.line_search.loop import run_masked_loop, trial_point
 from torchlbfgs.line_search.result import FlatLineSearchResult
 from torchlbfgs.objective import FlatObjective
 
@@ -120,7 +120,7 @@ def strong_wolfe(
 
     def step(s: _Search) -> _Search:
         running = s.phase != _DONE
-        f_new, g_new = objective(x + s.t * direction)
+        f_new, g_new = objective(trial_point(x, direction, s.t, running))
         gtd_new = torch.dot(g_new, direction)
         f_new = torch.where(torch.isfinite(f_new) & torch.isfinite(gtd_new), f_new, torch.inf)
         n_evals = s.n_evals + running.long()
