@@ -5,9 +5,10 @@ Example:
     >>> fun = lambda p: (p["a"] - 1.0).pow(2).sum() + (p["b"] + 2.0).pow(2).sum()
     >>> params = {"a": torch.zeros(2), "b": torch.zeros(())}
     >>> state = torchlbfgs.init(fun, params)
-    >>> params, state = torchlbfgs.update(fun, params, state)
-    >>> params["a"], params["b"]
-    (tensor([1., 1.]), tensor(-2.))
+    >>> for _ in range(3):
+    ...     params, state = torchlbfgs.update(fun, params, state)
+    >>> params["a"], params["b"], torchlbfgs.status_message(state.status)
+    (tensor([1., 1.]), tensor(-2.), 'converged: max|gradient| <= tolerance_grad')
 """
 
 from torchlbfgs.direction import inv_hessian_product

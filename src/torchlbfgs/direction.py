@@ -61,12 +61,7 @@ def inv_hessian_product(state: LBFGSState | History, vector: torch.Tensor) -> to
         >>> torchlbfgs.inv_hessian_product(state, state.grad)  # empty history: H_0 = I
         tensor([2., 2., 2.], dtype=torch.float64)
     """
-    if isinstance(state, LBFGSState):
-        state_history = History(
-            state.s_history, state.y_history, state.rho, state.gamma, state.head, state.n_pairs
-        )
-    else:
-        state_history = state
+    state_history = state.history if isinstance(state, LBFGSState) else state
     n = state_history.s_history.shape[-1]
     if vector.shape != (n,):
         raise ValueError(f"vector has shape {tuple(vector.shape)}; expected ({n},), the flattened params")

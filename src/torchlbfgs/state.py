@@ -12,6 +12,8 @@ from typing import NamedTuple
 
 import torch
 
+from torchlbfgs.history import History
+
 __all__ = ["LBFGSState", "StopReason", "status_message"]
 
 
@@ -113,6 +115,11 @@ class LBFGSState(NamedTuple):
     def history_size(self) -> int:
         """``m``, the number of curvature pairs the state can hold."""
         return self.s_history.shape[-2]
+
+    @property
+    def history(self) -> History:
+        """The memory fields (ring buffers, weights, scaling, head, count) as a :class:`History`."""
+        return History(self.s_history, self.y_history, self.rho, self.gamma, self.head, self.n_pairs)
 
     @property
     def stopped(self) -> torch.Tensor:

@@ -14,7 +14,7 @@ The first trial step is ``learning_rate``, except on the very first iteration wh
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -22,16 +22,16 @@ from torchlbfgs.direction import inv_hessian_product
 from torchlbfgs.history import (
     CURVATURE_RULES,
     CurvatureRule,
-    History,
     accept_curvature_pair,
     push_curvature_pair,
 )
 from torchlbfgs.line_search import LineSearch, check_line_search_options, search_along
+from torchlbfgs.line_search.result import FlatLineSearchResult
 from torchlbfgs.objective import flat_objective
 from torchlbfgs.pytree import ravel_pytree
 from torchlbfgs.state import LBFGSState, StopReason
 
-__all__ = ["init", "update"]
+__all__ = ["Proposal", "accept", "init", "propose", "update"]
 
 PyTree = Any
 
@@ -106,6 +106,117 @@ def _check_state(state: LBFGSState, x: torch.Tensor) -> None:
         raise TypeError(f"state is {state.grad.dtype} but params are {x.dtype}")
 
 
+class Proposal(NamedTuple):
+    """An iteration's plan, made before its line search (see :func:`propose`).
+
+    Attributes:
+        direction: ``(n,)`` - :math:`d_k = -H_k g_k`.
+        step_size: ``()`` - the first trial step of the line search.
+        searching: ``()`` bool - the line search runs (the problem is running, the gradient
+            is not yet small and :math:`d_k` is a descent direction).
+        attempted: ``()`` bool - the iteration counts in ``iteration`` (it got past the
+            gradient test, as torch's ``n_iter`` counts).
+        status: ``()`` int64 - the stop reason if the iteration ends before its line search.
+    """
+
+    direction: torch.Tensor
+    step_size: torch.Tensor
+    searching: torch.Tensor
+    attempted: torch.Tensor
+    status: torch.Tensor
+
+
+def propose(
+    state: LBFGSState, *, learning_rate: float, tolerance_grad: float, tolerance_change: float
+) -> Proposal:
+    """Direction and first trial step from the current state (steps 1-2 of an iteration)."""
+    grad = state.grad
+    running = state.status == StopReason.RUNNING
+    direction = -inv_hessian_product(state, grad)
+    grad_small = grad.abs().max() <= tolerance_grad
+    no_descent = torch.dot(grad, direction) > -tolerance_change
+    first_step = torch.clamp(torch.reciprocal(grad.abs().sum()), max=1.0)
+    step_size = torch.where(state.iteration == 0, first_step, torch.ones_like(first_step)) * learning_rate
+    status = torch.where(
+        grad_small,
+        _status(StopReason.GRADIENT_TOLERANCE, grad),
+        torch.where(
+            no_descent,
+            _status(StopReason.DIRECTIONAL_DERIVATIVE_TOLERANCE, grad),
+            _status(StopReason.RUNNING, grad),
+        ),
+    )
+    return Proposal(
+        direction=direction,
+        step_size=step_size,
+        searching=running & ~grad_small & ~no_descent,
+        attempted=running & ~grad_small,
+        status=torch.where(running, status, state.status),
+    )
+
+
+def accept(
+    x: torch.Tensor,
+    state: LBFGSState,
+    proposal: Proposal,
+    found: FlatLineSearchResult,
+    *,
+    line_search: LineSearch,
+    tolerance_grad: float,
+    tolerance_change: float,
+    curvature_rule: CurvatureRule,
+    max_evals: int | None = None,
+) -> tuple[torch.Tensor, LBFGSState]:
+    """Take the step the line search found, update the memory and decide whether to stop.
+
+    The step is taken when it is finite and either meets the line search's conditions or
+    lowers the value (``line_search=None`` always takes a finite step, as torch does);
+    otherwise the problem stops with ``LINE_SEARCH_FAILED`` (or ``NON_FINITE``) and stays put.
+    Returns the new flat params and state.
+    """
+    value, grad, searching = state.value, state.grad, proposal.searching
+    t, new_value, new_grad = found.step_size, found.value.to(x.dtype), found.grad
+    finite = torch.isfinite(new_value) & torch.isfinite(new_grad).all()
+    acceptable = found.success | (new_value < value) if line_search is not None else found.success
+    taken = searching & finite & acceptable
+
+    step = t * proposal.direction
+    y = new_grad - grad
+    ys, curvature_ok = accept_curvature_pair(step, y, grad, curvature_rule)
+    history = push_curvature_pair(state.history, step, y, ys, taken & curvature_ok)
+    n_evals = state.n_evals + found.n_evals
+    out_of_evals = torch.zeros_like(taken) if max_evals is None else n_evals >= max_evals
+
+    # Stop reasons after the step, in torch's order of tests; the first that holds is reported.
+    stop = StopReason
+    status = proposal.status
+    for condition, code in reversed((
+        (searching & ~finite & (found.n_evals > 0), stop.NON_FINITE),
+        (searching & ~taken & out_of_evals, stop.MAX_EVALS),
+        (searching & ~taken, stop.LINE_SEARCH_FAILED),
+        (taken & (new_grad.abs().max() <= tolerance_grad), stop.GRADIENT_TOLERANCE),
+        (taken & (step.abs().max() <= tolerance_change), stop.STEP_TOLERANCE),
+        (taken & ((new_value - value).abs() < tolerance_change), stop.VALUE_CHANGE_TOLERANCE),
+        (taken & out_of_evals, stop.MAX_EVALS),
+    )):  # fmt: skip
+        status = torch.where(condition, _status(code, x), status)
+
+    new_state = LBFGSState(
+        value=torch.where(taken, new_value, value),
+        grad=torch.where(taken, new_grad, grad),
+        s_history=history.s_history,
+        y_history=history.y_history,
+        rho=history.rho,
+        gamma=history.gamma,
+        head=history.head,
+        n_pairs=history.n_pairs,
+        iteration=state.iteration + proposal.attempted.long(),
+        n_evals=n_evals,
+        status=status,
+    )
+    return torch.where(taken, x + step, x), new_state
+
+
 def update(
     fun: Callable[..., Any],
     params: PyTree,
@@ -160,8 +271,10 @@ def update(
         >>> state = torchlbfgs.init(fun, x)
         >>> for _ in range(5):
         ...     x, state = torchlbfgs.update(fun, x, state)
-        >>> x, torchlbfgs.status_message(state.status)
-        (tensor([0., 1., 2.], dtype=torch.float64), 'converged: max|gradient| <= tolerance_grad')
+        >>> torch.allclose(x, torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64))
+        True
+        >>> torchlbfgs.status_message(state.status)
+        'converged: max|gradient| <= tolerance_grad'
     """
     check_line_search_options(line_search, c1, c2, max_ls)
     if curvature_rule not in CURVATURE_RULES:
@@ -169,64 +282,16 @@ def update(
     x, unravel = ravel_pytree(params)
     _check_state(state, x)
     objective = flat_objective(fun, unravel, value_and_grad=value_and_grad)
-    value, grad = state.value, state.grad
-    running = state.status == StopReason.RUNNING
-
-    history = History(state.s_history, state.y_history, state.rho, state.gamma, state.head, state.n_pairs)
-    direction = -inv_hessian_product(history, grad)
-    gtd = torch.dot(grad, direction)
-    grad_small = grad.abs().max() <= tolerance_grad
-    no_descent = gtd > -tolerance_change
-    searching = running & ~grad_small & ~no_descent
-    first_step = torch.clamp(torch.reciprocal(grad.abs().sum()), max=1.0)
-    step_size = torch.where(state.iteration == 0, first_step, torch.ones_like(first_step)) * learning_rate
-
-    evals_left = None if max_evals is None else max_evals - state.n_evals
-    found = search_along(
-        line_search, objective, x, direction, value, grad, step_size,
-        active=searching, max_evals=evals_left, c1=c1, c2=c2,
-        tolerance_change=tolerance_change, max_ls=max_ls, early_exit=early_exit,
-    )  # fmt: skip
-    t, new_value, new_grad = found.step_size, found.value.to(x.dtype), found.grad
-    finite = torch.isfinite(new_value) & torch.isfinite(new_grad).all()
-    acceptable = found.success | (new_value < value) if line_search is not None else found.success
-    accept = searching & finite & acceptable
-
-    step = t * direction
-    y = new_grad - grad
-    ys, curvature_ok = accept_curvature_pair(step, y, grad, curvature_rule)
-    history = push_curvature_pair(history, step, y, ys, accept & curvature_ok)
-    n_evals = state.n_evals + found.n_evals
-    out_of_evals = torch.zeros_like(accept) if max_evals is None else n_evals >= max_evals
-
-    # Stop reasons, in torch's order of tests; the first that holds is reported.
-    stop = StopReason
-    status = _status(stop.RUNNING, x)
-    for condition, code in reversed((
-        (grad_small, stop.GRADIENT_TOLERANCE),
-        (no_descent, stop.DIRECTIONAL_DERIVATIVE_TOLERANCE),
-        (searching & ~finite & (found.n_evals > 0), stop.NON_FINITE),
-        (searching & ~accept & out_of_evals, stop.MAX_EVALS),
-        (searching & ~accept, stop.LINE_SEARCH_FAILED),
-        (accept & (new_grad.abs().max() <= tolerance_grad), stop.GRADIENT_TOLERANCE),
-        (accept & (step.abs().max() <= tolerance_change), stop.STEP_TOLERANCE),
-        (accept & ((new_value - value).abs() < tolerance_change), stop.VALUE_CHANGE_TOLERANCE),
-        (accept & out_of_evals, stop.MAX_EVALS),
-    )):  # fmt: skip
-        status = torch.where(condition, _status(code, x), status)
-
-    new_x = torch.where(accept, x + step, x)
-    new_state = LBFGSState(
-        value=torch.where(accept, new_value, value),
-        grad=torch.where(accept, new_grad, grad),
-        s_history=history.s_history,
-        y_history=history.y_history,
-        rho=history.rho,
-        gamma=history.gamma,
-        head=history.head,
-        n_pairs=history.n_pairs,
-        iteration=state.iteration + searching.long(),
-        n_evals=n_evals,
-        status=torch.where(running, status, state.status),
+    proposal = propose(
+        state, learning_rate=learning_rate, tolerance_grad=tolerance_grad, tolerance_change=tolerance_change
     )
+    found = search_along(
+        line_search, objective, x, proposal.direction, state.value, state.grad, proposal.step_size,
+        active=proposal.searching, max_evals=None if max_evals is None else max_evals - state.n_evals,
+        c1=c1, c2=c2, tolerance_change=tolerance_change, max_ls=max_ls, early_exit=early_exit,
+    )  # fmt: skip
+    new_x, new_state = accept(
+        x, state, proposal, found, line_search=line_search, tolerance_grad=tolerance_grad,
+        tolerance_change=tolerance_change, curvature_rule=curvature_rule, max_evals=max_evals,
+    )  # fmt: skip
     return unravel(new_x), new_state

@@ -127,9 +127,9 @@ def line_search(
         >>> fun = lambda x: ((x - 3.0) ** 2).sum()
         >>> x = torch.zeros(2, dtype=torch.float64)
         >>> g = torch.func.grad(fun)(x)
-        >>> result = torchlbfgs.line_search(fun, x, -g, fun(x), g, step_size=0.1)
-        >>> bool(result.success), result.step_size.item()
-        (True, 0.5)
+        >>> result = torchlbfgs.line_search(fun, x, -g, fun(x), g, step_size=1.0)
+        >>> bool(result.success), result.step_size.item(), result.n_evals.item()
+        (True, 0.5, 2)
     """
     check_line_search_options(method, c1, c2, max_ls)
     x, unravel = ravel_pytree(params)

@@ -48,7 +48,9 @@ def run_masked_loop(
     return carry
 
 
-def trial_point(x: torch.Tensor, direction: torch.Tensor, t: torch.Tensor, running: torch.Tensor) -> torch.Tensor:
+def trial_point(
+    x: torch.Tensor, direction: torch.Tensor, t: torch.Tensor, running: torch.Tensor
+) -> torch.Tensor:
     """``x + t d`` for running problems, ``x`` itself for finished ones.
 
     Finished problems are still evaluated inside a batch; evaluating them at their current,
