@@ -13,12 +13,14 @@ Example:
 
 from torchlbfgs.direction import inv_hessian_product
 from torchlbfgs.line_search import LineSearchResult, line_search
+from torchlbfgs.optim import LBFGS, to_torch_state_dict
 from torchlbfgs.state import LBFGSState, StopReason, status_message
 from torchlbfgs.update import init, update
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LBFGS",
     "LBFGSState",
     "LineSearchResult",
     "StopReason",
@@ -27,5 +29,6 @@ __all__ = [
     "inv_hessian_product",
     "line_search",
     "status_message",
+    "to_torch_state_dict",
     "update",
 ]

@@ -32,12 +32,12 @@ def _two_loop(history: History, vector: torch.Tensor) -> torch.Tensor:
     q = vector
     for i in range(m):  # newest to oldest
         a = torch.dot(s[i], q) * rho[i]
-        q = q - a * y[i]
+        q = torch.addcmul(q, y[i], -a)  # q - a y, rounded once as torch.optim.LBFGS does
         alpha.append(a)
     r = q * history.gamma
     for i in reversed(range(m)):  # oldest to newest
         b = torch.dot(y[i], r) * rho[i]
-        r = r + (alpha[i] - b) * s[i]
+        r = torch.addcmul(r, s[i], alpha[i] - b)
     return r
 
 

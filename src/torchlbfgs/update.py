@@ -31,13 +31,18 @@ from torchlbfgs.objective import flat_objective
 from torchlbfgs.pytree import ravel_pytree
 from torchlbfgs.state import LBFGSState, StopReason
 
-__all__ = ["Proposal", "accept", "init", "propose", "update"]
+__all__ = ["Proposal", "accept", "init", "initial_state", "propose", "update"]
 
 PyTree = Any
 
 
 def _status(code: StopReason, like: torch.Tensor) -> torch.Tensor:
     return torch.full((), int(code), dtype=torch.int64, device=like.device)
+
+
+def _check_history_size(history_size: int) -> None:
+    if not isinstance(history_size, int) or isinstance(history_size, bool) or history_size < 1:
+        raise ValueError(f"history_size must be a positive int, got {history_size!r}")
 
 
 def init(
@@ -66,25 +71,30 @@ def init(
         >>> state.value, state.grad, state.s_history.shape
         (tensor(3.), tensor([2., 2., 2.]), torch.Size([10, 3]))
     """
-    if not isinstance(history_size, int) or history_size < 1:
-        raise ValueError(f"history_size must be a positive int, got {history_size!r}")
+    _check_history_size(history_size)
     x, unravel = ravel_pytree(params)
     value, grad = flat_objective(fun, unravel, value_and_grad=value_and_grad)(x)
-    value = value.to(x.dtype)
+    return initial_state(value.to(x.dtype), grad, history_size=history_size)
+
+
+def initial_state(value: torch.Tensor, grad: torch.Tensor, *, history_size: int) -> LBFGSState:
+    """The state at a point with value ``value`` and flat gradient ``grad`` (one evaluation
+    counted, empty history). :func:`init` is this after evaluating ``fun``."""
+    _check_history_size(history_size)
     finite = torch.isfinite(value) & torch.isfinite(grad).all()
-    zero_count = torch.zeros((), dtype=torch.int64, device=x.device)
+    zero_count = torch.zeros((), dtype=torch.int64, device=grad.device)
     return LBFGSState(
         value=value,
         grad=grad,
-        s_history=x.new_zeros(history_size, x.numel()),
-        y_history=x.new_zeros(history_size, x.numel()),
-        rho=x.new_zeros(history_size),
-        gamma=x.new_ones(()),
+        s_history=grad.new_zeros(history_size, grad.numel()),
+        y_history=grad.new_zeros(history_size, grad.numel()),
+        rho=grad.new_zeros(history_size),
+        gamma=grad.new_ones(()),
         head=zero_count,
         n_pairs=zero_count,
         iteration=zero_count,
         n_evals=zero_count + 1,
-        status=torch.where(finite, _status(StopReason.RUNNING, x), _status(StopReason.NON_FINITE, x)),
+        status=torch.where(finite, _status(StopReason.RUNNING, grad), _status(StopReason.NON_FINITE, grad)),
     )
 
 
@@ -214,7 +224,7 @@ def accept(
         n_evals=n_evals,
         status=status,
     )
-    return torch.where(taken, x + step, x), new_state
+    return torch.where(taken, torch.addcmul(x, proposal.direction, t), x), new_state
 
 
 def update(

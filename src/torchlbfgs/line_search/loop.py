@@ -57,4 +57,4 @@ def trial_point(
     known-good point rather than at a stale trial step keeps overflow, NaN and subnormal
     arithmetic (slow on CPUs) out of work whose result is discarded anyway.
     """
-    return x + torch.where(running, t, torch.zeros_like(t)) * direction
+    return torch.addcmul(x, direction, torch.where(running, t, torch.zeros_like(t)))
