@@ -23,7 +23,7 @@ def torch_reference(
     fun: Callable[[Tensor], Tensor], x: Tensor, d: Tensor, t0: float, max_ls: int
 ) -> tuple[float, Tensor, float, int]:
     def directional_evaluate(x0: Tensor, t: float, direction: Tensor) -> tuple[float, Tensor]:
-        point = x0 + t * direction
+        point = x0.clone().add_(direction, alpha=float(t))  # as LBFGS._directional_evaluate
         return float(fun(point)), torch.func.grad(fun)(point)
 
     f = float(fun(x))
