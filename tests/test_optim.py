@@ -1,0 +1,388 @@
+"""torchlbfgs.LBFGS against torch.optim.LBFGS, side by side, plus what torch cannot do."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from problems import Problem, classic_problems
+
+import torchlbfgs
+
+Tensor = torch.Tensor
+
+SETTINGS = [
+    pytest.param({"line_search_fn": None, "lr": 0.1, "history_size": 4, "max_iter": 7}, id="fixed-lr0.1"),
+    pytest.param({"line_search_fn": None, "lr": 0.5, "history_size": 3, "max_iter": 20}, id="fixed-lr0.5"),
+    pytest.param({"line_search_fn": "strong_wolfe", "history_size": 5, "max_iter": 7}, id="wolfe-h5"),
+    pytest.param({"line_search_fn": "strong_wolfe", "history_size": 3, "max_iter": 20}, id="wolfe-h3"),
+    pytest.param(
+        {"line_search_fn": "strong_wolfe", "history_size": 4, "max_iter": 9, "max_eval": 10},
+        id="wolfe-budget",
+    ),
+]
+
+
+def run_optimizer(
+    optimizer_class: type[torch.optim.Optimizer], problem: Problem, steps: int, **options: Any
+) -> tuple[list[Tensor], list[int], list[float]]:
+    """Iterates, cumulative closure calls and returned losses after each ``step``."""
+    x = torch.nn.Parameter(problem.x0.clone())
+    optimizer = optimizer_class([x], **options)
+    calls = 0
+
+    def closure() -> Tensor:
+        nonlocal calls
+        calls += 1
+        optimizer.zero_grad()
+        loss = problem.fun(x)
+        loss.backward()
+        return loss
+
+    iterates, counts, losses = [], [], []
+    for _ in range(steps):
+        losses.append(float(optimizer.step(closure).detach()))
+        iterates.append(x.detach().clone())
+        counts.append(calls)
+    return iterates, counts, losses
+
+
+@pytest.mark.parametrize("options", SETTINGS)
+@pytest.mark.parametrize("problem", classic_problems(), ids=lambda p: p.name)
+def test_same_iterates_and_closure_calls_as_torch(problem: Problem, options: dict[str, Any]) -> None:
+    theirs = run_optimizer(torch.optim.LBFGS, problem, 6, **options)
+    ours = run_optimizer(torchlbfgs.LBFGS, problem, 6, **options)
+    assert ours[1] == theirs[1], "closure evaluations differ"
+    assert ours[2] == pytest.approx(theirs[2], rel=1e-9, abs=1e-300)
+    for mine, reference in zip(ours[0], theirs[0], strict=True):
+        scale = reference.abs().max().clamp(min=1.0)
+        assert ((mine - reference).abs().max() / scale).item() <= 1e-9
+    total_iterations_bound = 6 * options["max_iter"]
+    assert total_iterations_bound > options["history_size"]  # the history wraps
+
+
+def test_history_wraps_in_the_parity_runs() -> None:
+    problem = classic_problems()[1]  # Rosenbrock n=100: many iterations per step
+    x = torch.nn.Parameter(problem.x0.clone())
+    optimizer = torchlbfgs.LBFGS([x], history_size=3, max_iter=20, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = problem.fun(x)
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        optimizer.step(closure)
+    leaves = optimizer.state_dict()["state"][0]
+    assert int(leaves["n_pairs"]) == 3
+    assert int(leaves["iteration"]) > 3
+
+
+def test_float32_matches_torch() -> None:
+    problem = classic_problems(torch.float32)[0]
+    for options in ({"line_search_fn": None, "lr": 0.1}, {"line_search_fn": "strong_wolfe"}):
+        theirs = run_optimizer(torch.optim.LBFGS, problem, 4, history_size=5, max_iter=10, **options)
+        ours = run_optimizer(torchlbfgs.LBFGS, problem, 4, history_size=5, max_iter=10, **options)
+        assert ours[1] == theirs[1]
+        for mine, reference in zip(ours[0], theirs[0], strict=True):
+            torch.testing.assert_close(mine, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_constructor_matches_torch_signature() -> None:
+    ours = inspect.signature(torchlbfgs.LBFGS.__init__).parameters
+    theirs = inspect.signature(torch.optim.LBFGS.__init__).parameters
+    assert list(ours) == list(theirs)
+    for name in theirs:
+        assert ours[name].default == theirs[name].default, name
+    x = torch.nn.Parameter(torch.zeros(3))
+    ours_defaults = torchlbfgs.LBFGS([x]).defaults
+    theirs_defaults = torch.optim.LBFGS([x]).defaults
+    assert {k: ours_defaults[k] for k in theirs_defaults} == theirs_defaults
+
+
+def test_step_returns_the_first_closure_result() -> None:
+    x = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    optimizer = torchlbfgs.LBFGS([x])
+    returned: list[Tensor] = []
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = (x**2).sum()
+        loss.backward()
+        returned.append(loss)
+        return loss
+
+    assert optimizer.step(closure) is returned[0]
+
+
+def test_step_needs_a_closure() -> None:
+    optimizer = torchlbfgs.LBFGS([torch.nn.Parameter(torch.zeros(2))])
+    with pytest.raises(ValueError, match="needs a closure"):
+        optimizer.step(None)  # type: ignore[arg-type]
+
+
+# --- parameter groups ---------------------------------------------------------------------
+
+
+def _two_tensor_problem() -> tuple[Callable[[Tensor, Tensor], Tensor], Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(5)
+    a = torch.randn(6, 4, generator=generator, dtype=torch.float64)
+    target = torch.randn(6, generator=generator, dtype=torch.float64)
+
+    def fun(w: Tensor, b: Tensor) -> Tensor:
+        return ((a @ w + b - target) ** 2).sum() + 0.1 * (w**4).sum()
+
+    return fun, torch.zeros(4, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+
+
+def _run_groups(make_optimizer: Callable[[Tensor, Tensor], torch.optim.Optimizer], steps: int = 4):
+    fun, w0, b0 = _two_tensor_problem()
+    w, b = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(b0.clone())
+    optimizer = make_optimizer(w, b)
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = fun(w, b)
+        loss.backward()
+        return loss
+
+    for _ in range(steps):
+        optimizer.step(closure)
+    return w.detach(), b.detach(), optimizer
+
+
+def test_param_groups_are_optimized_jointly() -> None:
+    options = {"line_search_fn": "strong_wolfe", "history_size": 3, "max_iter": 5}
+    w_groups, b_groups, _ = _run_groups(
+        lambda w, b: torchlbfgs.LBFGS([{"params": [w]}, {"params": [b]}], **options)
+    )
+    w_torch, b_torch, _ = _run_groups(lambda w, b: torch.optim.LBFGS([w, b], **options))
+    assert torch.equal(w_groups, w_torch)
+    assert torch.equal(b_groups, b_torch)
+
+
+def test_groups_with_different_options_are_refused() -> None:
+    w, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
+    with pytest.raises(ValueError, match="'lr' must be the same"):
+        torchlbfgs.LBFGS([{"params": [w]}, {"params": [b], "lr": 0.5}])
+    with pytest.raises(ValueError, match="'history_size' must be the same"):
+        torchlbfgs.LBFGS([{"params": [w], "history_size": 3}, {"params": [b]}])
+    optimizer = torchlbfgs.LBFGS([w])
+    with pytest.raises(ValueError, match="'line_search_fn' must be the same"):
+        optimizer.add_param_group({"params": [b], "line_search_fn": "strong_wolfe"})
+    assert len(optimizer.param_groups) == 1  # the refused group was not added
+
+
+def test_scheduler_changing_lr_in_every_group_is_allowed_and_differing_lr_is_refused() -> None:
+    w, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
+    optimizer = torchlbfgs.LBFGS([{"params": [w]}, {"params": [b]}], lr=1.0)
+    optimizer.param_groups[1]["lr"] = 0.25
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = (w - 1).pow(2).sum() + b.pow(2).sum()
+        loss.backward()
+        return loss
+
+    before = (w.detach().clone(), b.detach().clone())
+    with pytest.raises(ValueError, match="'lr' must be the same"):
+        optimizer.step(closure)
+    assert torch.equal(w.detach(), before[0])
+    assert torch.equal(b.detach(), before[1])
+
+
+def test_add_param_group_after_steps_extends_the_problem() -> None:
+    fun, w0, b0 = _two_tensor_problem()
+    w, b = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(b0.clone())
+    optimizer = torchlbfgs.LBFGS(
+        [w],
+        line_search_fn="strong_wolfe",
+        history_size=50,
+        max_iter=5,
+        tolerance_grad=1e-12,
+        tolerance_change=0,
+    )
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = fun(w, b)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    optimizer.step(closure)
+    before = optimizer.state_dict()["state"][0]
+    optimizer.add_param_group({"params": [b]})
+    optimizer.step(closure)
+    after = optimizer.state_dict()["state"][0]
+    assert after["grad"].shape == (5,)
+    assert after["s_history"].shape == (50, 5)
+    # The pairs stored before b joined are kept (no wrap-around yet), with zeros for b.
+    kept = int(before["n_pairs"])
+    assert kept > 0
+    assert torch.equal(after["s_history"][:kept, :4], before["s_history"][:kept])
+    assert torch.equal(after["s_history"][:kept, 4], torch.zeros(kept, dtype=torch.float64))
+    # b is now optimized: run to convergence and compare with a joint solve from the start.
+    for _ in range(30):
+        optimizer.step(closure)
+    w_joint, b_joint, _ = _run_groups(
+        lambda w, b: torch.optim.LBFGS(
+            [w, b], line_search_fn="strong_wolfe", max_iter=200, tolerance_grad=1e-12, tolerance_change=0
+        ),
+        3,
+    )
+    torch.testing.assert_close(b.detach(), b_joint, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(w.detach(), w_joint, rtol=1e-6, atol=1e-6)
+
+
+# --- complex parameters -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("line_search_fn", [None, "strong_wolfe"])
+def test_complex_parameters_match_torch(line_search_fn: str | None) -> None:
+    generator = torch.Generator().manual_seed(2)
+    a = torch.randn(5, 3, dtype=torch.complex128, generator=generator)
+    target = torch.randn(5, dtype=torch.complex128, generator=generator)
+
+    def run(optimizer_class: type[torch.optim.Optimizer]) -> Tensor:
+        z = torch.nn.Parameter(torch.zeros(3, dtype=torch.complex128))
+        optimizer = optimizer_class([z], lr=0.2, history_size=3, max_iter=10, line_search_fn=line_search_fn)
+
+        def closure() -> Tensor:
+            optimizer.zero_grad()
+            loss = (a @ z - target).abs().pow(2).sum()
+            loss.backward()
+            return loss
+
+        for _ in range(3):
+            optimizer.step(closure)
+        return z.detach()
+
+    torch.testing.assert_close(run(torchlbfgs.LBFGS), run(torch.optim.LBFGS), rtol=1e-12, atol=1e-14)
+
+
+# --- a closure that raises ------------------------------------------------------------------
+
+
+class ClosureError(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("line_search_fn", [None, "strong_wolfe"])
+def test_closure_raising_leaves_params_and_state_untouched(line_search_fn: str | None) -> None:
+    problem = classic_problems()[0]
+    x = torch.nn.Parameter(problem.x0.clone())
+    optimizer = torchlbfgs.LBFGS([x], lr=0.2 if line_search_fn is None else 1, history_size=3, max_iter=6,
+                                 line_search_fn=line_search_fn)  # fmt: skip
+    fail_at: int | None = None
+    calls = 0
+
+    def closure() -> Tensor:
+        nonlocal calls
+        calls += 1
+        if calls == fail_at:
+            raise ClosureError
+        optimizer.zero_grad()
+        loss = problem.fun(x)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    optimizer.step(closure)
+    snapshot = optimizer.state_dict()
+    leaves = {k: v.clone() if isinstance(v, Tensor) else v for k, v in snapshot["state"][0].items()}
+    x_before = x.detach().clone()
+    calls_before = calls
+    # A clean copy of the optimizer takes the next step, to know how many evaluations it makes.
+    x_copy = torch.nn.Parameter(x_before.clone())
+    copy = torchlbfgs.LBFGS([x_copy], lr=0.2 if line_search_fn is None else 1, history_size=3, max_iter=6,
+                            line_search_fn=line_search_fn)  # fmt: skip
+    copy.load_state_dict(snapshot)
+    copy_calls = 0
+
+    def copy_closure() -> Tensor:
+        nonlocal copy_calls
+        copy_calls += 1
+        copy.zero_grad()
+        loss = problem.fun(x_copy)
+        loss.backward()
+        return loss
+
+    copy.step(copy_closure)
+    assert copy_calls > 2
+    for k in range(1, copy_calls + 1):
+        calls, fail_at = calls_before, calls_before + k
+        with pytest.raises(ClosureError):
+            optimizer.step(closure)
+        assert torch.equal(x.detach(), x_before)
+        for name, value in optimizer.state_dict()["state"][0].items():
+            assert torch.equal(value, leaves[name]) if isinstance(value, Tensor) else value == leaves[name], (
+                name
+            )
+    # After the failures, a successful step is the step that would have been taken.
+    fail_at = None
+    optimizer.step(closure)
+    options = {"lr": 0.2 if line_search_fn is None else 1, "history_size": 3, "max_iter": 6}
+    clean = run_optimizer(torchlbfgs.LBFGS, problem, 3, line_search_fn=line_search_fn, **options)
+    assert torch.equal(x.detach(), clean[0][-1])
+
+
+# --- torch.optim machinery -----------------------------------------------------------------
+
+
+def test_step_hooks_and_zero_grad() -> None:
+    x = torch.nn.Parameter(torch.tensor([3.0, -1.0]))
+    optimizer = torchlbfgs.LBFGS([x], line_search_fn="strong_wolfe")
+    seen: list[str] = []
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append("pre"))
+    optimizer.register_step_post_hook(lambda opt, args, kwargs: seen.append("post"))
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = (x**2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    assert seen == ["pre", "post"]
+    optimizer.zero_grad()
+    assert x.grad is None
+
+
+def test_lr_scheduler_drives_the_step_size_as_in_torch() -> None:
+    problem = classic_problems()[2]  # Beale
+
+    def run(optimizer_class: type[torch.optim.Optimizer]) -> Tensor:
+        x = torch.nn.Parameter(problem.x0.clone())
+        optimizer = optimizer_class([x], lr=0.5, max_iter=5, history_size=4)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+
+        def closure() -> Tensor:
+            optimizer.zero_grad()
+            loss = problem.fun(x)
+            loss.backward()
+            return loss
+
+        for _ in range(4):
+            optimizer.step(closure)
+            scheduler.step()
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5 * 0.5**4)
+        return x.detach()
+
+    ours, theirs = run(torchlbfgs.LBFGS), run(torch.optim.LBFGS)
+    assert torch.equal(ours, theirs)
+    without_scheduler = run_optimizer(torchlbfgs.LBFGS, problem, 4, lr=0.5, max_iter=5, history_size=4)[0][-1]
+    assert not torch.equal(ours, without_scheduler)
+
+
+def test_tensor_lr() -> None:
+    problem = classic_problems()[0]
+    ours = run_optimizer(torchlbfgs.LBFGS, problem, 3, lr=torch.tensor(0.3, dtype=torch.float64), max_iter=5)
+    theirs = run_optimizer(
+        torch.optim.LBFGS, problem, 3, lr=torch.tensor(0.3, dtype=torch.float64), max_iter=5
+    )
+    assert torch.equal(ours[0][-1], theirs[0][-1])
