@@ -12,7 +12,7 @@ Example:
 """
 
 from torchlbfgs.direction import inv_hessian_product
-from torchlbfgs.line_search import LineSearchResult, line_search
+from torchlbfgs.line_searches import LineSearchResult, line_search
 from torchlbfgs.optim import LBFGS, to_torch_state_dict
 from torchlbfgs.state import LBFGSState, StopReason, status_message
 from torchlbfgs.update import init, update

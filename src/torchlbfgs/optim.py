@@ -31,8 +31,8 @@ from torchlbfgs.checkpoint import (
     state_to_leaves,
     state_to_torch_lbfgs,
 )
-from torchlbfgs.line_search import search_along
-from torchlbfgs.line_search.result import FlatLineSearchResult
+from torchlbfgs.line_searches import search_along
+from torchlbfgs.line_searches.result import FlatLineSearchResult
 from torchlbfgs.state import LBFGSState, StopReason
 from torchlbfgs.update import Proposal, accept, initial_state, propose
 
@@ -253,7 +253,7 @@ class LBFGS(Optimizer):
             core = stored.core
         else:
             core = stored.core._replace(n_evals=stored.core.n_evals + 1)
-        if bool(grad.abs().max() <= tolerance_grad):  # torch returns before touching its state
+        if bool(grad.abs().amax() <= tolerance_grad):  # torch returns before touching its state
             return orig_loss, stored._replace(core=core)
 
         if bool(stored.has_pending):

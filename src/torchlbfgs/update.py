@@ -25,8 +25,8 @@ from torchlbfgs.history import (
     accept_curvature_pair,
     push_curvature_pair,
 )
-from torchlbfgs.line_search import LineSearch, check_line_search_options, search_along
-from torchlbfgs.line_search.result import FlatLineSearchResult
+from torchlbfgs.line_searches import LineSearch, check_line_search_options, search_along
+from torchlbfgs.line_searches.result import FlatLineSearchResult
 from torchlbfgs.objective import flat_objective
 from torchlbfgs.pytree import ravel_pytree
 from torchlbfgs.state import LBFGSState, StopReason
@@ -143,7 +143,7 @@ def propose(
     grad = state.grad
     running = state.status == StopReason.RUNNING
     direction = -inv_hessian_product(state, grad)
-    grad_small = grad.abs().max() <= tolerance_grad
+    grad_small = grad.abs().amax() <= tolerance_grad
     no_descent = torch.dot(grad, direction) > -tolerance_change
     first_step = torch.clamp(torch.reciprocal(grad.abs().sum()), max=1.0)
     step_size = torch.where(state.iteration == 0, first_step, torch.ones_like(first_step)) * learning_rate
@@ -204,8 +204,8 @@ def accept(
         (searching & ~finite & (found.n_evals > 0), stop.NON_FINITE),
         (searching & ~taken & out_of_evals, stop.MAX_EVALS),
         (searching & ~taken, stop.LINE_SEARCH_FAILED),
-        (taken & (new_grad.abs().max() <= tolerance_grad), stop.GRADIENT_TOLERANCE),
-        (taken & (step.abs().max() <= tolerance_change), stop.STEP_TOLERANCE),
+        (taken & (new_grad.abs().amax() <= tolerance_grad), stop.GRADIENT_TOLERANCE),
+        (taken & (step.abs().amax() <= tolerance_change), stop.STEP_TOLERANCE),
         (taken & ((new_value - value).abs() < tolerance_change), stop.VALUE_CHANGE_TOLERANCE),
         (taken & out_of_evals, stop.MAX_EVALS),
     )):  # fmt: skip
@@ -269,7 +269,7 @@ def update(
         max_evals: total budget of evaluations over the whole run (counted in
             ``state.n_evals``); the problem stops with ``MAX_EVALS`` when it is used up.
         value_and_grad: ``fun`` returns ``(value, grad)`` itself.
-        early_exit: see :mod:`torchlbfgs.line_search.loop`.
+        early_exit: see :mod:`torchlbfgs.line_searches.loop`.
 
     Returns:
         ``(new_params, new_state)``; ``new_params`` has the structure and dtypes of ``params``.

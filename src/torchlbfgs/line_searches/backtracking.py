@@ -12,9 +12,9 @@ from typing import NamedTuple
 
 import torch
 
-from torchlbfgs.line_search.interpolation import quadratic_backtrack
-from torchlbfgs.line_search.loop import run_masked_loop, trial_point
-from torchlbfgs.line_search.result import FlatLineSearchResult
+from torchlbfgs.line_searches.interpolation import quadratic_backtrack
+from torchlbfgs.line_searches.loop import run_masked_loop, trial_point
+from torchlbfgs.line_searches.result import FlatLineSearchResult
 from torchlbfgs.objective import FlatObjective
 
 __all__ = ["backtracking"]
@@ -48,7 +48,7 @@ def backtracking(
 ) -> FlatLineSearchResult:
     """Armijo backtracking on flat vectors; stops after ``max_ls + 1`` evaluations, when
     ``max_evals`` is used up, or when the step ``t max|d|`` falls below ``tolerance_change``."""
-    d_norm = direction.abs().max()
+    d_norm = direction.abs().amax()
     budget_open = active if max_evals is None else active & (torch.as_tensor(max_evals) > 0)
     start = _Search(
         t=step_size,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from torchlbfgs.line_search.loop import run_masked_loop, trial_point
-from torchlbfgs.line_search.result import FlatLineSearchResult
+from torchlbfgs.line_searches.loop import run_masked_loop, trial_point
+from torchlbfgs.line_searches.result import FlatLineSearchResult
 from torchlbfgs.objective import FlatObjective
 
 __all__ = ["fixed_step"]

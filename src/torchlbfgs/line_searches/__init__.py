@@ -11,10 +11,10 @@ from typing import Any, Literal
 
 import torch
 
-from torchlbfgs.line_search.backtracking import backtracking
-from torchlbfgs.line_search.fixed import fixed_step
-from torchlbfgs.line_search.result import FlatLineSearchResult, LineSearchResult
-from torchlbfgs.line_search.strong_wolfe import strong_wolfe
+from torchlbfgs.line_searches.backtracking import backtracking
+from torchlbfgs.line_searches.fixed import fixed_step
+from torchlbfgs.line_searches.result import FlatLineSearchResult, LineSearchResult
+from torchlbfgs.line_searches.strong_wolfe import strong_wolfe
 from torchlbfgs.objective import FlatObjective, flat_objective
 from torchlbfgs.pytree import ravel_pytree
 
@@ -117,7 +117,7 @@ def line_search(
             left of a solver's budget); ``None`` for no cap beyond ``max_ls``.
         value_and_grad: ``fun`` returns ``(value, grad_pytree)`` itself.
         early_exit: stop calling ``fun`` once the search is done; see
-            :mod:`torchlbfgs.line_search.loop`. ``None`` decides automatically.
+            :mod:`torchlbfgs.line_searches.loop`. ``None`` decides automatically.
 
     Returns:
         a :class:`LineSearchResult`; failure is reported in ``success``, never raised.

@@ -22,19 +22,35 @@ def cubic_minimizer(
     Nocedal & Wright eq. 3.59, written as ``torch.optim.lbfgs._cubic_interpolate`` does (same
     operation order, so the same floating-point result). Bounds default to the interval
     between ``t1`` and ``t2``. Where the cubic has no minimiser (negative discriminant) or the
-    data are not finite, the midpoint of the bounds is returned.
+    data are not finite, or where torch would divide by zero, the midpoint of the bounds is
+    returned.
     """
     if lower is None or upper is None:
         lower, upper = torch.minimum(t1, t2), torch.maximum(t1, t2)
-    d1 = g1 + g2 - 3 * (f1 - f2) / (t1 - t2)
+    # Degenerate inputs (t1 == t2, no real root, zero denominators) take the midpoint. The
+    # divisions below use safe denominators there, so that the branch not taken stays finite
+    # and reverse-mode gradients through torch.where are not poisoned by 0 * NaN.
+    distinct = t1 != t2
+    d1 = g1 + g2 - 3 * (f1 - f2) / _nonzero(t1 - t2, distinct)
     d2_square = d1**2 - g1 * g2
-    d2 = torch.sqrt(torch.clamp(d2_square, min=0))
-    from_t2 = t2 - (t2 - t1) * ((g2 + d2 - d1) / (g2 - g1 + 2 * d2))
-    from_t1 = t1 - (t1 - t2) * ((g1 + d2 - d1) / (g1 - g2 + 2 * d2))
+    has_root = d2_square > 0
+    d2 = torch.where(
+        has_root, torch.sqrt(torch.where(has_root, d2_square, torch.ones_like(d2_square))), 0 * d2_square
+    )
+    denominator_2 = g2 - g1 + 2 * d2
+    denominator_1 = g1 - g2 + 2 * d2
+    from_t2 = t2 - (t2 - t1) * ((g2 + d2 - d1) / _nonzero(denominator_2, denominator_2 != 0))
+    from_t1 = t1 - (t1 - t2) * ((g1 + d2 - d1) / _nonzero(denominator_1, denominator_1 != 0))
     minimiser = torch.where(t1 <= t2, from_t2, from_t1)
     clamped = torch.minimum(torch.maximum(minimiser, lower), upper)
-    usable = (d2_square >= 0) & torch.isfinite(clamped)
+    denominator = torch.where(t1 <= t2, denominator_2, denominator_1)
+    usable = (d2_square >= 0) & (denominator != 0) & distinct & torch.isfinite(clamped)
     return torch.where(usable, clamped, (lower + upper) / 2)
+
+
+def _nonzero(denominator: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``denominator`` where ``valid``, 1 elsewhere (the result there is discarded)."""
+    return torch.where(valid, denominator, torch.ones_like(denominator))
 
 
 def quadratic_backtrack(
@@ -44,6 +60,7 @@ def quadratic_backtrack(
     :math:`f(0), f'(0), f(t)` (N&W eq. 3.58), safeguarded to ``[0.1 t, 0.5 t]``; ``0.5 t`` when
     :math:`f(t)` is not finite."""
     curvature = f_t - f0 - gtd0 * t
-    minimiser = -gtd0 * t * t / (2 * curvature)
+    convex = curvature > 0
+    minimiser = -gtd0 * t * t / (2 * _nonzero(curvature, convex))
     safe = torch.clamp(minimiser, min=0.1 * t, max=0.5 * t)
-    return torch.where(torch.isfinite(safe) & (curvature > 0), safe, 0.5 * t)
+    return torch.where(torch.isfinite(safe) & convex, safe, 0.5 * t)

@@ -24,9 +24,9 @@ from typing import NamedTuple
 
 import torch
 
-from torchlbfgs.line_search.interpolation import cubic_minimizer
-from torchlbfgs.line_search.loop import run_masked_loop, trial_point
-from torchlbfgs.line_search.result import FlatLineSearchResult
+from torchlbfgs.line_searches.interpolation import cubic_minimizer
+from torchlbfgs.line_searches.loop import run_masked_loop, trial_point
+from torchlbfgs.line_searches.result import FlatLineSearchResult
 from torchlbfgs.objective import FlatObjective
 
 __all__ = ["strong_wolfe"]
@@ -88,7 +88,7 @@ def strong_wolfe(
 ) -> FlatLineSearchResult:
     """Strong-Wolfe search on flat vectors; see the module docstring and
     :func:`torchlbfgs.line_search` for the arguments."""
-    d_norm = direction.abs().max()
+    d_norm = direction.abs().amax()
     zero = torch.zeros_like(value)
     false = torch.zeros((), dtype=torch.bool, device=value.device)
     budget_open = active if max_evals is None else active & (torch.as_tensor(max_evals) > 0)
@@ -174,7 +174,7 @@ def strong_wolfe(
         t_zoom = cubic_minimizer(
             bracket_t[0], bracket_f[0], bracket_gtd[0], bracket_t[1], bracket_f[1], bracket_gtd[1]
         )
-        t_max, t_min = bracket_t.max(), bracket_t.min()
+        t_max, t_min = torch.maximum(bracket_t[0], bracket_t[1]), torch.minimum(bracket_t[0], bracket_t[1])
         margin = 0.1 * (t_max - t_min)
         near_end = torch.minimum(t_max - t_zoom, t_zoom - t_min) < margin
         move_in = near_end & (s.insufficient_progress | (t_zoom >= t_max) | (t_zoom <= t_min))
