@@ -2,8 +2,10 @@ r"""The L-BFGS search direction: the inverse-Hessian approximation applied to a 
 
 :math:`H_k v` is computed by the two-loop recursion (Nocedal & Wright, Algorithm 7.4) over
 the pairs in the ring buffer, newest to oldest and back, with :math:`H_k^0 = \gamma_k I`.
-Empty slots have :math:`\rho = 0` and contribute nothing, so the loop always runs over all
-``m`` slots and its shape never depends on how many pairs are stored.
+Empty slots have :math:`\rho = 0` and contribute nothing, so the loop can run over all ``m``
+slots and its shape never depends on how many pairs are stored. Where reading the ring's
+head and count on the host is free (see :mod:`torchlbfgs.line_searches.loop`), the loop runs
+over the stored pairs only, as views: the same result, bit for bit, without the wasted work.
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ from __future__ import annotations
 import torch
 
 from torchlbfgs.history import History
+from torchlbfgs.line_searches.loop import exits_early
 from torchlbfgs.state import LBFGSState
 
-__all__ = ["inv_hessian_product", "newest_first_order"]
+__all__ = ["inv_hessian_product", "newest_first_order", "stored_slots"]
 
 
 def newest_first_order(head: torch.Tensor, history_size: int) -> torch.Tensor:
@@ -22,26 +25,38 @@ def newest_first_order(head: torch.Tensor, history_size: int) -> torch.Tensor:
     return torch.remainder(head - offsets, history_size)
 
 
-def _two_loop(history: History, vector: torch.Tensor) -> torch.Tensor:
+def stored_slots(history: History, early_exit: bool | None) -> list[int] | None:
+    """Slots holding pairs, newest first, when the host may read them; else ``None``."""
+    if not exits_early(early_exit, history.head):
+        return None
     m = history.s_history.shape[0]
-    order = newest_first_order(history.head, m)
-    s = history.s_history[order]
-    y = history.y_history[order]
-    rho = history.rho[order]
+    head, n_pairs = torch.stack((history.head, history.n_pairs)).tolist()  # sync-ok: exits_early
+    return [(head - 1 - k) % m for k in range(n_pairs)]
+
+
+def _two_loop(history: History, vector: torch.Tensor, slots: list[int] | None) -> torch.Tensor:
+    if slots is None:  # all m slots, newest first, gathered without reading the head
+        order = newest_first_order(history.head, history.s_history.shape[0])
+        s, y, rho = history.s_history[order], history.y_history[order], history.rho[order]
+        rows = list(range(len(order)))
+    else:
+        s, y, rho, rows = history.s_history, history.y_history, history.rho, slots
     alpha = []
     q = vector
-    for i in range(m):  # newest to oldest
+    for i in rows:  # newest to oldest
         a = torch.dot(s[i], q) * rho[i]
         q = torch.addcmul(q, y[i], -a)  # q - a y, rounded once as torch.optim.LBFGS does
         alpha.append(a)
     r = q * history.gamma
-    for i in reversed(range(m)):  # oldest to newest
+    for i, a in zip(reversed(rows), reversed(alpha), strict=True):  # oldest to newest
         b = torch.dot(y[i], r) * rho[i]
-        r = torch.addcmul(r, s[i], alpha[i] - b)
+        r = torch.addcmul(r, s[i], a - b)
     return r
 
 
-def inv_hessian_product(state: LBFGSState | History, vector: torch.Tensor) -> torch.Tensor:
+def inv_hessian_product(
+    state: LBFGSState | History, vector: torch.Tensor, *, early_exit: bool | None = None
+) -> torch.Tensor:
     r"""Apply the L-BFGS inverse-Hessian approximation :math:`H_k` to a flat vector.
 
     :math:`H_k` is the matrix defined by the BFGS updates (N&W eq. 7.19) of
@@ -51,6 +66,8 @@ def inv_hessian_product(state: LBFGSState | History, vector: torch.Tensor) -> to
     Args:
         state: an :class:`~torchlbfgs.LBFGSState` (or its history part).
         vector: a tensor of shape ``(n,)``, the flattened parameter shape.
+        early_exit: skip empty slots by reading the ring's count on the host; ``None`` does
+            so only where that read is free (see :mod:`torchlbfgs.line_searches.loop`).
 
     Returns:
         :math:`H_k v`, shape ``(n,)``.
@@ -65,4 +82,4 @@ def inv_hessian_product(state: LBFGSState | History, vector: torch.Tensor) -> to
     n = state_history.s_history.shape[-1]
     if vector.shape != (n,):
         raise ValueError(f"vector has shape {tuple(vector.shape)}; expected ({n},), the flattened params")
-    return _two_loop(state_history, vector)
+    return _two_loop(state_history, vector, stored_slots(state_history, early_exit))

@@ -49,24 +49,41 @@ def accept_curvature_pair(
 
 
 def push_curvature_pair(
-    history: History, s: torch.Tensor, y: torch.Tensor, ys: torch.Tensor, accept: torch.Tensor
+    history: History,
+    s: torch.Tensor,
+    y: torch.Tensor,
+    ys: torch.Tensor,
+    accept: torch.Tensor,
+    *,
+    in_place: bool = False,
 ) -> History:
     r"""Write ``(s, y)`` into the slot ``head`` when ``accept`` is true; otherwise change nothing.
 
     When the buffer is full the oldest pair is overwritten, as ``torch.optim.LBFGS`` drops its
     oldest pair. The new scaling is :math:`\gamma = s^\top y / y^\top y` (N&W eq. 7.20).
-    Out of place: the inputs are never modified.
+    Out of place by default: the inputs are never modified, at the price of copying the
+    ``(m, n)`` buffers. ``in_place=True`` writes the one row in the existing buffers instead
+    (O(n)); only an owner of the state that no one else reads, such as the
+    :class:`torchlbfgs.LBFGS` adapter, may ask for it. Both give the same values.
     """
     m = history.s_history.shape[0]
-    slot = torch.arange(m, device=history.head.device) == history.head
-    write = slot & accept
-    rows = write.unsqueeze(-1)
     one = torch.ones((), dtype=ys.dtype, device=ys.device)
     safe_ys = torch.where(accept, ys, one)  # keep 1/ys finite in the branch not taken
+    if in_place:
+        slot = history.head.reshape(1)
+        for buffer, new in ((history.s_history, s), (history.y_history, y), (history.rho, 1.0 / safe_ys)):
+            kept = buffer.index_select(0, slot).squeeze(0)
+            buffer.index_copy_(0, slot, torch.where(accept, new, kept).unsqueeze(0))
+        s_history, y_history, rho = history.s_history, history.y_history, history.rho
+    else:
+        write = (torch.arange(m, device=history.head.device) == history.head) & accept
+        s_history = torch.where(write.unsqueeze(-1), s, history.s_history)
+        y_history = torch.where(write.unsqueeze(-1), y, history.y_history)
+        rho = torch.where(write, 1.0 / safe_ys, history.rho)
     return History(
-        s_history=torch.where(rows, s, history.s_history),
-        y_history=torch.where(rows, y, history.y_history),
-        rho=torch.where(write, 1.0 / safe_ys, history.rho),
+        s_history=s_history,
+        y_history=y_history,
+        rho=rho,
         gamma=torch.where(accept, ys / torch.where(accept, torch.dot(y, y), one), history.gamma),
         head=torch.where(accept, (history.head + 1) % m, history.head),
         n_pairs=torch.where(accept, torch.clamp(history.n_pairs + 1, max=m), history.n_pairs),

@@ -153,6 +153,11 @@ class LBFGS(Optimizer):
             candidate = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
             self._check_options_agree([self.param_groups[0], candidate])
         super().add_param_group(param_group)
+        leaves = self.state.get(self._params[0]) if hasattr(self, "state") else None
+        if leaves:
+            grad = leaves["grad"]
+            stored = state_from_trusted_leaves(leaves, dtype=grad.dtype, device=grad.device)
+            self._store(_extend(stored, sum(_real_numel(p) for p in self._params)))
 
     @property
     def _params(self) -> list[torch.Tensor]:
@@ -190,10 +195,12 @@ class LBFGS(Optimizer):
         leaves = self.state.get(self._params[0]) if self._params else None
         if not leaves:
             return None
-        state = state_from_trusted_leaves(leaves, dtype=dtype, device=device)
-        if state.core.grad.numel() < n:  # parameters were added: pad with zero curvature information
-            state = _extend(state, n)
-        return state
+        if leaves["grad"].numel() != n:
+            raise RuntimeError(
+                f"the optimizer state is for {leaves['grad'].numel()} parameters but the param groups now "
+                f"hold {n}; add parameters with add_param_group, not by editing param_groups"
+            )
+        return state_from_trusted_leaves(leaves, dtype=dtype, device=device)
 
     def _store(self, state: OptimizerState) -> None:
         params = self._params
@@ -217,10 +224,12 @@ class LBFGS(Optimizer):
             )
         closure = torch.enable_grad()(closure)
         x_before = self._flat_params()
+        undo = _UndoLog()
         try:
-            loss, new_state = self._iterate(closure, x_before)
+            loss, new_state = self._iterate(closure, x_before, undo)
         except BaseException:
-            self._write_params(x_before)  # roll back: the stored state was not touched
+            self._write_params(x_before)
+            undo.roll_back()  # the pairs written in place this step; nothing else was stored
             raise
         self._store(new_state)
         return loss
@@ -232,7 +241,9 @@ class LBFGS(Optimizer):
         value = torch.as_tensor(loss.detach() if isinstance(loss, torch.Tensor) else loss)
         return loss, value.to(dtype=dtype, device=self._params[0].device).reshape(()), self._flat_grad()
 
-    def _iterate(self, closure: Callable[[], Any], x: torch.Tensor) -> tuple[Any, OptimizerState]:
+    def _iterate(
+        self, closure: Callable[[], Any], x: torch.Tensor, undo: _UndoLog
+    ) -> tuple[Any, OptimizerState]:
         options = self._options()
         lr, max_iter, max_eval = options["lr"], options["max_iter"], options["max_eval"]
         tolerance_grad, tolerance_change = options["tolerance_grad"], options["tolerance_change"]
@@ -268,9 +279,10 @@ class LBFGS(Optimizer):
             fresh = FlatLineSearchResult(
                 stored.pending_step, value, grad, torch.ones_like(core.n_evals), pending.searching
             )
+            undo.record(stored.core)
             _, core = accept(
-                x, stored.core, pending, fresh, line_search=None, tolerance_grad=tolerance_grad,
-                tolerance_change=tolerance_change, curvature_rule="absolute",
+                x, stored.core, pending, fresh, in_place=True, line_search=None,
+                tolerance_grad=tolerance_grad, tolerance_change=tolerance_change, curvature_rule="absolute",
             )  # fmt: skip
         core = core._replace(value=value, grad=grad, status=running)
 
@@ -282,8 +294,9 @@ class LBFGS(Optimizer):
         current_evals = 1
         for n_iter in range(1, max_iter + 1):
             proposal = propose(
-                core, learning_rate=lr, tolerance_grad=tolerance_grad, tolerance_change=tolerance_change
-            )
+                core, learning_rate=lr, tolerance_grad=tolerance_grad, tolerance_change=tolerance_change,
+                early_exit=True,
+            )  # fmt: skip
             if not bool(proposal.searching):  # no descent left: torch stops before moving
                 return orig_loss, self._pending(core, proposal, proposal.step_size, evals=0)
             found: FlatLineSearchResult | None = None
@@ -310,11 +323,15 @@ class LBFGS(Optimizer):
             stop = found is None or n_iter == max_iter or current_evals >= max_eval
             if not stop:
                 assert found is not None
+                undo.record(core)
                 _, next_core = accept(
-                    x, core, proposal, found, line_search=line_search, tolerance_grad=tolerance_grad,
-                    tolerance_change=tolerance_change, curvature_rule="absolute",
+                    x, core, proposal, found, in_place=True, line_search=line_search,
+                    tolerance_grad=tolerance_grad, tolerance_change=tolerance_change,
+                    curvature_rule="absolute",
                 )  # fmt: skip
                 stop = bool(next_core.status != StopReason.RUNNING)  # one host sync per iteration
+                if stop:
+                    undo.undo_last()  # the last iteration stays pending: its pair comes next step
             if stop:
                 return orig_loss, self._pending(core, proposal, step_size, evals)
             core, x = next_core, x_new
@@ -327,6 +344,20 @@ class LBFGS(Optimizer):
         return OptimizerState(counted, proposal.direction, step_size, torch.ones_like(proposal.searching))
 
     # --- state_dict ----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's format, with this optimizer's state as named leaves (see
+        :mod:`torchlbfgs.checkpoint`). The tensors are copies: later steps, which update the
+        history buffers in place, do not change a state dict already taken."""
+        state_dict = super().state_dict()
+        state_dict["state"] = {
+            index: {
+                name: leaf.clone() if isinstance(leaf, torch.Tensor) else leaf
+                for name, leaf in leaves.items()
+            }
+            for index, leaves in state_dict["state"].items()
+        }
+        return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from :meth:`state_dict` or from ``torch.optim.LBFGS``.
@@ -393,6 +424,28 @@ class LBFGS(Optimizer):
         super().load_state_dict({"state": {}, "param_groups": saved_groups})
         if validated is not None:
             self._store(validated)
+
+
+class _UndoLog:
+    """History rows a step overwrote in place, so that a failing step can put them back."""
+
+    def __init__(self) -> None:
+        self._entries: list[tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor]]] = []
+
+    def record(self, core: LBFGSState) -> None:
+        """Remember the row that the next in-place push into ``core`` will overwrite."""
+        slot = core.head.reshape(1).clone()
+        buffers = [core.s_history, core.y_history, core.rho]
+        self._entries.append((buffers, slot, [buffer.index_select(0, slot) for buffer in buffers]))
+
+    def undo_last(self) -> None:
+        buffers, slot, rows = self._entries.pop()
+        for buffer, row in zip(buffers, rows, strict=True):
+            buffer.index_copy_(0, slot, row)
+
+    def roll_back(self) -> None:
+        while self._entries:
+            self.undo_last()
 
 
 def _same(a: Any, b: Any) -> bool:

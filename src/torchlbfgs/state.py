@@ -30,7 +30,7 @@ class StopReason(enum.IntEnum):
     VALUE_CHANGE_TOLERANCE = 2
     """``|f_{k+1} - f_k| < tolerance_change``."""
     STEP_TOLERANCE = 3
-    """``max|x_{k+1} - x_k| <= tolerance_change``."""
+    """``max|t_k d_k| <= tolerance_change``, or the step no longer changes ``x`` at all."""
     DIRECTIONAL_DERIVATIVE_TOLERANCE = 4
     """``g'd > -tolerance_change``: no descent left along the L-BFGS direction."""
     LINE_SEARCH_FAILED = 5
@@ -94,7 +94,8 @@ class LBFGSState(NamedTuple):
             (Nocedal & Wright eq. 7.20); 1 before any pair.
         head: ``()`` int64 - ring-buffer slot the next accepted pair is written to.
         n_pairs: ``()`` int64 - number of valid pairs, at most ``m``.
-        iteration: ``()`` int64 - number of iterations taken (``update`` calls that moved).
+        iteration: ``()`` int64 - number of iterations attempted: ``update`` calls that got past
+            the gradient test (torch's ``n_iter``), whether or not their line search succeeded.
         n_evals: ``()`` int64 - number of evaluations of ``fun`` (value and gradient) so far.
         status: ``()`` int64 - a :class:`StopReason` code; 0 while running.
     """

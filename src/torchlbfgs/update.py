@@ -137,12 +137,17 @@ class Proposal(NamedTuple):
 
 
 def propose(
-    state: LBFGSState, *, learning_rate: float, tolerance_grad: float, tolerance_change: float
+    state: LBFGSState,
+    *,
+    learning_rate: float,
+    tolerance_grad: float,
+    tolerance_change: float,
+    early_exit: bool | None = None,
 ) -> Proposal:
     """Direction and first trial step from the current state (steps 1-2 of an iteration)."""
     grad = state.grad
     running = state.status == StopReason.RUNNING
-    direction = -inv_hessian_product(state, grad)
+    direction = -inv_hessian_product(state, grad, early_exit=early_exit)
     grad_small = grad.abs().amax() <= tolerance_grad
     no_descent = torch.dot(grad, direction) > -tolerance_change
     first_step = torch.clamp(torch.reciprocal(grad.abs().sum()), max=1.0)
@@ -176,13 +181,15 @@ def accept(
     tolerance_change: float,
     curvature_rule: CurvatureRule,
     max_evals: int | None = None,
+    in_place: bool = False,
 ) -> tuple[torch.Tensor, LBFGSState]:
     """Take the step the line search found, update the memory and decide whether to stop.
 
     The step is taken when it is finite and either meets the line search's conditions or
     lowers the value (``line_search=None`` always takes a finite step, as torch does);
     otherwise the problem stops with ``LINE_SEARCH_FAILED`` (or ``NON_FINITE``) and stays put.
-    Returns the new flat params and state.
+    ``in_place`` writes the new pair into ``state``'s buffers (see
+    :func:`~torchlbfgs.history.push_curvature_pair`). Returns the new flat params and state.
     """
     value, grad, searching = state.value, state.grad, proposal.searching
     t, new_value, new_grad = found.step_size, found.value.to(x.dtype), found.grad
@@ -193,7 +200,9 @@ def accept(
     step = t * proposal.direction
     y = new_grad - grad
     ys, curvature_ok = accept_curvature_pair(step, y, grad, curvature_rule)
-    history = push_curvature_pair(state.history, step, y, ys, taken & curvature_ok)
+    history = push_curvature_pair(state.history, step, y, ys, taken & curvature_ok, in_place=in_place)
+    new_x = torch.where(taken, torch.addcmul(x, proposal.direction, t), x)
+    stalled = (new_x == x).all()  # the step fell below the spacing of floating-point numbers
     n_evals = state.n_evals + found.n_evals
     out_of_evals = torch.zeros_like(taken) if max_evals is None else n_evals >= max_evals
 
@@ -205,7 +214,7 @@ def accept(
         (searching & ~taken & out_of_evals, stop.MAX_EVALS),
         (searching & ~taken, stop.LINE_SEARCH_FAILED),
         (taken & (new_grad.abs().amax() <= tolerance_grad), stop.GRADIENT_TOLERANCE),
-        (taken & (step.abs().amax() <= tolerance_change), stop.STEP_TOLERANCE),
+        (taken & ((step.abs().amax() <= tolerance_change) | stalled), stop.STEP_TOLERANCE),
         (taken & ((new_value - value).abs() < tolerance_change), stop.VALUE_CHANGE_TOLERANCE),
         (taken & out_of_evals, stop.MAX_EVALS),
     )):  # fmt: skip
@@ -224,7 +233,7 @@ def accept(
         n_evals=n_evals,
         status=status,
     )
-    return torch.where(taken, torch.addcmul(x, proposal.direction, t), x), new_state
+    return new_x, new_state
 
 
 def update(
