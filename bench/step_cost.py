@@ -1,0 +1,95 @@
+"""Per-iteration cost of torchlbfgs.LBFGS against torch.optim.LBFGS, same closure, same run.
+
+A diagonal quadratic f(x) = 1/2 sum(c_i x_i^2) with c spread over [1, 100], float32, history 10,
+one thread. Each optimizer takes ``--steps`` steps of ``max_iter`` iterations; the table reports
+milliseconds per inner iteration (closure calls included), the bare closure time, and the ratio
+ours/torch measured in this process. Both optimizers take the same iterates (the test suite
+checks that), so the comparison is like for like.
+
+Run: ``python bench/step_cost.py`` (add ``--sizes 1e3 1e5 1e7`` for the large case).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import torchlbfgs
+
+
+def closure_factory(optimizer: torch.optim.Optimizer, x: torch.Tensor, scales: torch.Tensor):
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = 0.5 * (scales * x * x).sum()
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def time_optimizer(optimizer_class, n: int, line_search: str | None, steps: int, max_iter: int) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    scales = torch.logspace(0, 2, n)
+    x = torch.nn.Parameter(torch.randn(n, generator=generator))
+    lr = 1.0 if line_search else 0.01
+    optimizer = optimizer_class([x], lr=lr, history_size=10, max_iter=max_iter, line_search_fn=line_search,
+                                tolerance_grad=0.0, tolerance_change=0.0)  # fmt: skip
+    closure = closure_factory(optimizer, x, scales)
+    optimizer.step(closure)  # warm-up, and fills part of the history
+    start = time.perf_counter()
+    for _ in range(steps):
+        optimizer.step(closure)
+    elapsed = time.perf_counter() - start
+    state = optimizer.state[x]
+    iterations = state["n_iter"] if "n_iter" in state else int(state["iteration"])
+    first_iterations = max_iter  # the warm-up step
+    return {"ms_per_iteration": 1e3 * elapsed / max(iterations - first_iterations, 1)}
+
+
+def closure_time(n: int, repeats: int = 20) -> float:
+    scales = torch.logspace(0, 2, n)
+    x = torch.nn.Parameter(torch.randn(n))
+    optimizer = torch.optim.SGD([x], lr=0.0)
+    closure = closure_factory(optimizer, x, scales)
+    closure()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        closure()
+    return 1e3 * (time.perf_counter() - start) / repeats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=float, nargs="+", default=[1e3, 1e5])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--max-iter", type=int, default=10)
+    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "step_cost.json")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    rows = []
+    print(f"{'n':>9} {'line search':>13} {'closure ms':>11} {'torch ms/it':>12} {'ours ms/it':>11} {'ours/torch':>11}")
+    for size in args.sizes:
+        n = int(size)
+        bare = closure_time(n)
+        for line_search in (None, "strong_wolfe"):
+            theirs = time_optimizer(torch.optim.LBFGS, n, line_search, args.steps, args.max_iter)
+            ours = time_optimizer(torchlbfgs.LBFGS, n, line_search, args.steps, args.max_iter)
+            ratio = ours["ms_per_iteration"] / theirs["ms_per_iteration"]
+            rows.append({"n": n, "line_search": line_search, "closure_ms": bare, "torch": theirs, "ours": ours,
+                         "ratio": ratio})  # fmt: skip
+            print(f"{n:>9} {line_search or 'none':>13} {bare:>11.3f} {theirs['ms_per_iteration']:>12.3f} "
+                  f"{ours['ms_per_iteration']:>11.3f} {ratio:>11.2f}")  # fmt: skip
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+            "threads": torch.get_num_threads(), "dtype": "float32", "history_size": 10}  # fmt: skip
+    args.output.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
