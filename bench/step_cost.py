@@ -72,7 +72,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = []
-    print(f"{'n':>9} {'line search':>13} {'closure ms':>11} {'torch ms/it':>12} {'ours ms/it':>11} {'ours/torch':>11}")
+    header = ("n", "line search", "closure ms", "torch ms/it", "ours ms/it", "ours/torch")
+    print(" ".join(f"{name:>12}" for name in header))
     for size in args.sizes:
         n = int(size)
         bare = closure_time(n)
@@ -80,10 +81,11 @@ def main() -> None:
             theirs = time_optimizer(torch.optim.LBFGS, n, line_search, args.steps, args.max_iter)
             ours = time_optimizer(torchlbfgs.LBFGS, n, line_search, args.steps, args.max_iter)
             ratio = ours["ms_per_iteration"] / theirs["ms_per_iteration"]
-            rows.append({"n": n, "line_search": line_search, "closure_ms": bare, "torch": theirs, "ours": ours,
-                         "ratio": ratio})  # fmt: skip
-            print(f"{n:>9} {line_search or 'none':>13} {bare:>11.3f} {theirs['ms_per_iteration']:>12.3f} "
-                  f"{ours['ms_per_iteration']:>11.3f} {ratio:>11.2f}")  # fmt: skip
+            row = {"n": n, "line_search": line_search, "closure_ms": bare, "torch": theirs, "ours": ours}
+            rows.append({**row, "ratio": ratio})
+            cells = (n, line_search or "none", f"{bare:.3f}", f"{theirs['ms_per_iteration']:.3f}",
+                     f"{ours['ms_per_iteration']:.3f}", f"{ratio:.2f}")  # fmt: skip
+            print(" ".join(f"{cell:>12}" for cell in cells))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
             "threads": torch.get_num_threads(), "dtype": "float32", "history_size": 10}  # fmt: skip

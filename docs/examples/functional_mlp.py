@@ -27,7 +27,8 @@ initial = state.value
 for iteration in range(300):
     params, state = torchlbfgs.update(loss, params, state, tolerance_grad=1e-9, tolerance_change=1e-12)
     if iteration % 50 == 0:
-        print(f"iteration {int(state.iteration):4d}  evaluations {int(state.n_evals):4d}  loss {float(state.value):.3e}")
+        iterations, evaluations = int(state.iteration), int(state.n_evals)
+        print(f"iteration {iterations:4d}  evaluations {evaluations:4d}  loss {float(state.value):.3e}")
 print("stopped:", torchlbfgs.status_message(state.status))
 print(f"loss {float(initial):.3e} -> {float(state.value):.3e}")
 assert state.value < 1e-3 * initial, "the MLP should fit the curve"

@@ -14,9 +14,10 @@ import torchlbfgs
 torch.manual_seed(0)
 n_problems, n_samples = 2000, 64
 times = torch.linspace(0, 4, n_samples, dtype=torch.float64)
-truth = torch.stack(
-    [torch.rand(n_problems) * 2 + 0.5, torch.rand(n_problems) * 1.5 + 0.3, torch.randn(n_problems) * 0.2], dim=1
-).double()
+amplitude = torch.rand(n_problems) * 2 + 0.5
+rate = torch.rand(n_problems) * 1.5 + 0.3
+offset = torch.randn(n_problems) * 0.2
+truth = torch.stack([amplitude, rate, offset], dim=1).double()
 signals = truth[:, :1] * torch.exp(-truth[:, 1:2] * times) + truth[:, 2:]
 signals = signals + 0.01 * torch.randn_like(signals)
 

@@ -133,7 +133,8 @@ def state_from_leaves(
         if tuple(leaf.shape) != shape:
             raise ValueError(f"{name}: expected shape {shape}, found {tuple(leaf.shape)}")
         if _kind(leaf) != kind:
-            raise ValueError(f"{name}: expected a {kind} tensor, found dtype {leaf.dtype}")
+            article = "an" if kind[0] in "aeiou" else "a"
+            raise ValueError(f"{name}: expected {article} {kind} tensor, found dtype {leaf.dtype}")
         if kind == _FLOAT:
             if not bool(torch.isfinite(leaf).all()):
                 raise ValueError(f"{name}: expected finite values, found NaN or Inf")

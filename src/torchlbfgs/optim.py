@@ -378,13 +378,19 @@ class LBFGS(Optimizer):
                 f"parameter groups; this optimizer has {len(self.param_groups)}"
             )
         for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
-            if not isinstance(saved, dict) or len(saved.get("params", ())) != len(group["params"]):
+            if not isinstance(saved, dict) or not isinstance(saved.get("params"), list):
+                raise ValueError(f"param group {index} of the loaded state dict has no 'params' list")
+            if len(saved["params"]) != len(group["params"]):
                 raise ValueError(
-                    f"param group {index} of the loaded state dict does not match this optimizer's"
+                    f"param group {index} of the loaded state dict has {len(saved['params'])} parameters; "
+                    f"this optimizer's has {len(group['params'])}"
                 )
-            for option in _SHARED_OPTIONS:
-                if option not in saved:
-                    raise ValueError(f"param group {index} of the loaded state dict has no {option!r}")
+            missing = [option for option in _SHARED_OPTIONS if option not in saved]
+            if missing:
+                raise ValueError(
+                    f"param group {index} of the loaded state dict has no {missing}: it was not written by "
+                    f"an L-BFGS optimizer (its options are {sorted(k for k in saved if k != 'params')})"
+                )
         self._check_options_agree(saved_groups)
         history_size = saved_groups[0]["history_size"]
         if history_size != self.param_groups[0]["history_size"]:
