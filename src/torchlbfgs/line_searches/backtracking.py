@@ -78,7 +78,7 @@ def backtracking(
             n_evals=n_evals,
             result_t=torch.where(accepted, s.t, s.result_t),
             result_f=torch.where(accepted, f_new, s.result_f),
-            result_g=torch.where(accepted.unsqueeze(-1), g_new, s.result_g),
+            result_g=torch.where(accepted, g_new, s.result_g),
         )
 
     max_steps = max_ls + 1

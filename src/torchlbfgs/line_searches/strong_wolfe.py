@@ -56,17 +56,19 @@ class _Search(NamedTuple):
 
 def _pick(first: torch.Tensor, pair: torch.Tensor) -> torch.Tensor:
     """``pair[0]`` where ``first`` else ``pair[1]`` (leading dimension of size 2)."""
-    condition = first.reshape(first.shape + (1,) * (pair.dim() - 1))
-    return torch.where(condition, pair[0], pair[1])
+    return torch.where(first, pair[0], pair[1])
 
 
 def _set_slot(
     pair: torch.Tensor, slot_is_first: torch.Tensor, write: torch.Tensor, value: torch.Tensor
 ) -> torch.Tensor:
     """``pair`` with ``pair[slot] = value`` where ``write``; slot 0 if ``slot_is_first``."""
-    first = (write & slot_is_first).reshape((1,) * pair[0].dim())
-    second = (write & ~slot_is_first).reshape((1,) * pair[0].dim())
-    return torch.stack((torch.where(first, value, pair[0]), torch.where(second, value, pair[1])))
+    return torch.stack(
+        (
+            torch.where(write & slot_is_first, value, pair[0]),
+            torch.where(write & ~slot_is_first, value, pair[1]),
+        )
+    )
 
 
 def strong_wolfe(
@@ -160,8 +162,7 @@ def strong_wolfe(
             ends = _set_slot(ends, ~s.low_is_first, zoom_shrinks_high, new)
             ends = _set_slot(ends, ~s.low_is_first, high_takes_low, low_end)
             ends = _set_slot(ends, s.low_is_first, zoom_new_low, new)
-            entering = enter_zoom.reshape((1,) * ends.dim())
-            bracket.append(torch.where(entering, torch.stack((prev, new)), ends))
+            bracket.append(torch.where(enter_zoom, torch.stack((prev, new)), ends))
         bracket_t, bracket_f, bracket_gtd, bracket_g = bracket
         reorder = enter_zoom | zoom_shrinks_high
         low_is_first = torch.where(reorder, bracket_f[0] <= bracket_f[1], s.low_is_first)
@@ -192,19 +193,13 @@ def strong_wolfe(
         take_new = wolfe_now | ((gave_up_bracketing | budget_stop_extrapolating) & last_beats_start)
         take_start = (gave_up_bracketing | budget_stop_extrapolating) & ~last_beats_start
         take_low = (zooming | wolfe_in_zoom) & ~keeps_going
-        result_t = torch.where(
-            take_new, s.t, torch.where(take_start, zero, torch.where(take_low, low[0], s.result_t))
-        )
-        result_f = torch.where(
-            take_new, f_new, torch.where(take_start, value, torch.where(take_low, low[1], s.result_f))
-        )
-        result_g = torch.where(
-            take_new.unsqueeze(-1),
-            g_new,
-            torch.where(
-                take_start.unsqueeze(-1), grad, torch.where(take_low.unsqueeze(-1), low[2], s.result_g)
-            ),
-        )
+        result = [s.result_t, s.result_f, s.result_g]
+        for condition, chosen in (
+            (take_low, low),
+            (take_start, (zero, value, grad)),
+            (take_new, (s.t, f_new, g_new)),
+        ):
+            result = [torch.where(condition, new, old) for new, old in zip(chosen, result, strict=True)]
         phase = torch.where(
             running & ~keeps_going, _DONE, torch.where(zoom_continues | enter_zoom, _ZOOM, s.phase)
         )
@@ -212,7 +207,7 @@ def strong_wolfe(
             t=torch.where(extrapolate, t_extrapolated, torch.where(zoom_continues, t_zoom, s.t)),
             t_prev=torch.where(extrapolate, s.t, s.t_prev),
             f_prev=torch.where(extrapolate, f_new, s.f_prev),
-            g_prev=torch.where(extrapolate.unsqueeze(-1), g_new, s.g_prev),
+            g_prev=torch.where(extrapolate, g_new, s.g_prev),
             gtd_prev=torch.where(extrapolate, gtd_new, s.gtd_prev),
             bracket_t=bracket_t,
             bracket_f=bracket_f,
@@ -223,9 +218,9 @@ def strong_wolfe(
             phase=phase,
             n_evals=n_evals,
             wolfe=s.wolfe | wolfe_now | wolfe_in_zoom,
-            result_t=result_t,
-            result_f=result_f,
-            result_g=result_g,
+            result_t=result[0],
+            result_f=result[1],
+            result_g=result[2],
         )
 
     max_steps = max_ls + 1
