@@ -66,7 +66,7 @@ def status_message(code: int | torch.Tensor) -> str:
     if isinstance(code, torch.Tensor):
         if code.numel() != 1:
             raise ValueError(f"status_message takes one code, got a tensor of shape {tuple(code.shape)}")
-        code = int(code.item())
+        code = int(code.item())  # sync-ok: text needs the value, on the host by definition
     try:
         return _MESSAGES[StopReason(code)]
     except ValueError:
