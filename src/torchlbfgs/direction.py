@@ -5,15 +5,17 @@ the pairs in the ring buffer, newest to oldest and back, with :math:`H_k^0 = \ga
 Empty slots have :math:`\rho = 0` and contribute nothing, so the loop can run over all ``m``
 slots and its shape never depends on how many pairs are stored. Where reading the ring's
 head and count on the host is free (see :mod:`torchlbfgs.line_searches.loop`), the loop runs
-over the stored pairs only, as views: the same result, bit for bit, without the wasted work.
+over the stored pairs only (as views; under ``vmap``, over as many rows as the fullest
+problem of the batch uses): the same result, bit for bit, without the wasted work.
 """
 
 from __future__ import annotations
 
 import torch
+from torch._C._functorch import is_functorch_wrapped_tensor
 
 from torchlbfgs.history import History
-from torchlbfgs.line_searches.loop import exits_early
+from torchlbfgs.line_searches.loop import batch_view, exits_early
 from torchlbfgs.state import LBFGSState
 
 __all__ = ["inv_hessian_product", "newest_first_order", "stored_slots"]
@@ -27,16 +29,27 @@ def newest_first_order(head: torch.Tensor, history_size: int) -> torch.Tensor:
 
 def stored_slots(history: History, early_exit: bool | None) -> list[int] | None:
     """Slots holding pairs, newest first, when the host may read them; else ``None``."""
-    if not exits_early(early_exit, history.head):
+    if not exits_early(early_exit, history.head) or is_functorch_wrapped_tensor(history.head):
         return None
     m = history.s_history.shape[0]
     head, n_pairs = torch.stack((history.head, history.n_pairs)).tolist()  # sync-ok: exits_early
     return [(head - 1 - k) % m for k in range(n_pairs)]
 
 
-def _two_loop(history: History, vector: torch.Tensor, slots: list[int] | None) -> torch.Tensor:
-    if slots is None:  # all m slots, newest first, gathered without reading the head
-        order = newest_first_order(history.head, history.s_history.shape[0])
+def _rows_in_use(history: History, early_exit: bool | None) -> int:
+    """How many newest-first rows can hold a pair in any problem of the batch (``m`` unless
+    the host may read the counts)."""
+    m = history.s_history.shape[-2]
+    if not exits_early(early_exit, history.n_pairs):
+        return m
+    return int(batch_view(history.n_pairs).max())  # sync-ok: exits_early
+
+
+def _two_loop(
+    history: History, vector: torch.Tensor, slots: list[int] | None, rows_in_use: int
+) -> torch.Tensor:
+    if slots is None:  # per-problem heads (vmap) or no host reads: gather newest-first rows
+        order = newest_first_order(history.head, history.s_history.shape[0])[:rows_in_use]
         s, y, rho = history.s_history[order], history.y_history[order], history.rho[order]
         rows = list(range(len(order)))
     else:
@@ -82,4 +95,6 @@ def inv_hessian_product(
     n = state_history.s_history.shape[-1]
     if vector.shape != (n,):
         raise ValueError(f"vector has shape {tuple(vector.shape)}; expected ({n},), the flattened params")
-    return _two_loop(state_history, vector, stored_slots(state_history, early_exit))
+    slots = stored_slots(state_history, early_exit)
+    rows_in_use = len(slots) if slots is not None else _rows_in_use(state_history, early_exit)
+    return _two_loop(state_history, vector, slots, rows_in_use)
