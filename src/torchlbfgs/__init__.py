@@ -13,6 +13,7 @@ Example:
 
 from torchlbfgs.direction import inv_hessian_product
 from torchlbfgs.line_searches import LineSearchResult, line_search
+from torchlbfgs.minimize import Progress, Result, batched_minimize, minimize, print_progress
 from torchlbfgs.optim import LBFGS, to_torch_state_dict
 from torchlbfgs.state import LBFGSState, StopReason, status_message
 from torchlbfgs.update import init, update
@@ -23,11 +24,16 @@ __all__ = [
     "LBFGS",
     "LBFGSState",
     "LineSearchResult",
+    "Progress",
+    "Result",
     "StopReason",
     "__version__",
+    "batched_minimize",
     "init",
     "inv_hessian_product",
     "line_search",
+    "minimize",
+    "print_progress",
     "status_message",
     "to_torch_state_dict",
     "update",

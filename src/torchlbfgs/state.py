@@ -21,7 +21,7 @@ class StopReason(enum.IntEnum):
     """Why a problem stopped; stored in :attr:`LBFGSState.status` as an integer tensor.
 
     ``RUNNING`` means the problem is still being optimized. Codes 1-4 are convergence (a
-    tolerance was met), codes 5-7 are failures or exhausted budgets.
+    tolerance was met), 5-6 are failures, 7-8 are exhausted budgets.
     """
 
     RUNNING = 0
@@ -39,6 +39,8 @@ class StopReason(enum.IntEnum):
     """The value or gradient at the current or accepted point is NaN or infinite."""
     MAX_EVALS = 7
     """The evaluation budget ``max_evals`` was used up."""
+    MAX_ITERATIONS = 8
+    """:func:`torchlbfgs.minimize` ran ``max_iter`` iterations without meeting a tolerance."""
 
 
 _MESSAGES = {
@@ -52,6 +54,7 @@ _MESSAGES = {
     StopReason.LINE_SEARCH_FAILED: "failed: line search found no decrease",
     StopReason.NON_FINITE: "failed: value or gradient is NaN or infinite",
     StopReason.MAX_EVALS: "stopped: evaluation budget max_evals used up",
+    StopReason.MAX_ITERATIONS: "stopped: max_iter iterations reached",
 }
 
 
