@@ -85,7 +85,7 @@ def print_progress(progress: Progress) -> None:
         iteration    10: 1/1 running, value min ... max ..., max|g| max ...
     """
     status = progress.status.reshape(-1)
-    running = int((status == StopReason.RUNNING).sum())
+    running = int((status == StopReason.RUNNING.value).sum())
     values, grad_norms = progress.value.reshape(-1), progress.grad_norm.reshape(-1)
     print(
         f"iteration {progress.iteration:5d}: {running}/{status.numel()} running, "
@@ -175,8 +175,10 @@ def minimize(
             callback(_progress(iteration, state))
         if stop_early and bool(batch_view(state.stopped).all()):  # sync-ok: where exits_early allows it
             break
-    running = state.status == StopReason.RUNNING
-    status = torch.where(running, torch.full_like(state.status, int(StopReason.MAX_ITERATIONS)), state.status)
+    running = state.status == StopReason.RUNNING.value
+    status = torch.where(
+        running, torch.full_like(state.status, StopReason.MAX_ITERATIONS.value), state.status
+    )
     return Result(
         params=params,
         value=state.value,

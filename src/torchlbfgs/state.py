@@ -128,16 +128,18 @@ class LBFGSState(NamedTuple):
     @property
     def stopped(self) -> torch.Tensor:
         """Boolean tensor: the problem has converged or failed, and ``update`` is a no-op."""
-        return self.status != StopReason.RUNNING
+        return self.status != StopReason.RUNNING.value
 
     @property
     def converged(self) -> torch.Tensor:
         """Boolean tensor: a convergence tolerance was met (codes 1-4)."""
-        return (self.status >= StopReason.GRADIENT_TOLERANCE) & (
-            self.status <= StopReason.DIRECTIONAL_DERIVATIVE_TOLERANCE
+        return (self.status >= StopReason.GRADIENT_TOLERANCE.value) & (
+            self.status <= StopReason.DIRECTIONAL_DERIVATIVE_TOLERANCE.value
         )
 
     @property
     def failed(self) -> torch.Tensor:
         """Boolean tensor: the line search failed or a non-finite value was met (codes 5-6)."""
-        return (self.status == StopReason.LINE_SEARCH_FAILED) | (self.status == StopReason.NON_FINITE)
+        return (self.status == StopReason.LINE_SEARCH_FAILED.value) | (
+            self.status == StopReason.NON_FINITE.value
+        )

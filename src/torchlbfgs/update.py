@@ -37,7 +37,7 @@ PyTree = Any
 
 
 def _status(code: StopReason, like: torch.Tensor) -> torch.Tensor:
-    return torch.full((), int(code), dtype=torch.int64, device=like.device)
+    return torch.full((), code.value, dtype=torch.int64, device=like.device)
 
 
 def _check_history_size(history_size: int) -> None:
@@ -146,7 +146,7 @@ def propose(
 ) -> Proposal:
     """Direction and first trial step from the current state (steps 1-2 of an iteration)."""
     grad = state.grad
-    running = state.status == StopReason.RUNNING
+    running = state.status == StopReason.RUNNING.value
     direction = -inv_hessian_product(state, grad, early_exit=early_exit)
     grad_small = grad.abs().amax() <= tolerance_grad
     no_descent = torch.dot(grad, direction) > -tolerance_change
