@@ -86,12 +86,18 @@ def print_progress(progress: Progress) -> None:
     """
     status = progress.status.reshape(-1)
     running = int((status == StopReason.RUNNING.value).sum())
-    values, grad_norms = progress.value.reshape(-1), progress.grad_norm.reshape(-1)
-    print(
-        f"iteration {progress.iteration:5d}: {running}/{status.numel()} running, "
-        f"value min {float(values.min()):.3e} max {float(values.max()):.3e}, "
-        f"max|g| max {float(grad_norms.max()):.3e}"
-    )
+    values = progress.value.reshape(-1)
+    grad_norms = progress.grad_norm.reshape(-1)
+    finite = torch.isfinite(values) & torch.isfinite(grad_norms)  # failed problems may hold NaN
+    if bool(finite.any()):
+        values, grad_norms = values[finite], grad_norms[finite]
+        summary = (
+            f"value min {float(values.min()):.3e} max {float(values.max()):.3e}, "
+            f"max|g| max {float(grad_norms.max()):.3e}"
+        )
+    else:
+        summary = "no finite values"
+    print(f"iteration {progress.iteration:5d}: {running}/{status.numel()} running, {summary}")
 
 
 def _progress(iteration: int, state: LBFGSState) -> Progress:
@@ -157,9 +163,9 @@ def minimize(
         >>> torch.allclose(alone.params, result.params[7]), bool(alone.n_evals == result.n_evals[7])
         (True, True)
     """
-    if not isinstance(max_iter, int) or max_iter < 0:
+    if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 0:
         raise ValueError(f"max_iter must be a non-negative int, got {max_iter!r}")
-    if callback is not None and (not isinstance(callback_every, int) or callback_every < 1):
+    if not isinstance(callback_every, int) or isinstance(callback_every, bool) or callback_every < 1:
         raise ValueError(f"callback_every must be a positive int, got {callback_every!r}")
     state = init(fun, params0, history_size=history_size, value_and_grad=value_and_grad)
     params = params0
