@@ -63,3 +63,26 @@ def test_update_step_compiles_without_graph_breaks() -> None:
             torch.testing.assert_close(params[name], eager_params[name], rtol=1e-12, atol=1e-12)
         assert torch.equal(state.n_evals, eager_state.n_evals)
         assert torch.equal(state.status, eager_state.status)
+
+
+def test_compiled_vmapped_step_compiles_once() -> None:
+    """vmap(init) must give real batched leaves (no shared stride-0 counters): otherwise the
+    step's outputs differ in strides from its first inputs and the graph compiles again."""
+    from torch._dynamo.utils import counters
+
+    features, labels = _data(4)
+
+    def one_step(w: torch.Tensor, state: torchlbfgs.LBFGSState, features: torch.Tensor, labels: torch.Tensor):
+        return torchlbfgs.update(lambda v: _logistic(v, features, labels), w, state, max_ls=2)
+
+    def one_init(w: torch.Tensor, features: torch.Tensor, labels: torch.Tensor) -> torchlbfgs.LBFGSState:
+        return torchlbfgs.init(lambda v: _logistic(v, features, labels), w, history_size=3)
+
+    torch._dynamo.reset()
+    counters.clear()
+    step = torch.compile(torch.func.vmap(one_step), fullgraph=True, backend="eager")
+    w = torch.zeros(4, 3, dtype=torch.float64)
+    state = torch.func.vmap(one_init)(w, features, labels)
+    for _ in range(3):
+        w, state = step(w, state, features, labels)
+    assert counters["stats"]["unique_graphs"] == 1

@@ -82,18 +82,19 @@ def initial_state(value: torch.Tensor, grad: torch.Tensor, *, history_size: int)
     counted, empty history). :func:`init` is this after evaluating ``fun``."""
     _check_history_size(history_size)
     finite = torch.isfinite(value) & torch.isfinite(grad).all()
-    zero_count = torch.zeros((), dtype=torch.int64, device=grad.device)
+    # Every leaf is built from value/grad, so that under vmap each is a real batched tensor
+    # (not a shared, stride-0 expansion): compile guards and in-place owners rely on it.
     return LBFGSState(
         value=value,
         grad=grad,
-        s_history=grad.new_zeros(history_size, grad.numel()),
-        y_history=grad.new_zeros(history_size, grad.numel()),
-        rho=grad.new_zeros(history_size),
-        gamma=grad.new_ones(()),
-        head=zero_count,
-        n_pairs=zero_count,
-        iteration=zero_count,
-        n_evals=zero_count + 1,
+        s_history=torch.zeros_like(grad).expand(history_size, -1).contiguous(),
+        y_history=torch.zeros_like(grad).expand(history_size, -1).contiguous(),
+        rho=torch.zeros_like(value).expand(history_size).contiguous(),
+        gamma=torch.ones_like(value),
+        head=torch.zeros_like(value, dtype=torch.int64),
+        n_pairs=torch.zeros_like(value, dtype=torch.int64),
+        iteration=torch.zeros_like(value, dtype=torch.int64),
+        n_evals=torch.ones_like(value, dtype=torch.int64),
         status=torch.where(finite, _status(StopReason.RUNNING, grad), _status(StopReason.NON_FINITE, grad)),
     )
 

@@ -1,0 +1,531 @@
+"""Throughput on a batch of independent problems: torchlbfgs vmapped against the usual tools.
+
+B independent L2-regularised logistic regressions, each with its own data: d=32 features,
+256 samples, feature scales spread over 10^±0.5, uncentred features (mean 2 before scaling,
+which makes the Hessians ill-conditioned), labels from a noisy linear model
+``y = (X w_true + noise > 0)`` (classes balanced, noise 1% of the logits' spread), loss
+``mean BCE + 1e-4 |w|^2``. With lambda this small nearly all problems are still short of their
+(float32) optimum after 50 iterations, so the solvers run all of them; the few problems where a
+solver stops earlier (float32 precision reached, line search failed) are counted in the table.
+Every solver starts from w=0, keeps 10 curvature pairs, has its tolerances set to 0 and works
+in float32 on the same data (generated once with numpy, converted per library). Solvers:
+
+* ours, eager: ``torchlbfgs.batched_minimize`` (``vmap`` of ``minimize``), 50 iterations;
+* ours, compiled: ``torch.compile(vmap(one torchlbfgs.update), fullgraph=True)`` called 50
+  times, for each ``max_ls`` of ``--compile-max-ls``. Under compile the masked line-search
+  loop runs all its ``max_ls + 1`` trips, so a smaller ``max_ls`` is cheaper. Each case runs
+  in a fresh process with an empty inductor cache (cold compile time) and is abandoned if it
+  has not compiled after ``--compile-timeout`` seconds;
+* a Python loop of ``torch.optim.LBFGS``, one ``step`` of ``max_iter=50`` per problem,
+  strong Wolfe. With tolerances 0 torch stops only on an exactly zero gradient or step, a
+  non-descent direction, or ``max_eval``, whose default ``max_iter * 5 // 4 = 62`` could bind
+  (here it rarely does: ~57 evaluations per solve): we pass ``max_eval=10**6``;
+* a loop of scipy L-BFGS-B (``maxiter=50, maxcor=10, gtol=0, ftol=0``; the objective is
+  computed in float32 with numpy, L-BFGS-B itself works in float64);
+* if JAX is installed: ``jax.jit(jax.vmap(...))`` of optax.lbfgs (50 updates in a
+  ``fori_loop``, default zoom line search) and of jaxopt.LBFGS (``maxiter=50, tol=0``); compile
+  time is excluded from problems/s and reported apart.
+
+The Python loops are timed on the first ``--loop-max`` problems of each batch (the table says
+so). Final losses of all solvers are evaluated by one float64 function at their float32
+params. Also reported: peak memory per problem of our eager solve and the size of our state
+per problem, counted from its leaves. The peak is the increase of the process's resident set
+high-water mark (VmHWM, reset through /proc/self/clear_refs just before the solve, inputs
+already resident) in a fresh process, measured twice: with every allocation of 16 KiB or more
+mmapped (MALLOC_MMAP_THRESHOLD_), so that freed tensors leave RSS at once and the peak counts
+live memory, and with glibc's default malloc, which keeps freed memory for reuse (what a
+process really sees). Torch has no allocator statistics on CPU, and tracemalloc does not see
+its buffers.
+
+Run: ``python bench/batched.py`` (``--sizes 64 1024 8192`` for the large batch,
+``--compile-max-ls 5 25`` for the full line search compiled too: 3-4 minutes of compiling
+per B).
+One thread everywhere; the thread variables below are set only if not already set.
+"""
+
+from __future__ import annotations
+
+import os
+
+for _name, _value in {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
+}.items():
+    os.environ.setdefault(_name, _value)
+
+import argparse  # noqa: E402
+import functools  # noqa: E402
+import importlib.metadata  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import torchlbfgs  # noqa: E402
+
+D, SAMPLES, LAM, HISTORY, MAX_ITER, SEED = 32, 256, 1e-4, 10, 50, 0
+FEATURE_MEAN, LABEL_NOISE = 2.0, 0.01
+INPUT_KIB = 4 * SAMPLES * (D + 1) / 1024  # X and y of one problem, float32
+OURS = "ours: batched_minimize (eager)"
+TORCH_LOOP, SCIPY_LOOP = "loop of torch.optim.LBFGS", "loop of scipy L-BFGS-B"
+OPTAX, JAXOPT = "jax.jit(vmap(optax.lbfgs)), fori_loop", "jax.jit(vmap(jaxopt.LBFGS))"
+
+
+def compiled_name(max_ls: int) -> str:
+    return f"ours: compile(vmap(update)), max_ls={max_ls}"
+
+
+# ---------------------------------------------------------------------------------------- data
+
+
+def make_data(batch: int, seed: int = SEED) -> tuple[np.ndarray, np.ndarray]:
+    """``X`` (batch, 256, 32) and ``y`` (batch, 256), float32; the same for every solver."""
+    rng = np.random.default_rng(seed)
+    scales = 10.0 ** rng.uniform(-0.5, 0.5, (batch, 1, D))
+    X = (rng.standard_normal((batch, SAMPLES, D)) + FEATURE_MEAN) * scales
+    w_true = rng.standard_normal((batch, D))
+    logits = np.einsum("bnd,bd->bn", X, w_true)
+    logits -= np.median(logits, axis=1, keepdims=True)  # balanced classes
+    noise = LABEL_NOISE * logits.std(axis=1, keepdims=True) * rng.standard_normal(logits.shape)
+    return X.astype(np.float32), (logits + noise > 0).astype(np.float32)
+
+
+def torch_loss(w: torch.Tensor, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.binary_cross_entropy_with_logits(X @ w, y) + LAM * torch.dot(w, w)
+
+
+def reference_losses(params: np.ndarray, X: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The objective of each problem at ``params`` (k, 32), in float64: one judge for all."""
+    k = params.shape[0]
+    w = params.astype(np.float64)
+    z = np.einsum("bnd,bd->bn", X[:k].astype(np.float64), w)
+    return np.mean(np.logaddexp(0.0, z) - y[:k] * z, axis=1) + LAM * np.sum(w * w, axis=1)
+
+
+# ------------------------------------------------------------------------------------- solvers
+# Each solver returns a dict with the seconds it took, its final params (k, 32) and iterations
+# (k,) for the first k problems, and the compile time where there is one.
+
+
+def solve_ours(X: torch.Tensor, y: torch.Tensor) -> torchlbfgs.Result:
+    w0 = torch.zeros(X.shape[0], D, dtype=X.dtype)
+    return torchlbfgs.batched_minimize(
+        torch_loss, w0, X, y, max_iter=MAX_ITER, tolerance_grad=0.0, tolerance_change=0.0,
+        history_size=HISTORY,
+    )  # fmt: skip
+
+
+def run_ours(X: np.ndarray, y: np.ndarray, repeats: int) -> dict[str, Any]:
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+    solve_ours(Xt[:4], yt[:4])  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = solve_ours(Xt, yt)
+        times.append(time.perf_counter() - start)
+    evals_mean = float(result.n_evals.float().mean())
+    return {"seconds": statistics.median(times), "params": result.params.numpy(),
+            "iterations": result.n_iter.numpy(), "evals_mean": evals_mean}  # fmt: skip
+
+
+def run_torch_loop(X: np.ndarray, y: np.ndarray, count: int) -> dict[str, Any]:
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+    params, iterations, evals = np.empty((count, D), np.float32), np.empty(count, np.int64), 0
+    start = time.perf_counter()
+    for i in range(count):
+        w = torch.zeros(D, requires_grad=True)
+        optimizer = torch.optim.LBFGS(
+            [w], max_iter=MAX_ITER, max_eval=10**6, history_size=HISTORY, tolerance_grad=0.0,
+            tolerance_change=0.0, line_search_fn="strong_wolfe",
+        )  # fmt: skip
+
+        def closure(w: torch.Tensor = w, optimizer: Any = optimizer, i: int = i) -> torch.Tensor:
+            optimizer.zero_grad()
+            value = torch_loss(w, Xt[i], yt[i])
+            value.backward()
+            return value
+
+        optimizer.step(closure)
+        params[i] = w.detach().numpy()
+        iterations[i] = optimizer.state[w]["n_iter"]
+        evals += optimizer.state[w]["func_evals"]
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "params": params, "iterations": iterations, "evals_mean": evals / count}
+
+
+def run_scipy_loop(X: np.ndarray, y: np.ndarray, count: int) -> dict[str, Any]:
+    import scipy.optimize
+    import scipy.special
+
+    def objective(w64: np.ndarray, X: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+        w = w64.astype(np.float32)
+        z = X @ w
+        value = np.mean(np.logaddexp(np.float32(0), z) - y * z) + np.float32(LAM) * (w @ w)
+        grad = X.T @ (scipy.special.expit(z) - y) / np.float32(SAMPLES) + np.float32(2 * LAM) * w
+        return float(value), grad.astype(np.float64)
+
+    params, iterations, evals = np.empty((count, D), np.float32), np.empty(count, np.int64), 0
+    options = {"maxiter": MAX_ITER, "maxcor": HISTORY, "gtol": 0.0, "ftol": 0.0}
+    start = time.perf_counter()
+    for i in range(count):
+        found = scipy.optimize.minimize(
+            objective, np.zeros(D), args=(X[i], y[i]), jac=True, method="L-BFGS-B", options=options
+        )
+        params[i], iterations[i], evals = found.x, found.nit, evals + found.nfev
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "params": params, "iterations": iterations, "evals_mean": evals / count}
+
+
+def jax_solvers() -> dict[str, Callable[..., Any]] | str:
+    """The two jitted, vmapped JAX solvers, or why they are unavailable."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import jax
+            import jax.numpy as jnp
+            import jaxopt
+            import optax
+    except ImportError as error:
+        return f"not installed ({error.name})"
+
+    def loss(w: Any, X: Any, y: Any) -> Any:
+        z = X @ w
+        return jnp.mean(jax.nn.softplus(z) - y * z) + LAM * (w @ w)
+
+    def optax_one(X: Any, y: Any) -> tuple[Any, Any]:
+        def fun(w: Any) -> Any:
+            return loss(w, X, y)
+
+        optimizer = optax.lbfgs(memory_size=HISTORY)
+        value_and_grad = optax.value_and_grad_from_state(fun)
+
+        def body(_: Any, carry: tuple[Any, Any]) -> tuple[Any, Any]:
+            w, state = carry
+            value, grad = value_and_grad(w, state=state)
+            updates, state = optimizer.update(grad, state, w, value=value, grad=grad, value_fn=fun)
+            return optax.apply_updates(w, updates), state
+
+        w0 = jnp.zeros(D, X.dtype)
+        w, _ = jax.lax.fori_loop(0, MAX_ITER, body, (w0, optimizer.init(w0)))
+        return w, jnp.asarray(MAX_ITER)  # a fori_loop: always 50 updates
+
+    def jaxopt_one(X: Any, y: Any) -> tuple[Any, Any]:
+        solver = jaxopt.LBFGS(fun=loss, maxiter=MAX_ITER, tol=0.0, history_size=HISTORY)
+        w, state = solver.run(jnp.zeros(D, X.dtype), X, y)
+        return w, state.iter_num
+
+    return {OPTAX: jax.jit(jax.vmap(optax_one)), JAXOPT: jax.jit(jax.vmap(jaxopt_one))}
+
+
+def run_jax(solver: Callable[..., Any], X: np.ndarray, y: np.ndarray, repeats: int) -> dict[str, Any]:
+    import jax
+
+    Xj, yj = jax.device_put(X), jax.device_put(y)
+    start = time.perf_counter()
+    compiled = solver.lower(Xj, yj).compile()
+    compile_seconds = time.perf_counter() - start
+    jax.block_until_ready(compiled(Xj, yj))  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        params, iterations = jax.block_until_ready(compiled(Xj, yj))
+        times.append(time.perf_counter() - start)
+    return {"seconds": statistics.median(times), "params": np.asarray(params),
+            "iterations": np.asarray(iterations), "compile_seconds": compile_seconds}  # fmt: skip
+
+
+# ------------------------------------------------------------------ workers in fresh processes
+
+
+def compiled_worker(batch: int, max_ls: int, repeats: int, out: Path) -> None:
+    """Time ``torch.compile(vmap(update))`` for 50 iterations; write results to ``out``."""
+    X, y = (torch.from_numpy(a) for a in make_data(batch))
+
+    def one_update(w: torch.Tensor, state: torchlbfgs.LBFGSState, X: torch.Tensor, y: torch.Tensor) -> Any:
+        return torchlbfgs.update(
+            functools.partial(torch_loss, X=X, y=y), w, state, tolerance_grad=0.0, tolerance_change=0.0,
+            max_ls=max_ls,
+        )  # fmt: skip
+
+    step = torch.compile(torch.func.vmap(one_update), fullgraph=True)
+    init = torch.func.vmap(
+        lambda w, X, y: torchlbfgs.init(functools.partial(torch_loss, X=X, y=y), w, history_size=HISTORY)
+    )
+
+    def solve() -> tuple[torch.Tensor, torchlbfgs.LBFGSState]:
+        w = torch.zeros(batch, D)
+        state = init(w, X, y)
+        for _ in range(MAX_ITER):
+            w, state = step(w, state, X, y)
+        return w, state
+
+    report: dict[str, Any] = {"stage": "compiling"}
+    write_report(out, report)
+    start = time.perf_counter()
+    solve()
+    report.update(stage="timing", first_solve_seconds=time.perf_counter() - start,
+                  graphs=torch._dynamo.utils.counters["stats"]["unique_graphs"])  # fmt: skip
+    write_report(out, report)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        w, state = solve()
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    report.update(stage="done", seconds=seconds, compile_seconds=report["first_solve_seconds"] - seconds,
+                  evals_mean=float(state.n_evals.float().mean()))  # fmt: skip
+    np.save(out / "params.npy", w.numpy())
+    np.save(out / "iterations.npy", state.iteration.numpy())
+    write_report(out, report)
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory_worker(batch: int, out: Path) -> None:
+    """Peak RSS increase during one eager solve of ``batch`` problems (inputs already resident)."""
+    X, y = (torch.from_numpy(a) for a in make_data(batch))
+    solve_ours(X[:4], y[:4])  # load code paths and allocator pools first
+    before = _rss_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark VmHWM to VmRSS
+    solve_ours(X, y)
+    peak = _rss_kib("VmHWM")
+    write_report(out, {"rss_before_kib": before, "peak_kib": peak})
+
+
+def write_report(out: Path, report: dict[str, Any]) -> None:
+    """Replace ``out/result.json`` atomically (the parent polls it)."""
+    partial = out / "result.json.partial"
+    partial.write_text(json.dumps(report))
+    partial.replace(out / "result.json")
+
+
+def read_report(out: Path) -> dict[str, Any]:
+    path = out / "result.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def run_worker(
+    arguments: list[str],
+    timeout: float,
+    env: dict[str, str] | None = None,
+    timeout_after_compile: float = 900,
+) -> dict[str, Any]:
+    """Run this script as a worker in a new process group and return its report (with the arrays
+    it saved). The group is killed if the worker is still starting or compiling after
+    ``timeout`` seconds, or after ``timeout_after_compile`` more once it has compiled."""
+    out = Path(tempfile.mkdtemp(prefix="batched-bench-"))
+    command = [sys.executable, __file__, "--worker", *arguments, "--worker-out", str(out)]
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(out / "inductor-cache"), **(env or {})}
+    killed = None
+    with (
+        (out / "log.txt").open("w") as log_file,
+        subprocess.Popen(
+            command, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+        ) as process,
+    ):
+        start = time.monotonic()
+        while process.poll() is None:
+            time.sleep(0.2)
+            elapsed, stage = time.monotonic() - start, read_report(out).get("stage", "compiling")
+            if elapsed > (timeout if stage == "compiling" else timeout + timeout_after_compile):
+                os.killpg(process.pid, signal.SIGKILL)  # the worker and any compile workers it started
+                process.wait()
+                killed = f"killed after {elapsed:.0f} s while {stage}"
+    report = read_report(out)
+    if process.returncode != 0:
+        report["error"] = killed or _last_error((out / "log.txt").read_text())
+    for array in out.glob("*.npy"):
+        report[array.stem] = np.load(array)
+    shutil.rmtree(out, ignore_errors=True)
+    return report
+
+
+def _last_error(log: str) -> str:
+    lines = [line for line in log.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if "Error" in line or "error" in line]
+    return (errors[-1] if errors else (lines[-1] if lines else "no output"))[:500]
+
+
+def run_compiled(batch: int, max_ls: int, repeats: int, timeout: float) -> dict[str, Any]:
+    report = run_worker(["compiled", str(batch), str(max_ls), str(repeats)], timeout)
+    if report.get("stage") != "done":
+        error = report.get("error", "unknown error")
+        if report.get("stage") == "timing":
+            failure = f"compiled in {report['first_solve_seconds']:.0f} s, then failed: {error}"
+        else:
+            failure = f"no result: {error}"
+        return {"failure": failure, **{k: v for k, v in report.items() if k != "stage"}}
+    return report
+
+
+def run_memory(batch: int) -> dict[str, Any]:
+    """Peak RSS increase of one eager solve, with glibc's default malloc and with every
+    allocation of 16 KiB or more mmapped (freed buffers go back to the OS at once, so the peak
+    counts live memory only, not memory the allocator keeps for reuse)."""
+    measured: dict[str, Any] = {}
+    for name, env in (("default_malloc", {}), ("live", {"MALLOC_MMAP_THRESHOLD_": "16384"})):
+        report = run_worker(["memory", str(batch)], timeout=600, env=env)
+        if "peak_kib" not in report:
+            measured[name] = {"failure": report.get("error", "no result")}
+            continue
+        increase = report["peak_kib"] - report["rss_before_kib"]
+        measured[name] = {**report, "peak_increase_kib": increase, "kib_per_problem": increase / batch}
+    return measured
+
+
+def state_size() -> dict[str, Any]:
+    """Values and bytes per problem in our state, from its leaves (batched as the solve makes it)."""
+    X, y = (torch.from_numpy(a) for a in make_data(4))
+    state = torch.func.vmap(
+        lambda w, X, y: torchlbfgs.init(functools.partial(torch_loss, X=X, y=y), w, history_size=HISTORY)
+    )(torch.zeros(4, D), X, y)
+    leaves = {name: leaf[0] for name, leaf in state._asdict().items()}
+    values = sum(leaf.numel() for leaf in leaves.values())
+    size = sum(leaf.numel() * leaf.element_size() for leaf in leaves.values())
+    shapes = {name: [list(leaf.shape), str(leaf.dtype)] for name, leaf in leaves.items()}
+    return {"values": values, "bytes": size, "constant": values / D - 2 * HISTORY, "leaves": shapes}
+
+
+# --------------------------------------------------------------------------------------- main
+
+
+def versions() -> dict[str, Any]:
+    packages = {}
+    for name in ("torch", "numpy", "scipy", "jax", "jaxlib", "optax", "jaxopt", "torchlbfgs"):
+        try:
+            packages[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            packages[name] = None
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())  # fmt: skip
+    threads = {name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                                                        "OPENBLAS_NUM_THREADS", "XLA_FLAGS")}  # fmt: skip
+    return {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu,
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "env": threads,
+            "packages": packages, "date": time.strftime("%Y-%m-%d")}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 1024], help="batch sizes B")
+    parser.add_argument(
+        "--loop-max", type=int, default=256, help="time the Python loops on this many problems"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed runs of each vectorised solver (median)"
+    )
+    parser.add_argument("--compile-max-ls", type=int, nargs="*", default=[5],
+                        help="max_ls values for the compiled step (none: skip)")  # fmt: skip
+    parser.add_argument("--compile-timeout", type=float, default=300.0, help="seconds per compiled case")
+    parser.add_argument("--no-jax", action="store_true", help="skip the JAX solvers")
+    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "batched.json")
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.worker:
+        kind, *numbers = args.worker
+        if kind == "compiled":
+            compiled_worker(*(int(n) for n in numbers), out=args.worker_out)
+        else:
+            memory_worker(int(numbers[0]), out=args.worker_out)
+        return
+
+    jax = {} if args.no_jax else jax_solvers()
+    jax_note = jax if isinstance(jax, str) else None
+    rows: list[dict[str, Any]] = []
+    header = ("solver", "B", "timed", "problems/s", "vs torch loop", "mean final loss", "- ours", "<50 its",
+              "compile s")  # fmt: skip
+    widths = (42, 5, 5, 11, 13, 15, 9, 7, 9)
+    print(" ".join(f"{name:>{width}}" for name, width in zip(header, widths, strict=True)))
+    for batch in args.sizes:
+        X, y = make_data(batch)
+        results: dict[str, dict[str, Any]] = {OURS: run_ours(X, y, args.repeats)}
+        for max_ls in args.compile_max_ls:
+            results[compiled_name(max_ls)] = run_compiled(batch, max_ls, args.repeats, args.compile_timeout)
+        count = min(batch, args.loop_max)
+        results[TORCH_LOOP] = run_torch_loop(X, y, count)
+        results[SCIPY_LOOP] = run_scipy_loop(X, y, count)
+        if isinstance(jax, dict):
+            for name, solver in jax.items():
+                results[name] = run_jax(solver, X, y, args.repeats)
+        ours_losses = reference_losses(results[OURS]["params"], X, y)
+        torch_rate = count / results[TORCH_LOOP]["seconds"]
+        for name, result in results.items():
+            row: dict[str, Any] = {"solver": name, "B": batch}
+            if "failure" in result:
+                row.update({k: v for k, v in result.items() if k not in ("params", "iterations")})
+                rows.append(row)
+                print(f"{name:>42} {batch:>5} {'':>5} {result['failure']}")
+                continue
+            timed = result["params"].shape[0]
+            losses = reference_losses(result["params"], X, y)
+            rate = timed / result["seconds"]
+            row.update(
+                timed_problems=timed, problems_per_s=rate, vs_torch_loop=rate / torch_rate,
+                mean_final_loss=float(losses.mean()),
+                minus_ours=float(losses.mean() - ours_losses[:timed].mean()),
+                stopped_before_50=int((result["iterations"] < MAX_ITER).sum()),
+                min_iterations=int(result["iterations"].min()), evals_mean=result.get("evals_mean"),
+                compile_seconds=result.get("compile_seconds"), graphs=result.get("graphs"),
+            )  # fmt: skip
+            rows.append(row)
+            compile_cell = "" if row["compile_seconds"] is None else f"{row['compile_seconds']:.1f}"
+            cells = (name, batch, timed, f"{rate:.1f}", f"{row['vs_torch_loop']:.2f}",
+                     f"{row['mean_final_loss']:.7f}", f"{row['minus_ours']:+.1e}", row["stopped_before_50"],
+                     compile_cell)  # fmt: skip
+            print(" ".join(f"{cell:>{width}}" for cell, width in zip(cells, widths, strict=True)), flush=True)
+        if jax_note:
+            print(f"{'JAX solvers':>42} {batch:>5} {jax_note}")
+
+    state = state_size()
+    print(f"\nour state per problem: {state['values']} values ({state['bytes']} bytes) = "
+          f"(2*history_size + {state['constant']:.3f}) * n for n={D}, history_size={HISTORY}")  # fmt: skip
+    memory = {}
+    for batch in args.sizes:
+        memory[batch] = run_memory(batch)
+        cells = []
+        for name, label in (("live", "live"), ("default_malloc", "with glibc's default malloc")):
+            entry = memory[batch][name]
+            if "failure" in entry:
+                cells.append(f"{label}: {entry['failure']}")
+            else:
+                per_problem, total = entry["kib_per_problem"], entry["peak_increase_kib"]
+                cells.append(f"{label}: {per_problem:.1f} KiB/problem (+{total} KiB)")
+        print(f"peak memory increase of our eager solve, B={batch}: " + "; ".join(cells))
+    print(f"(inputs X, y: {INPUT_KIB:.1f} KiB per problem, resident before the solve; "
+          f"state: {state['bytes'] / 1024:.1f} KiB per problem)")  # fmt: skip
+
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    config = {"d": D, "samples": SAMPLES, "lambda": LAM, "history_size": HISTORY, "max_iter": MAX_ITER,
+              "seed": SEED, "feature_mean": FEATURE_MEAN, "label_noise": LABEL_NOISE, "dtype": "float32",
+              "sizes": args.sizes, "loop_max": args.loop_max, "repeats": args.repeats,
+              "compile_max_ls": args.compile_max_ls, "compile_timeout_s": args.compile_timeout,
+              "jax": jax_note or "measured"}  # fmt: skip
+    report = {"meta": versions(), "config": config, "rows": rows, "state_per_problem": state,
+              "peak_memory": memory}  # fmt: skip
+    args.output.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
