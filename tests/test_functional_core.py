@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from assertions import bitwise_equal
 from problems import Problem, logistic_regression, rosenbrock, spd_quadratic
 
 import torchlbfgs
@@ -28,17 +29,6 @@ FLOAT_FIELDS = ("value", "grad", "s_history", "y_history", "rho", "gamma")
 
 # --------------------------------------------------------------------------------------------
 # Helpers
-
-
-def bitwise_equal(a: Tensor, b: Tensor) -> bool:
-    """Same dtype, shape and bits (NaN == NaN, -0.0 != 0.0)."""
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    if a.is_floating_point() or a.is_complex():
-        a, b = (torch.view_as_real(t) if t.is_complex() else t for t in (a, b))
-        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-        return torch.equal(a.contiguous().view(bits), b.contiguous().view(bits))
-    return torch.equal(a, b)
 
 
 def leaves(tree: PyTree) -> list[Tensor]:

@@ -48,6 +48,7 @@ import numpy as np
 import optree
 import pytest
 import torch
+from assertions import bitwise_equal
 from problems import Problem, logistic_regression, rosenbrock, spd_quadratic
 from scipy.optimize import minimize as scipy_minimize
 
@@ -81,16 +82,6 @@ SCIPY_AGREEMENT = 1e-6
 
 # --------------------------------------------------------------------------------------------
 # Helpers
-
-
-def bitwise_equal(a: Tensor, b: Tensor) -> bool:
-    """Same dtype, shape and bits (NaN == NaN, -0.0 != 0.0)."""
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    if a.is_floating_point():
-        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-        return torch.equal(a.contiguous().view(bits), b.contiguous().view(bits))
-    return torch.equal(a, b)
 
 
 def assert_close(actual: Tensor, expected: Tensor, tolerance: float, what: str) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 import torch
+from assertions import bitwise_equal
 from problems import Problem, classic_problems, logistic_regression, rosenbrock, spd_quadratic
 
 import torchlbfgs
@@ -144,16 +145,6 @@ def vmapped_update(
 
 def state_slice(state: LBFGSState, i: int) -> LBFGSState:
     return LBFGSState(*(leaf[i] for leaf in state))
-
-
-def bitwise_equal(a: Tensor, b: Tensor) -> bool:
-    """Same dtype, shape and bits (NaN == NaN, -0.0 != 0.0)."""
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    if a.is_floating_point():
-        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-        return torch.equal(a.contiguous().view(bits), b.contiguous().view(bits))
-    return torch.equal(a, b)
 
 
 def assert_leaf_close(actual: Tensor, expected: Tensor, tolerance: float, what: str) -> None:
