@@ -9,9 +9,10 @@ leaves. The iteration itself is :func:`~torchlbfgs.update.propose`, the line sea
 To match ``torch.optim.LBFGS`` call for call, the last iteration of each ``step`` is left
 *pending*: its curvature pair is added when the next ``step`` evaluates the closure at the
 new point (torch does the same, and with ``line_search_fn=None`` it does not evaluate the
-closure after its last iteration at all). Host syncs: the stopping rules read one flag per
-inner iteration, and the strong-Wolfe search reads one per closure evaluation (it must know
-whether to call the closure again).
+closure after its last iteration at all). Host reads (device syncs on a GPU), per inner
+iteration: the stopping rules read one flag, the direction reads the ring buffer's head and
+count (to skip empty slots), and the strong-Wolfe search reads one flag per closure
+evaluation (it must know whether to call the closure again).
 """
 
 from __future__ import annotations
