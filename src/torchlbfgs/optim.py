@@ -301,24 +301,18 @@ class LBFGS(Optimizer):
             if not bool(proposal.searching):  # no descent left: torch stops before moving
                 return orig_loss, self._pending(core, proposal, proposal.step_size, evals=0)
             found: FlatLineSearchResult | None = None
-            if line_search == "strong_wolfe":
+            if line_search == "strong_wolfe" or n_iter != max_iter:
                 found = search_along(
-                    "strong_wolfe", objective, x, proposal.direction, core.value, core.grad,
+                    line_search, objective, x, proposal.direction, core.value, core.grad,
                     proposal.step_size, active=proposal.searching, max_evals=None, c1=1e-4, c2=0.9,
                     tolerance_change=_TORCH_LINE_SEARCH_TOLERANCE, max_ls=max(max_eval - current_evals, 0),
                     early_exit=True,
                 )  # fmt: skip
                 step_size = found.step_size
-                x_new = torch.addcmul(x, proposal.direction, step_size)
-                self._write_params(x_new)
-            else:
+            else:  # torch takes its last fixed step without evaluating the closure there
                 step_size = proposal.step_size
-                x_new = torch.addcmul(x, proposal.direction, step_size)
-                self._write_params(x_new)
-                if n_iter != max_iter:  # torch skips the evaluation after its last iteration
-                    _, new_value, new_grad = self._evaluate(closure, x.dtype)
-                    one = torch.ones_like(core.n_evals)
-                    found = FlatLineSearchResult(step_size, new_value, new_grad, one, proposal.searching)
+            x_new = torch.addcmul(x, proposal.direction, step_size)
+            self._write_params(x_new)
             evals = 0 if found is None else int(found.n_evals)
             current_evals += evals
             stop = found is None or n_iter == max_iter or current_evals >= max_eval

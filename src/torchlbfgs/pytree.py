@@ -19,14 +19,14 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import optree
 import torch
 
-__all__ = ["Unravel", "ravel_pytree", "tree_map", "tree_where"]
+__all__ = ["Unravel", "ravel_pytree"]
 
 PyTree = Any
 
@@ -128,17 +128,3 @@ def ravel_pytree(params: PyTree) -> tuple[torch.Tensor, Unravel]:
         sizes=tuple(vector.numel() for vector in vectors),
     )
     return flat, unravel
-
-
-def tree_map(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
-    """``optree.tree_map`` with this package's conventions (``None`` is an empty subtree)."""
-    return optree.tree_map(fn, tree, *rest)
-
-
-def tree_where(condition: torch.Tensor, if_true: PyTree, if_false: PyTree) -> PyTree:
-    """Leaf-wise ``torch.where(condition, a, b)`` over two pytrees of the same structure.
-
-    ``condition`` is a 0-d boolean tensor (per problem under ``vmap``); integer and floating
-    leaves keep their dtype.
-    """
-    return optree.tree_map(lambda a, b: torch.where(condition, a, b), if_true, if_false)

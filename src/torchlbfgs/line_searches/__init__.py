@@ -128,7 +128,7 @@ def line_search(
         >>> x = torch.zeros(2, dtype=torch.float64)
         >>> g = torch.func.grad(fun)(x)
         >>> result = torchlbfgs.line_search(fun, x, -g, fun(x), g, step_size=1.0)
-        >>> bool(result.success), result.step_size.item(), result.n_evals.item()
+        >>> bool(result.success), float(result.step_size), int(result.n_evals)
         (True, 0.5, 2)
     """
     check_line_search_options(method, c1, c2, max_ls)
