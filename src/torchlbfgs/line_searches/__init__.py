@@ -11,17 +11,38 @@ from typing import Any, Literal
 
 import torch
 
-from torchlbfgs.line_searches.backtracking import backtracking
-from torchlbfgs.line_searches.fixed import fixed_step
+from torchlbfgs.line_searches.backtracking import Backtracking
+from torchlbfgs.line_searches.fixed import FixedStep
+from torchlbfgs.line_searches.method import SearchMethod, SearchOrigin, run_search
 from torchlbfgs.line_searches.result import FlatLineSearchResult, LineSearchResult
-from torchlbfgs.line_searches.strong_wolfe import strong_wolfe
+from torchlbfgs.line_searches.strong_wolfe import StrongWolfe
 from torchlbfgs.objective import FlatObjective, flat_objective
 from torchlbfgs.pytree import ravel_pytree
 
-__all__ = ["LINE_SEARCHES", "LineSearch", "LineSearchResult", "line_search", "search_along"]
+__all__ = [
+    "LINE_SEARCHES",
+    "LineSearch",
+    "LineSearchResult",
+    "line_search",
+    "search_along",
+    "search_method",
+]
 
 LineSearch = Literal["strong_wolfe", "backtracking"] | None
 LINE_SEARCHES: tuple[LineSearch, ...] = ("strong_wolfe", "backtracking", None)
+
+
+def search_method(
+    method: LineSearch, *, c1: float, c2: float, tolerance_change: float, max_ls: int
+) -> SearchMethod[Any]:
+    """The state machine of the line search named ``method``, with its constants."""
+    if method is None:
+        return FixedStep()
+    if method == "strong_wolfe":
+        return StrongWolfe(c1=c1, c2=c2, tolerance_change=tolerance_change, max_ls=max_ls)
+    if method == "backtracking":
+        return Backtracking(c1=c1, tolerance_change=tolerance_change, max_ls=max_ls)
+    raise ValueError(f"line_search must be one of {LINE_SEARCHES}, got {method!r}")
 
 
 def search_along(
@@ -42,25 +63,11 @@ def search_along(
     early_exit: bool | None,
 ) -> FlatLineSearchResult:
     """Run the line search ``method`` on flat vectors (the form ``update`` uses)."""
-    if method is None:
-        return fixed_step(
-            objective, x, direction, value, grad, step_size,
-            active=active, max_evals=max_evals, early_exit=early_exit,
-        )  # fmt: skip
-    gtd = torch.dot(grad, direction)
-    if method == "strong_wolfe":
-        return strong_wolfe(
-            objective, x, direction, value, grad, gtd, step_size,
-            active=active, max_evals=max_evals, c1=c1, c2=c2,
-            tolerance_change=tolerance_change, max_ls=max_ls, early_exit=early_exit,
-        )  # fmt: skip
-    if method == "backtracking":
-        return backtracking(
-            objective, x, direction, value, grad, gtd, step_size,
-            active=active, max_evals=max_evals, c1=c1,
-            tolerance_change=tolerance_change, max_ls=max_ls, early_exit=early_exit,
-        )  # fmt: skip
-    raise ValueError(f"line_search must be one of {LINE_SEARCHES}, got {method!r}")
+    return run_search(
+        search_method(method, c1=c1, c2=c2, tolerance_change=tolerance_change, max_ls=max_ls),
+        objective, x, SearchOrigin(direction, value, grad), step_size,
+        active=active, max_evals=max_evals, early_exit=early_exit,
+    )  # fmt: skip
 
 
 def check_line_search_options(method: LineSearch, c1: float, c2: float, max_ls: int) -> None:

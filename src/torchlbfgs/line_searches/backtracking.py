@@ -3,21 +3,22 @@ r"""Backtracking line search on the Armijo (sufficient-decrease) condition.
 Tries :math:`t_0, t_1, \dots` until :math:`f(x + t d) \le f(x) + c_1 t\, g^\top d`, each new
 trial the safeguarded minimiser of the quadratic interpolant (Nocedal & Wright Algorithm 3.1
 with eq. 3.58). A non-finite value counts as a failed test, so the search backs out of regions
-where ``fun`` overflows or leaves its domain.
+where ``fun`` overflows or leaves its domain. It stops after ``max_ls + 1`` evaluations, when
+its budget is used up, or when the step ``t max|d|`` falls below ``tolerance_change``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
 from torchlbfgs.line_searches.interpolation import quadratic_backtrack
-from torchlbfgs.line_searches.loop import run_masked_loop, trial_point
+from torchlbfgs.line_searches.method import SearchOrigin
 from torchlbfgs.line_searches.result import FlatLineSearchResult
-from torchlbfgs.objective import FlatObjective
 
-__all__ = ["backtracking"]
+__all__ = ["Backtracking"]
 
 
 class _Search(NamedTuple):
@@ -28,50 +29,53 @@ class _Search(NamedTuple):
     result_t: torch.Tensor
     result_f: torch.Tensor
     result_g: torch.Tensor
+    gtd: torch.Tensor  # g'd at the origin
+    d_norm: torch.Tensor  # max|d|
+    budget: torch.Tensor  # evaluations allowed
 
 
-def backtracking(
-    objective: FlatObjective,
-    x: torch.Tensor,
-    direction: torch.Tensor,
-    value: torch.Tensor,
-    grad: torch.Tensor,
-    gtd: torch.Tensor,
-    step_size: torch.Tensor,
-    *,
-    active: torch.Tensor,
-    max_evals: int | torch.Tensor | None = None,
-    c1: float = 1e-4,
-    tolerance_change: float = 1e-9,
-    max_ls: int = 25,
-    early_exit: bool | None = None,
-) -> FlatLineSearchResult:
-    """Armijo backtracking on flat vectors; stops after ``max_ls + 1`` evaluations, when
-    ``max_evals`` is used up, or when the step ``t max|d|`` falls below ``tolerance_change``."""
-    d_norm = direction.abs().amax()
-    budget_open = active if max_evals is None else active & (torch.as_tensor(max_evals) > 0)
-    start = _Search(
-        t=step_size,
-        done=~budget_open,
-        success=torch.zeros_like(active),
-        n_evals=torch.zeros((), dtype=torch.int64, device=value.device),
-        result_t=torch.zeros_like(value),
-        result_f=value,
-        result_g=grad,
-    )
+@dataclass(frozen=True)
+class Backtracking:
+    """Armijo backtracking as a :class:`~torchlbfgs.line_searches.method.SearchMethod`."""
 
-    def step(s: _Search) -> _Search:
-        running = ~s.done
-        f_new, g_new = objective(trial_point(x, direction, s.t, running))
-        gtd_new = torch.dot(g_new, direction)
-        finite = torch.isfinite(f_new) & torch.isfinite(gtd_new)
-        accepted = running & finite & (f_new <= value + c1 * s.t * gtd)
-        n_evals = s.n_evals + running.long()
-        t_next = quadratic_backtrack(s.t, value, gtd, torch.where(finite, f_new, torch.inf))
-        exhausted = (n_evals >= max_ls + 1) | (t_next * d_norm < tolerance_change)
-        if max_evals is not None:
-            exhausted = exhausted | (n_evals >= torch.as_tensor(max_evals))
+    c1: float = 1e-4
+    tolerance_change: float = 1e-9
+    max_ls: int = 25
+
+    @property
+    def max_trials(self) -> int:
+        return self.max_ls + 1
+
+    def start(
+        self, origin: SearchOrigin, step_size: torch.Tensor, active: torch.Tensor, budget: torch.Tensor
+    ) -> _Search:
         return _Search(
+            t=step_size,
+            done=~(active & (budget > 0)),
+            success=torch.zeros_like(active),
+            n_evals=torch.zeros_like(budget),
+            result_t=torch.zeros_like(origin.value),
+            result_f=origin.value,
+            result_g=origin.grad,
+            gtd=torch.dot(origin.grad, origin.direction),
+            d_norm=origin.direction.abs().amax(),
+            budget=budget,
+        )
+
+    def trial(self, search: _Search) -> tuple[torch.Tensor, torch.Tensor]:
+        return search.t, ~search.done
+
+    def digest(self, s: _Search, origin: SearchOrigin, f_new: torch.Tensor, g_new: torch.Tensor) -> _Search:
+        running = ~s.done
+        gtd_new = torch.dot(g_new, origin.direction)
+        finite = torch.isfinite(f_new) & torch.isfinite(gtd_new)
+        accepted = running & finite & (f_new <= origin.value + self.c1 * s.t * s.gtd)
+        n_evals = s.n_evals + running.long()
+        t_next = quadratic_backtrack(s.t, origin.value, s.gtd, torch.where(finite, f_new, torch.inf))
+        exhausted = (
+            (n_evals >= self.max_ls + 1) | (t_next * s.d_norm < self.tolerance_change) | (n_evals >= s.budget)
+        )
+        return s._replace(
             t=torch.where(running & ~accepted, t_next, s.t),
             done=s.done | accepted | exhausted,
             success=s.success | accepted,
@@ -81,8 +85,7 @@ def backtracking(
             result_g=torch.where(accepted, g_new, s.result_g),
         )
 
-    max_steps = max_ls + 1
-    if isinstance(max_evals, int):
-        max_steps = min(max_steps, max(max_evals, 0))
-    end = run_masked_loop(step, start, lambda s: s.done, max_steps, early_exit)
-    return FlatLineSearchResult(end.result_t, end.result_f, end.result_g, end.n_evals, end.success)
+    def outcome(self, search: _Search) -> FlatLineSearchResult:
+        return FlatLineSearchResult(
+            search.result_t, search.result_f, search.result_g, search.n_evals, search.success
+        )

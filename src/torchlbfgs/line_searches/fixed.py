@@ -2,50 +2,61 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import NamedTuple
+
 import torch
 
-from torchlbfgs.line_searches.loop import run_masked_loop, trial_point
+from torchlbfgs.line_searches.method import SearchOrigin
 from torchlbfgs.line_searches.result import FlatLineSearchResult
-from torchlbfgs.objective import FlatObjective
 
-__all__ = ["fixed_step"]
+__all__ = ["FixedStep"]
 
 
-def fixed_step(
-    objective: FlatObjective,
-    x: torch.Tensor,
-    direction: torch.Tensor,
-    value: torch.Tensor,
-    grad: torch.Tensor,
-    step_size: torch.Tensor,
-    *,
-    active: torch.Tensor,
-    max_evals: int | torch.Tensor | None = None,
-    early_exit: bool | None = None,
-) -> FlatLineSearchResult:
+class _Search(NamedTuple):
+    t: torch.Tensor
+    running: torch.Tensor
+    result: FlatLineSearchResult
+
+
+@dataclass(frozen=True)
+class FixedStep:
     """Evaluate once at ``x + t d`` and accept it; succeeds when value and gradient are finite.
 
-    Inactive problems (or an exhausted ``max_evals``) keep ``t = 0`` and count no evaluation.
+    Inactive searches (or an exhausted budget) keep ``t = 0`` and count no evaluation.
     """
-    if max_evals is not None:
-        active = active & (torch.as_tensor(max_evals) > 0)
-    idle = FlatLineSearchResult(
-        step_size=torch.zeros_like(step_size),
-        value=value,
-        grad=grad,
-        n_evals=torch.zeros((), dtype=torch.int64, device=value.device),
-        success=torch.zeros_like(active),
-    )
 
-    def evaluate(_: FlatLineSearchResult) -> FlatLineSearchResult:
-        f_new, g_new = objective(trial_point(x, direction, step_size, active))
-        finite = torch.isfinite(f_new) & torch.isfinite(g_new).all()
-        return FlatLineSearchResult(
-            step_size=torch.where(active, step_size, idle.step_size),
-            value=torch.where(active, f_new, value),
-            grad=torch.where(active, g_new, grad),
-            n_evals=active.long(),
-            success=active & finite,
+    @property
+    def max_trials(self) -> int:
+        return 1
+
+    def start(
+        self, origin: SearchOrigin, step_size: torch.Tensor, active: torch.Tensor, budget: torch.Tensor
+    ) -> _Search:
+        running = active & (budget > 0)
+        idle = FlatLineSearchResult(
+            step_size=torch.zeros_like(step_size),
+            value=origin.value,
+            grad=origin.grad,
+            n_evals=torch.zeros_like(budget),
+            success=torch.zeros_like(running),
         )
+        return _Search(t=step_size, running=running, result=idle)
 
-    return run_masked_loop(evaluate, idle, lambda _: ~active, 1, early_exit)
+    def trial(self, search: _Search) -> tuple[torch.Tensor, torch.Tensor]:
+        return search.t, search.running
+
+    def digest(self, s: _Search, origin: SearchOrigin, f_new: torch.Tensor, g_new: torch.Tensor) -> _Search:
+        finite = torch.isfinite(f_new) & torch.isfinite(g_new).all()
+        running, idle = s.running, s.result
+        taken = FlatLineSearchResult(
+            step_size=torch.where(running, s.t, idle.step_size),
+            value=torch.where(running, f_new, idle.value),
+            grad=torch.where(running, g_new, idle.grad),
+            n_evals=idle.n_evals + running.long(),
+            success=idle.success | (running & finite),
+        )
+        return _Search(t=s.t, running=torch.zeros_like(running), result=taken)
+
+    def outcome(self, search: _Search) -> FlatLineSearchResult:
+        return search.result

@@ -20,16 +20,16 @@ misbehaves:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
 from torchlbfgs.line_searches.interpolation import cubic_minimizer
-from torchlbfgs.line_searches.loop import run_masked_loop, trial_point
+from torchlbfgs.line_searches.method import SearchOrigin
 from torchlbfgs.line_searches.result import FlatLineSearchResult
-from torchlbfgs.objective import FlatObjective
 
-__all__ = ["strong_wolfe"]
+__all__ = ["StrongWolfe"]
 
 _BRACKET, _ZOOM, _DONE = 0, 1, 2
 
@@ -52,6 +52,9 @@ class _Search(NamedTuple):
     result_t: torch.Tensor
     result_f: torch.Tensor
     result_g: torch.Tensor
+    gtd: torch.Tensor  # g'd at the origin
+    d_norm: torch.Tensor  # max|d|
+    budget: torch.Tensor  # evaluations allowed
 
 
 def _pick(first: torch.Tensor, pair: torch.Tensor) -> torch.Tensor:
@@ -71,59 +74,59 @@ def _set_slot(
     )
 
 
-def strong_wolfe(
-    objective: FlatObjective,
-    x: torch.Tensor,
-    direction: torch.Tensor,
-    value: torch.Tensor,
-    grad: torch.Tensor,
-    gtd: torch.Tensor,
-    step_size: torch.Tensor,
-    *,
-    active: torch.Tensor,
-    max_evals: int | torch.Tensor | None = None,
-    c1: float = 1e-4,
-    c2: float = 0.9,
-    tolerance_change: float = 1e-9,
-    max_ls: int = 25,
-    early_exit: bool | None = None,
-) -> FlatLineSearchResult:
-    """Strong-Wolfe search on flat vectors; see the module docstring and
-    :func:`torchlbfgs.line_search` for the arguments."""
-    d_norm = direction.abs().amax()
-    zero = torch.zeros_like(value)
-    false = torch.zeros((), dtype=torch.bool, device=value.device)
-    budget_open = active if max_evals is None else active & (torch.as_tensor(max_evals) > 0)
-    start = _Search(
-        t=step_size,
-        t_prev=zero,
-        f_prev=value,
-        g_prev=grad,
-        gtd_prev=gtd,
-        bracket_t=torch.stack((zero, zero)),
-        bracket_f=torch.stack((value, value)),
-        bracket_gtd=torch.stack((gtd, gtd)),
-        bracket_g=torch.stack((grad, grad)),
-        low_is_first=~false,
-        insufficient_progress=false,
-        phase=torch.where(budget_open, _BRACKET, _DONE),
-        n_evals=torch.zeros((), dtype=torch.int64, device=value.device),
-        wolfe=false,
-        result_t=zero,
-        result_f=value,
-        result_g=grad,
-    )
+@dataclass(frozen=True)
+class StrongWolfe:
+    """Strong-Wolfe search as a :class:`~torchlbfgs.line_searches.method.SearchMethod`; see
+    the module docstring, and :func:`torchlbfgs.line_search` for the constants."""
 
-    def sufficient_decrease_fails(t: torch.Tensor, f_new: torch.Tensor) -> torch.Tensor:
-        return f_new > value + c1 * t * gtd
+    c1: float = 1e-4
+    c2: float = 0.9
+    tolerance_change: float = 1e-9
+    max_ls: int = 25
 
-    def curvature_holds(gtd_new: torch.Tensor) -> torch.Tensor:
-        return gtd_new.abs() <= -c2 * gtd
+    @property
+    def max_trials(self) -> int:
+        return self.max_ls + 1
 
-    def step(s: _Search) -> _Search:
+    def start(
+        self, origin: SearchOrigin, step_size: torch.Tensor, active: torch.Tensor, budget: torch.Tensor
+    ) -> _Search:
+        value, grad, direction = origin.value, origin.grad, origin.direction
+        gtd = torch.dot(grad, direction)
+        zero = torch.zeros_like(value)
+        false = torch.zeros_like(active)
+        return _Search(
+            t=step_size,
+            t_prev=zero,
+            f_prev=value,
+            g_prev=grad,
+            gtd_prev=gtd,
+            bracket_t=torch.stack((zero, zero)),
+            bracket_f=torch.stack((value, value)),
+            bracket_gtd=torch.stack((gtd, gtd)),
+            bracket_g=torch.stack((grad, grad)),
+            low_is_first=~false,
+            insufficient_progress=false,
+            phase=torch.where(active & (budget > 0), _BRACKET, _DONE),
+            n_evals=torch.zeros_like(budget),
+            wolfe=false,
+            result_t=zero,
+            result_f=value,
+            result_g=grad,
+            gtd=gtd,
+            d_norm=direction.abs().amax(),
+            budget=budget,
+        )
+
+    def trial(self, search: _Search) -> tuple[torch.Tensor, torch.Tensor]:
+        return search.t, search.phase != _DONE
+
+    def digest(self, s: _Search, origin: SearchOrigin, f_new: torch.Tensor, g_new: torch.Tensor) -> _Search:
+        c1, c2, max_ls, tolerance_change = self.c1, self.c2, self.max_ls, self.tolerance_change
+        start_value, start_grad, gtd, d_norm = origin.value, origin.grad, s.gtd, s.d_norm
+        zero = torch.zeros_like(start_value)
         running = s.phase != _DONE
-        f_new, g_new = objective(trial_point(x, direction, s.t, running))
-        gtd_new = torch.dot(g_new, direction)
+        gtd_new = torch.dot(g_new, origin.direction)
         f_new = torch.where(torch.isfinite(f_new) & torch.isfinite(gtd_new), f_new, torch.inf)
         n_evals = s.n_evals + running.long()
         ls_iter = n_evals - 1  # torch's counter: evaluations after the first
@@ -132,8 +135,8 @@ def strong_wolfe(
         in_bracketing = running & (s.phase == _BRACKET)
         out_of_iterations = ls_iter >= max_ls  # torch then stops without testing this point
         testing = in_bracketing & ~out_of_iterations
-        armijo_fails = sufficient_decrease_fails(s.t, f_new) | ((ls_iter > 1) & (f_new >= s.f_prev))
-        wolfe_now = testing & ~armijo_fails & curvature_holds(gtd_new)
+        armijo_fails = (f_new > start_value + c1 * s.t * gtd) | ((ls_iter > 1) & (f_new >= s.f_prev))
+        wolfe_now = testing & ~armijo_fails & (gtd_new.abs() <= -c2 * gtd)
         enter_zoom = testing & ~wolfe_now & (armijo_fails | (gtd_new >= 0))
         extrapolate = testing & ~wolfe_now & ~enter_zoom
         gave_up_bracketing = in_bracketing & out_of_iterations
@@ -145,9 +148,9 @@ def strong_wolfe(
         # Zoom phase (N&W Algorithm 3.6), updating the bracket with the point just evaluated.
         in_zoom = running & (s.phase == _ZOOM)
         f_low = _pick(s.low_is_first, s.bracket_f)
-        zoom_shrinks_high = in_zoom & (sufficient_decrease_fails(s.t, f_new) | (f_new >= f_low))
+        zoom_shrinks_high = in_zoom & ((f_new > start_value + c1 * s.t * gtd) | (f_new >= f_low))
         zoom_new_low = in_zoom & ~zoom_shrinks_high
-        wolfe_in_zoom = zoom_new_low & curvature_holds(gtd_new)
+        wolfe_in_zoom = zoom_new_low & (gtd_new.abs() <= -c2 * gtd)
         t_low, t_high = _pick(s.low_is_first, s.bracket_t), _pick(~s.low_is_first, s.bracket_t)
         high_takes_low = zoom_new_low & ~wolfe_in_zoom & (gtd_new * (t_high - t_low) >= 0)
 
@@ -185,18 +188,18 @@ def strong_wolfe(
 
         # Outcome of this step.
         low = [_pick(low_is_first, ends) for ends in (bracket_t, bracket_f, bracket_g)]
-        out_of_budget = False if max_evals is None else n_evals >= torch.as_tensor(max_evals)
+        out_of_budget = n_evals >= s.budget
         keeps_going = (extrapolate | zoom_continues) & ~(running & out_of_budget)
         budget_stop_extrapolating = extrapolate & ~keeps_going
         # torch's exit when max_ls binds while bracketing: bracket [0, t], keep the lower end.
-        last_beats_start = f_new < value
+        last_beats_start = f_new < start_value
         take_new = wolfe_now | ((gave_up_bracketing | budget_stop_extrapolating) & last_beats_start)
         take_start = (gave_up_bracketing | budget_stop_extrapolating) & ~last_beats_start
         take_low = (zooming | wolfe_in_zoom) & ~keeps_going
         result = [s.result_t, s.result_f, s.result_g]
         for condition, chosen in (
             (take_low, low),
-            (take_start, (zero, value, grad)),
+            (take_start, (zero, start_value, start_grad)),
             (take_new, (s.t, f_new, g_new)),
         ):
             result = [torch.where(condition, new, old) for new, old in zip(chosen, result, strict=True)]
@@ -221,16 +224,16 @@ def strong_wolfe(
             result_t=result[0],
             result_f=result[1],
             result_g=result[2],
+            gtd=s.gtd,
+            d_norm=s.d_norm,
+            budget=s.budget,
         )
 
-    max_steps = max_ls + 1
-    if isinstance(max_evals, int):
-        max_steps = min(max_steps, max(max_evals, 0))
-    end = run_masked_loop(step, start, lambda s: s.phase == _DONE, max_steps, early_exit)
-    return FlatLineSearchResult(
-        step_size=end.result_t,
-        value=end.result_f,
-        grad=end.result_g,
-        n_evals=end.n_evals,
-        success=end.wolfe,
-    )
+    def outcome(self, search: _Search) -> FlatLineSearchResult:
+        return FlatLineSearchResult(
+            step_size=search.result_t,
+            value=search.result_f,
+            grad=search.result_g,
+            n_evals=search.n_evals,
+            success=search.wolfe,
+        )

@@ -1,0 +1,107 @@
+"""What every line search provides, so that one driver can run any of them.
+
+A line search is a state machine over tensors: ``start`` it from an origin, read the next
+trial step with ``trial``, evaluate ``fun`` there, hand the result to ``digest``, and repeat
+until ``trial`` reports it is no longer running; ``outcome`` then gives the result. Nothing
+branches on tensor values, so a batch of searches under ``vmap`` advances together, each
+search stopping on its own.
+
+Two drivers use this protocol: :func:`run_search` runs one whole search (what
+:func:`torchlbfgs.update` and :func:`torchlbfgs.line_search` do), and the evaluation rounds of
+:mod:`torchlbfgs.rounds` feed every problem of a batch one evaluation at a time, so that a
+problem whose search is over starts its next iteration while others are still searching.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol, TypeVar
+
+import torch
+
+from torchlbfgs.line_searches.loop import run_masked_loop, trial_point
+from torchlbfgs.line_searches.result import FlatLineSearchResult
+from torchlbfgs.objective import FlatObjective
+
+__all__ = ["NO_BUDGET", "SearchMethod", "SearchOrigin", "evaluation_budget", "run_search"]
+
+Search = TypeVar("Search")
+
+NO_BUDGET = 2**62
+"""The evaluation budget that stands for "no cap" (an int64 no counter reaches)."""
+
+
+class SearchOrigin(NamedTuple):
+    """The point a search starts from and its direction, fixed for the whole search.
+
+    Attributes:
+        direction: ``(n,)`` - the search direction :math:`d`.
+        value: ``()`` - :math:`f(x)`.
+        grad: ``(n,)`` - :math:`\\nabla f(x)`.
+    """
+
+    direction: torch.Tensor
+    value: torch.Tensor
+    grad: torch.Tensor
+
+
+class SearchMethod(Protocol[Search]):
+    """A line search as a state machine with one evaluation per step."""
+
+    @property
+    def max_trials(self) -> int:
+        """No search evaluates ``fun`` more often than this."""
+        ...
+
+    def start(
+        self, origin: SearchOrigin, step_size: torch.Tensor, active: torch.Tensor, budget: torch.Tensor
+    ) -> Search:
+        """A search from ``origin`` with first trial ``step_size``; inactive searches (and
+        those with ``budget <= 0`` evaluations left) start finished."""
+        ...
+
+    def trial(self, search: Search) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(t, running)``: the step to evaluate next, and whether the search still runs."""
+        ...
+
+    def digest(
+        self, search: Search, origin: SearchOrigin, f_new: torch.Tensor, g_new: torch.Tensor
+    ) -> Search:
+        """Take in ``f_new`` and ``g_new``, the value and gradient at the trial point (ignored
+        by finished searches, which stay unchanged)."""
+        ...
+
+    def outcome(self, search: Search) -> FlatLineSearchResult:
+        """The result so far (final once the search stops running)."""
+        ...
+
+
+def evaluation_budget(max_evals: int | torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """``max_evals`` as an int64 tensor on ``like``'s device; ``None`` becomes :data:`NO_BUDGET`."""
+    budget = NO_BUDGET if max_evals is None else max_evals
+    return torch.as_tensor(budget, dtype=torch.int64, device=like.device)
+
+
+def run_search(
+    method: SearchMethod[Search],
+    objective: FlatObjective,
+    x: torch.Tensor,
+    origin: SearchOrigin,
+    step_size: torch.Tensor,
+    *,
+    active: torch.Tensor,
+    max_evals: int | torch.Tensor | None,
+    early_exit: bool | None,
+) -> FlatLineSearchResult:
+    """Run one whole search from ``x`` with at most ``max_evals`` evaluations."""
+    search = method.start(origin, step_size, active, evaluation_budget(max_evals, origin.value))
+
+    def step(search: Search) -> Search:
+        t, running = method.trial(search)
+        value, grad = objective(trial_point(x, origin.direction, t, running))
+        return method.digest(search, origin, value, grad)
+
+    max_steps = method.max_trials
+    if isinstance(max_evals, int):
+        max_steps = min(max_steps, max(max_evals, 0))
+    end = run_masked_loop(step, search, lambda s: ~method.trial(s)[1], max_steps, early_exit)
+    return method.outcome(end)
