@@ -86,3 +86,25 @@ def test_compiled_vmapped_step_compiles_once() -> None:
     for _ in range(3):
         w, state = step(w, state, features, labels)
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_batched_minimize_compiles_its_round_once() -> None:
+    """``compile=`` compiles one evaluation round (fullgraph) and reuses it for every round; the
+    result is the eager one."""
+    from torch._dynamo.utils import counters
+
+    features, labels = _data(5)
+    start = torch.zeros(5, 3, dtype=torch.float64)
+    options = {"max_iter": 30, "history_size": 4, "tolerance_grad": 1e-8, "tolerance_change": 0.0}
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torchlbfgs.batched_minimize(
+        _logistic, start, features, labels, compile={"backend": "aot_eager"}, **options
+    )
+    assert counters["stats"]["unique_graphs"] == 1
+    eager = torchlbfgs.batched_minimize(_logistic, start, features, labels, **options)
+    torch.testing.assert_close(compiled.params, eager.params, rtol=1e-12, atol=1e-12)
+    assert torch.equal(compiled.status, eager.status)
+    assert torch.equal(compiled.n_evals, eager.n_evals)
+    assert torch.equal(compiled.n_iter, eager.n_iter)
+    assert bool(eager.converged.all())

@@ -266,6 +266,22 @@ def make_batch(family: str, dtype: torch.dtype) -> tuple[Batch, list[Problem]]:
     return FAMILIES[family](dtype)
 
 
+def per_iteration(records: list[Progress], field: str) -> Tensor:
+    """``(iterations, B)``: problem i's ``field`` once it has completed k + 1 iterations.
+
+    Progress is reported per round, and a problem's value and gradient change only in the
+    round that completes one of its iterations, so the first round with ``n_iter >= k + 1``
+    shows the state after iteration ``k + 1``.
+    """
+    n_iter = torch.stack([p.n_iter for p in records])  # (rounds, B)
+    data = torch.stack([getattr(p, field) for p in records])
+    rows = []
+    for k in range(1, int(n_iter.max()) + 1):
+        first_round = (n_iter >= k).long().argmax(0)  # rounds where the problem stopped earlier: 0
+        rows.append(data.gather(0, first_round.unsqueeze(0)).squeeze(0))
+    return torch.stack(rows)
+
+
 @functools.cache
 def solved_batch_with_history(family: str, dtype: torch.dtype, tight: bool = False) -> tuple[Result, Tensor]:
     """The batch's result and its ``max|g|`` after every iteration, ``(iterations, B)``."""
@@ -273,7 +289,7 @@ def solved_batch_with_history(family: str, dtype: torch.dtype, tight: bool = Fal
     records: list[Progress] = []
     options = options_for(family, dtype, TIGHT if tight else None)
     result = batch.batched(**options, callback=records.append, callback_every=1)
-    return result, torch.stack([p.grad_norm for p in records])
+    return result, per_iteration(records, "grad_norm")
 
 
 def solved_batch(family: str, dtype: torch.dtype, tight: bool = False) -> Result:
@@ -402,12 +418,25 @@ def test_stopped_problems_are_frozen_while_the_others_run() -> None:
     batch, _ = make_batch("quadratic", torch.float64)
     options = options_for("quadratic", torch.float64)
     records: list[Progress] = []  # references only: Progress documents that keeping them is free
-    result = batch.batched(**options, callback=records.append, callback_every=1)
+    calls = 0
 
-    assert [p.iteration for p in records] == list(range(1, len(records) + 1))
-    # The loop ends with the iteration in which the last problem stops.
-    assert len(records) == int(result.n_iter.max())
-    statuses = torch.stack([p.status for p in records])  # (iterations, B)
+    def counted(*args: Any) -> Tensor:
+        nonlocal calls
+        calls += 1  # under vmap, one call evaluates the whole batch
+        return batch.fun(*args)
+
+    result = torchlbfgs.batched_minimize(
+        counted, batch.x0, *batch.args, **options, callback=records.append, callback_every=1
+    )
+
+    assert [p.rounds for p in records] == list(range(1, len(records) + 1))
+    # A round evaluates every running problem once, and the loop ends with the round in which
+    # the last problem stops: the batch is evaluated as often as its most expensive problem
+    # (plus the starting point), not once per line-search trial of the slowest search of
+    # every iteration.
+    assert len(records) == int(result.n_evals.max()) - 1
+    assert calls == len(records) + 1
+    statuses = torch.stack([p.status for p in records])  # (rounds, B)
     values = torch.stack([p.value for p in records])
     n_evals = torch.stack([p.n_evals for p in records])
     assert statuses.shape == values.shape == n_evals.shape == (len(records), batch.size)
@@ -416,12 +445,11 @@ def test_stopped_problems_are_frozen_while_the_others_run() -> None:
 
     stops = []
     for i in range(batch.size):
-        stop = int((statuses[:, i] != StopReason.RUNNING).nonzero()[0])  # index of its stop
-        stops.append(stop + 1)
-        # The iteration in which it stopped is its last counted one.
-        assert stop + 1 == int(result.n_iter[i])
-        # While running, every iteration evaluates fun at least once.
-        assert bool((n_evals[1 : stop + 1, i] > n_evals[:stop, i]).all())
+        stop = int((statuses[:, i] != StopReason.RUNNING).nonzero()[0])  # index of its last round
+        stops.append(int(result.n_iter[i]))
+        # While running, every round evaluates it exactly once.
+        assert stop + 1 == int(result.n_evals[i]) - 1
+        assert torch.equal(n_evals[: stop + 1, i], torch.arange(2, stop + 3))
         # Afterwards: frozen value, evaluation count and status, bitwise.
         for t in range(stop + 1, len(records)):
             assert bitwise_equal(values[t, i], values[stop, i]), (i, t)
@@ -442,6 +470,7 @@ def test_stopped_problems_are_frozen_while_the_others_run() -> None:
             for j in range(batch.size):
                 if stops[j] > max_iter:
                     assert cut.status[j] == StopReason.MAX_ITERATIONS
+                    assert cut.n_iter[j] == max_iter
                     assert not torch.equal(cut.params[j], result.params[j])
         # ... and its counts are those of solving it alone.
         alone = solved_alone("quadratic", torch.float64, i)
@@ -594,26 +623,30 @@ def test_invalid_max_iter(max_iter: Any) -> None:
 # 5. The progress callback
 
 
-def test_callback_unbatched_every_k_iterations() -> None:
+def test_callback_unbatched_every_k_rounds() -> None:
     start = torch.tensor([-1.2, 1.0], dtype=torch.float64)
     records: list[Progress] = []
     result = torchlbfgs.minimize(rosenbrock, start, max_iter=10, callback=records.append, callback_every=3)
     assert result.status == StopReason.MAX_ITERATIONS  # it ran all 10 iterations
-    assert [p.iteration for p in records] == [3, 6, 9]
+    rounds = int(result.n_evals) - 1  # one evaluation per round, after the starting point
+    assert [p.rounds for p in records] == list(range(3, rounds + 1, 3))
 
-    # Each Progress is the state after that many iterations, run by hand.
-    x, state = start, torchlbfgs.init(rosenbrock, start)
-    for k in range(1, 10):
-        x, state = torchlbfgs.update(rosenbrock, x, state)
-        if k % 3 == 0:
-            progress = records[k // 3 - 1]
-            assert isinstance(progress.iteration, int)
-            for name in ("value", "grad_norm", "status", "n_evals"):
-                assert getattr(progress, name).shape == (), name
-            assert bitwise_equal(progress.value, state.value)
-            assert bitwise_equal(progress.grad_norm, state.grad.abs().amax())
-            assert torch.equal(progress.status, state.status)
-            assert torch.equal(progress.n_evals, state.n_evals)
+    # Each Progress is the state of a loop of update after progress.n_iter iterations, partway
+    # through the next line search.
+    x, states = start, [torchlbfgs.init(rosenbrock, start)]
+    for _ in range(10):
+        x, state = torchlbfgs.update(rosenbrock, x, states[-1])
+        states.append(state)
+    for progress in records:
+        assert isinstance(progress.rounds, int)
+        for name in ("value", "grad_norm", "status", "n_iter", "n_evals"):
+            assert getattr(progress, name).shape == (), name
+        assert int(progress.n_evals) == progress.rounds + 1
+        state = states[int(progress.n_iter)]
+        assert bitwise_equal(progress.value, state.value)
+        assert bitwise_equal(progress.grad_norm, state.grad.abs().amax())
+        assert torch.equal(progress.status, state.status)
+        assert state.n_evals <= progress.n_evals < states[int(progress.n_iter) + 1].n_evals
 
 
 @pytest.mark.parametrize("how", ["batched_minimize", "vmap"])
@@ -631,26 +664,27 @@ def test_callback_sees_the_whole_batch(how: str, capsys: pytest.CaptureFixture[s
     without = batch.batched(**options_for("quadratic", torch.float64))
     assert_results_bitwise(result, without, "with callback vs without")
 
-    iterations = int(result.n_iter.max())  # the loop ends with the last problem's stop
-    assert [p.iteration for p in records] == list(range(every, iterations + 1, every))
+    rounds = int(result.n_evals.max()) - 1  # the loop ends with the last problem's stop
+    assert [p.rounds for p in records] == list(range(every, rounds + 1, every))
     for progress in records:
-        for name in ("value", "grad_norm", "status", "n_evals"):
+        for name in ("value", "grad_norm", "status", "n_iter", "n_evals"):
             assert getattr(progress, name).shape == (batch.size,), name
-        for i in range(batch.size):  # problem i's lane
-            expected = StopReason.RUNNING if progress.iteration < result.n_iter[i] else result.status[i]
-            assert progress.status[i] == expected
+        for i in range(batch.size):  # problem i's lane: one evaluation per round until it stops
+            still_running = progress.rounds < result.n_evals[i] - 1
+            assert progress.status[i] == (StopReason.RUNNING if still_running else result.status[i])
+            assert progress.n_evals[i] == min(progress.rounds + 1, int(result.n_evals[i]))
 
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == len(records)
     for line, progress in zip(lines, records, strict=True):
-        match = re.match(r"iteration\s+(\d+): (\d+)/(\d+) running, value min (\S+) max (\S+),", line)
+        match = re.match(r"round\s+(\d+): (\d+)/(\d+) running, value min (\S+) max (\S+),", line)
         assert match, line
-        assert int(match[1]) == progress.iteration
+        assert int(match[1]) == progress.rounds
         assert int(match[2]) == int((progress.status == StopReason.RUNNING).sum())
         assert int(match[3]) == batch.size
         assert float(match[4]) == pytest.approx(float(progress.value.min()), rel=1e-3)
         assert float(match[5]) == pytest.approx(float(progress.value.max()), rel=1e-3)
-    # The running count falls as problems stop (their stops are iterations apart).
+    # The running count falls as problems stop (their stops are rounds apart).
     running = [int((p.status == StopReason.RUNNING).sum()) for p in records]
     assert running == sorted(running, reverse=True), running
     assert len(set(running)) > 1, running
@@ -660,9 +694,9 @@ def test_print_progress_unbatched(capsys: pytest.CaptureFixture[str]) -> None:
     start = torch.tensor([-1.2, 1.0], dtype=torch.float64)
     torchlbfgs.minimize(rosenbrock, start, max_iter=4, callback=torchlbfgs.print_progress, callback_every=2)
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 2
-    assert [line.split(":")[0].split() for line in lines] == [["iteration", "2"], ["iteration", "4"]]
-    assert all(" 1/1 running" in line for line in lines)
+    assert len(lines) >= 2
+    assert [line.split(":")[0].split() for line in lines[:2]] == [["round", "2"], ["round", "4"]]
+    assert all(" 1/1 running" in line for line in lines[:-1])
 
 
 @pytest.mark.parametrize("every", [0, -3, 2.5, "5"])
@@ -811,3 +845,41 @@ def test_minimize_is_init_and_update_by_hand(case: str, max_iter: int, line_sear
     else:
         assert result.status == StopReason.MAX_ITERATIONS
         assert result.n_iter == max_iter
+
+
+@pytest.mark.parametrize("line_search", ["strong_wolfe", "backtracking", None], ids=str)
+@pytest.mark.parametrize("max_evals", [1, 2, 9, 31, None], ids=lambda m: f"max_evals={m}")
+@pytest.mark.parametrize("max_ls", [0, 2, 25], ids=lambda m: f"max_ls={m}")
+def test_rounds_follow_update_with_budgets_and_wrapped_history(
+    line_search: str | None, max_evals: int | None, max_ls: int
+) -> None:
+    """The evaluation rounds take the decisions of a loop of ``update`` in every corner: an
+    evaluation budget that binds inside a line search or before it, a line-search limit of
+    zero, a history that wraps, torch's curvature rule."""
+    options: dict[str, Any] = {
+        "line_search": line_search, "max_evals": max_evals, "max_ls": max_ls,
+        "learning_rate": 1e-3 if line_search is None else 1.0, "curvature_rule": "absolute",
+    }  # fmt: skip
+    start = torch.tensor([-1.2, 1.0], dtype=torch.float64)
+    max_iter = 25
+    result = torchlbfgs.minimize(rosenbrock, start, max_iter=max_iter, history_size=3, **options)
+    state = torchlbfgs.init(rosenbrock, start, history_size=3)
+    params = start
+    for _ in range(max_iter):
+        params, state = torchlbfgs.update(rosenbrock, params, state, **options)
+    expected = Result(
+        params=params,
+        value=state.value,
+        grad_norm=state.grad.abs().amax(),
+        n_iter=state.iteration,
+        n_evals=state.n_evals,
+        converged=state.converged,
+        status=torch.tensor(
+            StopReason.MAX_ITERATIONS if state.status == StopReason.RUNNING else int(state.status)
+        ),
+    )
+    assert_results_bitwise(result, expected, str(options))
+    if max_evals is not None:
+        assert result.n_evals <= max_evals
+        if max_evals < 31 and max_ls == 25:  # not enough for 25 iterations on Rosenbrock
+            assert result.status == StopReason.MAX_EVALS

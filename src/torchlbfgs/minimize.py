@@ -1,16 +1,18 @@
 """Run L-BFGS to convergence: ``minimize`` for one problem (or one per ``vmap`` lane) and
 ``batched_minimize`` for a batch of independent problems in one call.
 
-Both are loops of :func:`torchlbfgs.update`, so every problem keeps its own history, line
-search and stopping decision; a problem that has stopped is frozen (its params, value and
-evaluation count no longer change) while the others continue. The loop ends after
-``max_iter`` iterations, or earlier once every problem has stopped where reading that on the
-host is free (see :mod:`torchlbfgs.line_searches.loop`); the results are the same either way.
+Both loop over evaluation rounds (:mod:`torchlbfgs.rounds`): each round evaluates every running
+problem once, so in a batch a problem that needs few line-search trials moves on to its next
+iteration while another is still searching. Every problem keeps its own history, line search
+and stopping decision, with the iterates a loop of :func:`torchlbfgs.update` would give it; a
+problem that has stopped is frozen (its params, value and counters no longer change) while the
+others continue. The loop ends once every problem has stopped; it checks that on the host only
+where the read is free or, in ``batched_minimize``, every few rounds (see ``early_exit``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -18,8 +20,10 @@ import torch
 from torchlbfgs.history import CurvatureRule
 from torchlbfgs.line_searches import LineSearch
 from torchlbfgs.line_searches.loop import batch_view, exits_early
-from torchlbfgs.state import LBFGSState, StopReason
-from torchlbfgs.update import init, update
+from torchlbfgs.objective import FlatObjective, flat_objective
+from torchlbfgs.pytree import Unravel, ravel_pytree
+from torchlbfgs.rounds import RoundState, Settings, advance, max_rounds, start
+from torchlbfgs.state import StopReason
 
 __all__ = ["Progress", "Result", "batched_minimize", "minimize", "print_progress"]
 
@@ -52,24 +56,29 @@ class Result(NamedTuple):
 
 
 class Progress(NamedTuple):
-    """What a ``callback`` of :func:`minimize` receives every ``callback_every`` iterations.
+    """What a ``callback`` of :func:`minimize` receives every ``callback_every`` rounds.
 
-    Under ``vmap`` the tensors hold the whole batch (leading batch dimension), read beneath
-    the vmap wrapper, so one callback sees every problem. Nothing here has been moved to the
-    host: printing a value syncs, keeping a reference does not.
+    A round evaluates every running problem once (see :mod:`torchlbfgs.rounds`), so problems
+    are at different iterations after the same number of rounds; ``n_iter`` says where each
+    one is. Under ``vmap`` (and in :func:`batched_minimize`) the tensors hold the whole batch
+    (leading batch dimension), read beneath the vmap wrapper, so one callback sees every
+    problem. Nothing here has been moved to the host: printing a value syncs, keeping a
+    reference does not.
 
     Attributes:
-        iteration: loop iterations so far (a Python int).
+        rounds: evaluation rounds so far (a Python int).
         value: current values.
         grad_norm: current ``max|g|``.
         status: current stop-reason codes (0 while running).
-        n_evals: evaluations so far.
+        n_iter: iterations completed so far.
+        n_evals: evaluations so far, those of the line search under way included.
     """
 
-    iteration: int
+    rounds: int
     value: torch.Tensor
     grad_norm: torch.Tensor
     status: torch.Tensor
+    n_iter: torch.Tensor
     n_evals: torch.Tensor
 
 
@@ -80,9 +89,11 @@ def print_progress(progress: Progress) -> None:
         >>> import torch, torchlbfgs
         >>> result = torchlbfgs.minimize(
         ...     lambda x: ((x - 1) ** 4).sum(), torch.zeros(3), callback=torchlbfgs.print_progress,
-        ...     callback_every=5, max_iter=10)  # doctest: +ELLIPSIS
-        iteration     5: 1/1 running, value min ... max ..., max|g| max ...
-        iteration    10: 1/1 running, value min ... max ..., max|g| max ...
+        ...     callback_every=5, max_iter=20)  # doctest: +ELLIPSIS
+        round     5: 1/1 running, value min ... max ..., max|g| max ...
+        round    10: 1/1 running, value min ... max ..., max|g| max ...
+        round    15: 1/1 running, value min ... max ..., max|g| max ...
+        round    20: 0/1 running, value min ... max ..., max|g| max ...
     """
     status = progress.status.reshape(-1)
     running = int((status == StopReason.RUNNING.value).sum())
@@ -97,17 +108,64 @@ def print_progress(progress: Progress) -> None:
         )
     else:
         summary = "no finite values"
-    print(f"iteration {progress.iteration:5d}: {running}/{status.numel()} running, {summary}")
+    print(f"round {progress.rounds:5d}: {running}/{status.numel()} running, {summary}")
 
 
-def _progress(iteration: int, state: LBFGSState) -> Progress:
+def _progress(rounds: int, state: RoundState, settings: Settings) -> Progress:
+    lbfgs = state.lbfgs
+    searching = settings.search.outcome(state.search).n_evals  # the current search's, so far
     return Progress(
-        iteration=iteration,
-        value=batch_view(state.value),
-        grad_norm=batch_view(state.grad.abs().amax()),
-        status=batch_view(state.status),
-        n_evals=batch_view(state.n_evals),
+        rounds=rounds,
+        value=batch_view(lbfgs.value),
+        grad_norm=batch_view(lbfgs.grad.abs().amax(-1)),
+        status=batch_view(lbfgs.status),
+        n_iter=batch_view(lbfgs.iteration),
+        n_evals=batch_view(lbfgs.n_evals + searching),
     )
+
+
+def _run_rounds(
+    advance_all: Callable[[RoundState], RoundState],
+    state: RoundState,
+    settings: Settings,
+    check_every: int | None,
+    callback: Callable[[Progress], None] | None,
+    callback_every: int,
+) -> RoundState:
+    """Apply ``advance_all`` until every problem has stopped, reading the stop flags on the host
+    every ``check_every`` rounds (never if ``None``: then all :func:`max_rounds` rounds run)."""
+    for rounds in range(1, max_rounds(settings) + 1):
+        checking = check_every is not None and (rounds - 1) % check_every == 0
+        if checking and bool(batch_view(state.lbfgs.stopped).all()):  # sync-ok: where early_exit allows
+            break
+        state = advance_all(state)
+        if callback is not None and rounds % callback_every == 0:
+            callback(_progress(rounds, state, settings))
+    return state
+
+
+def _result(state: RoundState, unravel: Unravel) -> Result:
+    lbfgs = state.lbfgs
+    return Result(
+        params=unravel(state.x),
+        value=lbfgs.value,
+        grad_norm=lbfgs.grad.abs().amax(),
+        n_iter=lbfgs.iteration,
+        n_evals=lbfgs.n_evals,
+        converged=lbfgs.converged,
+        status=lbfgs.status,
+    )
+
+
+def _map_leaves(function: Callable[[torch.Tensor], torch.Tensor], tree: Any) -> Any:
+    if isinstance(tree, tuple):
+        return type(tree)(*(_map_leaves(function, leaf) for leaf in tree))
+    return function(tree)
+
+
+def _check_callback_every(callback_every: int) -> None:
+    if not isinstance(callback_every, int) or isinstance(callback_every, bool) or callback_every < 1:
+        raise ValueError(f"callback_every must be a positive int, got {callback_every!r}")
 
 
 def minimize(
@@ -163,37 +221,21 @@ def minimize(
         >>> torch.allclose(alone.params, result.params[7]), bool(alone.n_evals == result.n_evals[7])
         (True, True)
     """
-    if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 0:
-        raise ValueError(f"max_iter must be a non-negative int, got {max_iter!r}")
-    if not isinstance(callback_every, int) or isinstance(callback_every, bool) or callback_every < 1:
-        raise ValueError(f"callback_every must be a positive int, got {callback_every!r}")
-    state = init(fun, params0, history_size=history_size, value_and_grad=value_and_grad)
-    params = params0
-    stop_early = exits_early(early_exit, state.status)
-    for iteration in range(1, max_iter + 1):
-        params, state = update(
-            fun, params, state, line_search=line_search, learning_rate=learning_rate,
-            tolerance_grad=tolerance_grad, tolerance_change=tolerance_change,
-            curvature_rule=curvature_rule, c1=c1, c2=c2, max_ls=max_ls, max_evals=max_evals,
-            value_and_grad=value_and_grad, early_exit=early_exit,
-        )  # fmt: skip
-        if callback is not None and iteration % callback_every == 0:
-            callback(_progress(iteration, state))
-        if stop_early and bool(batch_view(state.stopped).all()):  # sync-ok: where exits_early allows it
-            break
-    running = state.status == StopReason.RUNNING.value
-    status = torch.where(
-        running, torch.full_like(state.status, StopReason.MAX_ITERATIONS.value), state.status
+    _check_callback_every(callback_every)
+    settings = Settings(
+        max_iter=max_iter, tolerance_grad=tolerance_grad, tolerance_change=tolerance_change,
+        history_size=history_size, line_search=line_search, learning_rate=learning_rate,
+        curvature_rule=curvature_rule, c1=c1, c2=c2, max_ls=max_ls, max_evals=max_evals,
+        early_exit=early_exit,
+    )  # fmt: skip
+    x, unravel = ravel_pytree(params0)
+    objective = flat_objective(fun, unravel, value_and_grad=value_and_grad)
+    state = start(objective, x, settings)
+    check_every = 1 if exits_early(early_exit, state.lbfgs.status) else None
+    state = _run_rounds(
+        lambda s: advance(objective, s, settings), state, settings, check_every, callback, callback_every
     )
-    return Result(
-        params=params,
-        value=state.value,
-        grad_norm=state.grad.abs().amax(),
-        n_iter=state.iteration,
-        n_evals=state.n_evals,
-        converged=state.converged,
-        status=status,
-    )
+    return _result(state, unravel)
 
 
 def batched_minimize(
@@ -201,19 +243,31 @@ def batched_minimize(
     params0: PyTree,
     *args: Any,
     in_dims: int | tuple[Any, ...] = 0,
+    compile: bool | Mapping[str, Any] = False,
+    callback: Callable[[Progress], None] | None = None,
+    callback_every: int = 10,
+    value_and_grad: bool = False,
     **options: Any,
 ) -> Result:
     """Solve a batch of independent problems ``fun(params, *args)`` in one vectorised run.
 
-    This is ``torch.func.vmap`` of :func:`minimize` over ``params0`` and ``args``:
-    problem ``i`` minimises ``fun(params, *args_i)`` from ``params0_i``.
+    Problem ``i`` minimises ``fun(params, *args_i)`` from ``params0_i``, with the result
+    :func:`minimize` would give it alone. Each round is ``torch.func.vmap`` of one evaluation
+    round over the batch (:mod:`torchlbfgs.rounds`); with ``compile`` that vmapped round is
+    ``torch.compile``-d with ``fullgraph=True`` and reused for every round. The loop checks
+    on the host whether every problem has stopped: every round on the CPU, every 16 rounds on
+    other devices (one sync each), never with ``early_exit=False``.
 
     Args:
-        fun: ``fun(params, *args) -> scalar tensor`` for *one* problem.
+        fun: ``fun(params, *args) -> scalar tensor`` for *one* problem (or ``(value, grad)``
+            with ``value_and_grad``).
         params0: the starting points, batched along the dimension given by ``in_dims``.
         *args: per-problem data (batched) or shared data (``None`` in ``in_dims``).
         in_dims: as in ``torch.func.vmap``, for ``(params0, *args)``; an int applies to all.
-        **options: passed to :func:`minimize` (``max_iter``, tolerances, ``callback``, ...).
+        compile: ``True`` to ``torch.compile`` the round, or a dict of ``torch.compile``
+            keyword arguments (e.g. ``{"backend": "aot_eager"}``).
+        callback, callback_every, value_and_grad: as in :func:`minimize`.
+        **options: the other options of :func:`minimize` (``max_iter``, tolerances, ...).
 
     Returns:
         a :class:`Result` whose fields have a leading batch dimension.
@@ -231,6 +285,50 @@ def batched_minimize(
         >>> torch.allclose(result.params, truth, atol=1e-5)
         True
     """
-    return torch.func.vmap(
-        lambda params, *data: minimize(lambda p: fun(p, *data), params, **options), in_dims=in_dims
-    )(params0, *args)
+    _check_callback_every(callback_every)
+    settings = Settings(**options)
+    dims = (in_dims,) * (1 + len(args)) if isinstance(in_dims, int) else tuple(in_dims)
+    if len(dims) != 1 + len(args):
+        raise ValueError(
+            f"in_dims has {len(dims)} entries but there are {1 + len(args)} inputs "
+            f"(params0 and {len(args)} args)"
+        )
+    structure: list[Unravel] = []
+
+    def objective(data: tuple[Any, ...], unravel: Unravel) -> FlatObjective:
+        return flat_objective(lambda p: fun(p, *data), unravel, value_and_grad=value_and_grad)
+
+    def start_one(params: PyTree, *data: Any) -> RoundState:
+        x, unravel = ravel_pytree(params)
+        structure.append(unravel)
+        return start(objective(data, unravel), x, settings)
+
+    # Distinct, contiguous leaves, as a round returns them: vmap returns a leaf that does not
+    # depend on the batch as a stride-0 expansion, and the start shares some leaves (the first
+    # trial step is the proposal's); a compiled round would guard on both and compile again.
+    state = _map_leaves(
+        lambda leaf: leaf.clone(memory_format=torch.contiguous_format),
+        torch.func.vmap(start_one, in_dims=dims)(params0, *args),
+    )
+    unravel = structure[-1]
+    # The round rebuilds `unravel` from a template (one problem's params) rather than closing
+    # over it, so that under torch.compile the pytree structure is traced, not a foreign object.
+    template = unravel(state.x[0])
+
+    def advance_one(state: RoundState, template: PyTree, *data: Any) -> RoundState:
+        return advance(objective(data, ravel_pytree(template)[1]), state, settings)
+
+    advance_batch = torch.func.vmap(advance_one, in_dims=(0, None, *dims[1:]))
+    if compile is not False:
+        compile_options = {} if compile is True else dict(compile)
+        advance_batch = torch.compile(advance_batch, fullgraph=True, **compile_options)
+    if exits_early(settings.early_exit, state.lbfgs.status):
+        check_every: int | None = 1
+    elif settings.early_exit is False or torch.compiler.is_compiling():
+        check_every = None
+    else:
+        check_every = 16  # a device: one sync per 16 rounds
+    state = _run_rounds(
+        lambda s: advance_batch(s, template, *args), state, settings, check_every, callback, callback_every
+    )
+    return torch.func.vmap(lambda s: _result(s, unravel))(state)

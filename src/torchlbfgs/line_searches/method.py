@@ -76,9 +76,12 @@ class SearchMethod(Protocol[Search]):
 
 
 def evaluation_budget(max_evals: int | torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    """``max_evals`` as an int64 tensor on ``like``'s device; ``None`` becomes :data:`NO_BUDGET`."""
+    """``max_evals`` as an int64 tensor shaped like ``like``; ``None`` becomes :data:`NO_BUDGET`.
+
+    Built from ``like`` so that under ``vmap`` it is batched like the rest of a search's state.
+    """
     budget = NO_BUDGET if max_evals is None else max_evals
-    return torch.as_tensor(budget, dtype=torch.int64, device=like.device)
+    return torch.zeros_like(like, dtype=torch.int64) + budget
 
 
 def run_search(

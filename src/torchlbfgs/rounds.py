@@ -1,0 +1,165 @@
+"""Evaluation rounds: L-BFGS as a state machine that takes one evaluation per round.
+
+:func:`torchlbfgs.update` runs a whole iteration, line search included. Under ``vmap`` that
+puts a batch in lockstep: every problem waits until the slowest line search of the batch has
+finished, and every round of that search evaluates the whole batch. Here the unit of work is
+one evaluation instead. Each round (:func:`advance`) evaluates every running problem once,
+feeds the value and gradient to that problem's line search, and a problem whose search has
+just finished takes its step and starts its next iteration (direction, first trial) in the
+same round, while the others go on searching. A batch therefore needs about as many rounds as
+its most expensive problem needs evaluations, rather than the sum over iterations of the
+longest search.
+
+Per problem, the sequence of evaluations and decisions is exactly that of a loop of
+:func:`torchlbfgs.update` (same functions: ``propose``, the line search's ``digest``,
+``accept``), so iterates and counters are the same.
+
+The functions are pure and branch-free on tensor values; :func:`torchlbfgs.minimize` and
+:func:`torchlbfgs.batched_minimize` loop over :func:`advance`, and the latter can
+``torch.compile`` one round.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+
+from torchlbfgs.history import CURVATURE_RULES, CurvatureRule
+from torchlbfgs.line_searches import LineSearch, check_line_search_options, search_method
+from torchlbfgs.line_searches.loop import trial_point
+from torchlbfgs.line_searches.method import SearchMethod, SearchOrigin, evaluation_budget
+from torchlbfgs.objective import FlatObjective
+from torchlbfgs.state import LBFGSState, StopReason
+from torchlbfgs.update import Proposal, accept, initial_state, propose
+
+__all__ = ["RoundState", "Settings", "advance", "max_rounds", "start"]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The options of a solve (see :func:`torchlbfgs.minimize`), validated."""
+
+    max_iter: int = 100
+    tolerance_grad: float = 1e-7
+    tolerance_change: float = 1e-9
+    history_size: int = 10
+    line_search: LineSearch = "strong_wolfe"
+    learning_rate: float = 1.0
+    curvature_rule: CurvatureRule = "relative"
+    c1: float = 1e-4
+    c2: float = 0.9
+    max_ls: int = 25
+    max_evals: int | None = None
+    early_exit: bool | None = None
+
+    def __post_init__(self) -> None:
+        counts = ("max_iter", "max_ls", "history_size", "max_evals")
+        for name in counts if self.max_evals is not None else counts[:-1]:
+            value = getattr(self, name)
+            lowest = 1 if name == "history_size" else 0
+            if not isinstance(value, int) or isinstance(value, bool) or value < lowest:
+                kind = "positive" if lowest else "non-negative"
+                raise ValueError(f"{name} must be a {kind} int, got {value!r}")
+        check_line_search_options(self.line_search, self.c1, self.c2, self.max_ls)
+        if self.curvature_rule not in CURVATURE_RULES:
+            raise ValueError(f"curvature_rule must be one of {CURVATURE_RULES}, got {self.curvature_rule!r}")
+
+    @property
+    def search(self) -> SearchMethod[Any]:
+        return search_method(
+            self.line_search, c1=self.c1, c2=self.c2,
+            tolerance_change=self.tolerance_change, max_ls=self.max_ls,
+        )  # fmt: skip
+
+
+class RoundState(NamedTuple):
+    """Where one problem stands between rounds (every leaf batches under ``vmap``).
+
+    Attributes:
+        x: ``(n,)`` - the current iterate, flat.
+        lbfgs: the :class:`~torchlbfgs.LBFGSState` at ``x``; its status is ``MAX_ITERATIONS``
+            once ``max_iter`` iterations are done.
+        proposal: the current iteration's direction and first step (see
+            :func:`torchlbfgs.update.propose`).
+        search: the current iteration's line-search state machine.
+    """
+
+    x: torch.Tensor
+    lbfgs: LBFGSState
+    proposal: Proposal
+    search: Any
+
+
+def max_rounds(settings: Settings) -> int:
+    """Rounds after which every problem has stopped: each iteration takes at least one round and
+    at most one per line-search trial, and a search that the evaluation budget stops before
+    its first trial ends the problem in that round."""
+    rounds = settings.max_iter * settings.search.max_trials
+    return rounds if settings.max_evals is None else min(rounds, settings.max_evals)
+
+
+def _begin_iteration(x: torch.Tensor, lbfgs: LBFGSState, settings: Settings) -> RoundState:
+    """Direction and first trial of the next iteration at ``x`` (nothing for stopped problems)."""
+    running = lbfgs.status == StopReason.RUNNING.value
+    out_of_iterations = running & (lbfgs.iteration >= settings.max_iter)
+    lbfgs = lbfgs._replace(
+        status=torch.where(out_of_iterations, StopReason.MAX_ITERATIONS.value, lbfgs.status)
+    )
+    proposal = propose(
+        lbfgs, learning_rate=settings.learning_rate, tolerance_grad=settings.tolerance_grad,
+        tolerance_change=settings.tolerance_change, early_exit=settings.early_exit,
+    )  # fmt: skip
+    # An iteration that stops before its line search (small gradient, no descent) ends here, as
+    # `accept` would end it after an empty search, without spending a round.
+    no_search = ~proposal.searching
+    lbfgs = lbfgs._replace(
+        status=torch.where(no_search, proposal.status, lbfgs.status),
+        iteration=lbfgs.iteration + (no_search & proposal.attempted).long(),
+    )
+    budget = evaluation_budget(
+        None if settings.max_evals is None else settings.max_evals - lbfgs.n_evals, lbfgs.value
+    )
+    origin = SearchOrigin(proposal.direction, lbfgs.value, lbfgs.grad)
+    search = settings.search.start(origin, proposal.step_size, proposal.searching, budget)
+    return RoundState(x=x, lbfgs=lbfgs, proposal=proposal, search=search)
+
+
+def start(objective: FlatObjective, x: torch.Tensor, settings: Settings) -> RoundState:
+    """Evaluate at ``x`` (the one evaluation of ``init``) and plan the first iteration."""
+    value, grad = objective(x)
+    lbfgs = initial_state(value.to(x.dtype), grad, history_size=settings.history_size)
+    return _begin_iteration(x, lbfgs, settings)
+
+
+def advance(objective: FlatObjective, state: RoundState, settings: Settings) -> RoundState:
+    """One round: evaluate each running problem at its trial point and move it on.
+
+    Problems that have stopped are evaluated at their own point (in a batch everybody is
+    evaluated) and left bitwise unchanged.
+    """
+    method = settings.search
+    x, lbfgs, proposal = state.x, state.lbfgs, state.proposal
+    origin = SearchOrigin(proposal.direction, lbfgs.value, lbfgs.grad)
+    t, running = method.trial(state.search)
+    value, grad = objective(trial_point(x, proposal.direction, t, running))
+    search = method.digest(state.search, origin, value.to(x.dtype), grad)
+
+    searched = state._replace(search=search)
+    search_over = (lbfgs.status == StopReason.RUNNING.value) & ~method.trial(search)[1]
+    new_x, new_lbfgs = accept(
+        x, lbfgs, proposal, method.outcome(search), line_search=settings.line_search,
+        tolerance_grad=settings.tolerance_grad, tolerance_change=settings.tolerance_change,
+        curvature_rule=settings.curvature_rule, max_evals=settings.max_evals,
+    )  # fmt: skip
+    next_iteration = _begin_iteration(new_x, new_lbfgs, settings)
+    selected: RoundState = _select(search_over, next_iteration, searched)
+    return selected
+
+
+def _select(mask: torch.Tensor, new: Any, old: Any) -> Any:
+    """``new`` where ``mask`` else ``old``, leaf by leaf, for (nested) NamedTuples of tensors."""
+    if isinstance(new, tuple):
+        return type(new)(*(_select(mask, a, b) for a, b in zip(new, old, strict=True)))
+    return torch.where(mask, new, old)
