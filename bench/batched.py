@@ -10,12 +10,11 @@ solver stops earlier (float32 precision reached, line search failed) are counted
 Every solver starts from w=0, keeps 10 curvature pairs, has its tolerances set to 0 and works
 in float32 on the same data (generated once with numpy, converted per library). Solvers:
 
-* ours, eager: ``torchlbfgs.batched_minimize`` (``vmap`` of ``minimize``), 50 iterations;
-* ours, compiled: ``torch.compile(vmap(one torchlbfgs.update), fullgraph=True)`` called 50
-  times, for each ``max_ls`` of ``--compile-max-ls``. Under compile the masked line-search
-  loop runs all its ``max_ls + 1`` trips, so a smaller ``max_ls`` is cheaper. Each case runs
-  in a fresh process with an empty inductor cache (cold compile time) and is abandoned if it
-  has not compiled after ``--compile-timeout`` seconds;
+* ours, eager: ``torchlbfgs.batched_minimize``, 50 iterations, strong Wolfe (``max_ls=25``):
+  evaluation rounds over the batch, stopped problems leaving it (see ``torchlbfgs.batched``);
+* ours, compiled: the same with ``compile=True`` (one round compiled by Inductor, batch
+  dimension dynamic), run in a fresh process with an empty inductor cache (so the compile time
+  is a cold one), abandoned if it has not compiled after ``--compile-timeout`` seconds;
 * a Python loop of ``torch.optim.LBFGS``, one ``step`` of ``max_iter=50`` per problem,
   strong Wolfe. With tolerances 0 torch stops only on an exactly zero gradient or step, a
   non-descent direction, or ``max_eval``, whose default ``max_iter * 5 // 4 = 62`` could bind
@@ -37,9 +36,8 @@ live memory, and with glibc's default malloc, which keeps freed memory for reuse
 process really sees). Torch has no allocator statistics on CPU, and tracemalloc does not see
 its buffers.
 
-Run: ``python bench/batched.py`` (``--sizes 64 1024 8192`` for the large batch,
-``--compile-max-ls 5 25`` for the full line search compiled too: 3-4 minutes of compiling
-per B).
+Run: ``python bench/batched.py`` (``--sizes 64 1024 8192`` for the large batch; about 30 s
+of compiling per B).
 One thread everywhere; the thread variables below are set only if not already set.
 """
 
@@ -85,8 +83,7 @@ TORCH_LOOP, SCIPY_LOOP = "loop of torch.optim.LBFGS", "loop of scipy L-BFGS-B"
 OPTAX, JAXOPT = "jax.jit(vmap(optax.lbfgs)), fori_loop", "jax.jit(vmap(jaxopt.LBFGS))"
 
 
-def compiled_name(max_ls: int) -> str:
-    return f"ours: compile(vmap(update)), max_ls={max_ls}"
+COMPILED = "ours: batched_minimize(compile=True)"
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -121,11 +118,11 @@ def reference_losses(params: np.ndarray, X: np.ndarray, y: np.ndarray) -> np.nda
 # (k,) for the first k problems, and the compile time where there is one.
 
 
-def solve_ours(X: torch.Tensor, y: torch.Tensor) -> torchlbfgs.Result:
+def solve_ours(X: torch.Tensor, y: torch.Tensor, compile: bool = False) -> torchlbfgs.Result:
     w0 = torch.zeros(X.shape[0], D, dtype=X.dtype)
     return torchlbfgs.batched_minimize(
         torch_loss, w0, X, y, max_iter=MAX_ITER, tolerance_grad=0.0, tolerance_change=0.0,
-        history_size=HISTORY,
+        history_size=HISTORY, compile=compile,
     )  # fmt: skip
 
 
@@ -251,45 +248,26 @@ def run_jax(solver: Callable[..., Any], X: np.ndarray, y: np.ndarray, repeats: i
 # ------------------------------------------------------------------ workers in fresh processes
 
 
-def compiled_worker(batch: int, max_ls: int, repeats: int, out: Path) -> None:
-    """Time ``torch.compile(vmap(update))`` for 50 iterations; write results to ``out``."""
+def compiled_worker(batch: int, repeats: int, out: Path) -> None:
+    """Time ``batched_minimize(compile=True)``; write results to ``out``."""
     X, y = (torch.from_numpy(a) for a in make_data(batch))
-
-    def one_update(w: torch.Tensor, state: torchlbfgs.LBFGSState, X: torch.Tensor, y: torch.Tensor) -> Any:
-        return torchlbfgs.update(
-            functools.partial(torch_loss, X=X, y=y), w, state, tolerance_grad=0.0, tolerance_change=0.0,
-            max_ls=max_ls,
-        )  # fmt: skip
-
-    step = torch.compile(torch.func.vmap(one_update), fullgraph=True)
-    init = torch.func.vmap(
-        lambda w, X, y: torchlbfgs.init(functools.partial(torch_loss, X=X, y=y), w, history_size=HISTORY)
-    )
-
-    def solve() -> tuple[torch.Tensor, torchlbfgs.LBFGSState]:
-        w = torch.zeros(batch, D)
-        state = init(w, X, y)
-        for _ in range(MAX_ITER):
-            w, state = step(w, state, X, y)
-        return w, state
-
     report: dict[str, Any] = {"stage": "compiling"}
     write_report(out, report)
     start = time.perf_counter()
-    solve()
+    solve_ours(X, y, compile=True)
     report.update(stage="timing", first_solve_seconds=time.perf_counter() - start,
                   graphs=torch._dynamo.utils.counters["stats"]["unique_graphs"])  # fmt: skip
     write_report(out, report)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        w, state = solve()
+        result = solve_ours(X, y, compile=True)
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
     report.update(stage="done", seconds=seconds, compile_seconds=report["first_solve_seconds"] - seconds,
-                  evals_mean=float(state.n_evals.float().mean()))  # fmt: skip
-    np.save(out / "params.npy", w.numpy())
-    np.save(out / "iterations.npy", state.iteration.numpy())
+                  evals_mean=float(result.n_evals.float().mean()))  # fmt: skip
+    np.save(out / "params.npy", result.params.numpy())
+    np.save(out / "iterations.npy", result.n_iter.numpy())
     write_report(out, report)
 
 
@@ -365,8 +343,8 @@ def _last_error(log: str) -> str:
     return (errors[-1] if errors else (lines[-1] if lines else "no output"))[:500]
 
 
-def run_compiled(batch: int, max_ls: int, repeats: int, timeout: float) -> dict[str, Any]:
-    report = run_worker(["compiled", str(batch), str(max_ls), str(repeats)], timeout)
+def run_compiled(batch: int, repeats: int, timeout: float) -> dict[str, Any]:
+    report = run_worker(["compiled", str(batch), str(repeats)], timeout)
     if report.get("stage") != "done":
         error = report.get("error", "unknown error")
         if report.get("stage") == "timing":
@@ -392,16 +370,35 @@ def run_memory(batch: int) -> dict[str, Any]:
     return measured
 
 
+def _named_leaves(tree: Any, prefix: str = "") -> Any:
+    """``(dotted field name, tensor)`` for every leaf of nested NamedTuples."""
+    if isinstance(tree, tuple):
+        for field in tree._fields:
+            yield from _named_leaves(getattr(tree, field), f"{prefix}{field}.")
+    else:
+        yield prefix[:-1], tree
+
+
 def state_size() -> dict[str, Any]:
-    """Values and bytes per problem in our state, from its leaves (batched as the solve makes it)."""
+    """Values and bytes per problem that the solve keeps between rounds, from its leaves: the
+    L-BFGS state (history, gradient, counters) and the current iteration's direction and
+    line-search state."""
+    from torchlbfgs.objective import flat_objective
+    from torchlbfgs.pytree import ravel_pytree
+    from torchlbfgs.rounds import Settings, start
+
+    settings = Settings(history_size=HISTORY)
     X, y = (torch.from_numpy(a) for a in make_data(4))
-    state = torch.func.vmap(
-        lambda w, X, y: torchlbfgs.init(functools.partial(torch_loss, X=X, y=y), w, history_size=HISTORY)
-    )(torch.zeros(4, D), X, y)
-    leaves = {name: leaf[0] for name, leaf in state._asdict().items()}
-    values = sum(leaf.numel() for leaf in leaves.values())
-    size = sum(leaf.numel() * leaf.element_size() for leaf in leaves.values())
-    shapes = {name: [list(leaf.shape), str(leaf.dtype)] for name, leaf in leaves.items()}
+
+    def start_one(w: torch.Tensor, X: torch.Tensor, y: torch.Tensor) -> Any:
+        x, unravel = ravel_pytree(w)
+        return start(flat_objective(functools.partial(torch_loss, X=X, y=y), unravel), x, settings)
+
+    state = torch.func.vmap(start_one)(torch.zeros(4, D), X, y)
+    leaves = dict(_named_leaves(state))
+    values = sum(leaf[0].numel() for leaf in leaves.values())
+    size = sum(leaf[0].numel() * leaf.element_size() for leaf in leaves.values())
+    shapes = {name: [list(leaf.shape[1:]), str(leaf.dtype)] for name, leaf in leaves.items()}
     return {"values": values, "bytes": size, "constant": values / D - 2 * HISTORY, "leaves": shapes}
 
 
@@ -433,8 +430,7 @@ def main() -> None:
     parser.add_argument(
         "--repeats", type=int, default=3, help="timed runs of each vectorised solver (median)"
     )
-    parser.add_argument("--compile-max-ls", type=int, nargs="*", default=[5],
-                        help="max_ls values for the compiled step (none: skip)")  # fmt: skip
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled solve")
     parser.add_argument("--compile-timeout", type=float, default=300.0, help="seconds per compiled case")
     parser.add_argument("--no-jax", action="store_true", help="skip the JAX solvers")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "batched.json")
@@ -460,8 +456,8 @@ def main() -> None:
     for batch in args.sizes:
         X, y = make_data(batch)
         results: dict[str, dict[str, Any]] = {OURS: run_ours(X, y, args.repeats)}
-        for max_ls in args.compile_max_ls:
-            results[compiled_name(max_ls)] = run_compiled(batch, max_ls, args.repeats, args.compile_timeout)
+        if not args.no_compile:
+            results[COMPILED] = run_compiled(batch, args.repeats, args.compile_timeout)
         count = min(batch, args.loop_max)
         results[TORCH_LOOP] = run_torch_loop(X, y, count)
         results[SCIPY_LOOP] = run_scipy_loop(X, y, count)
@@ -519,7 +515,7 @@ def main() -> None:
     config = {"d": D, "samples": SAMPLES, "lambda": LAM, "history_size": HISTORY, "max_iter": MAX_ITER,
               "seed": SEED, "feature_mean": FEATURE_MEAN, "label_noise": LABEL_NOISE, "dtype": "float32",
               "sizes": args.sizes, "loop_max": args.loop_max, "repeats": args.repeats,
-              "compile_max_ls": args.compile_max_ls, "compile_timeout_s": args.compile_timeout,
+              "compiled": not args.no_compile, "compile_timeout_s": args.compile_timeout,
               "jax": jax_note or "measured"}  # fmt: skip
     report = {"meta": versions(), "config": config, "rows": rows, "state_per_problem": state,
               "peak_memory": memory}  # fmt: skip

@@ -11,9 +11,10 @@ Example:
     (tensor([1., 1.]), tensor(-2.), 'converged: max|gradient| <= tolerance_grad')
 """
 
+from torchlbfgs.batched import batched_minimize
 from torchlbfgs.direction import inv_hessian_product
 from torchlbfgs.line_searches import LineSearchResult, line_search
-from torchlbfgs.minimize import Progress, Result, batched_minimize, minimize, print_progress
+from torchlbfgs.minimize import Progress, Result, minimize, print_progress
 from torchlbfgs.optim import LBFGS, to_torch_state_dict
 from torchlbfgs.state import LBFGSState, StopReason, status_message
 from torchlbfgs.update import init, update

@@ -12,7 +12,7 @@ where the read is free or, in ``batched_minimize``, every few rounds (see ``earl
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -20,12 +20,12 @@ import torch
 from torchlbfgs.history import CurvatureRule
 from torchlbfgs.line_searches import LineSearch
 from torchlbfgs.line_searches.loop import batch_view, exits_early
-from torchlbfgs.objective import FlatObjective, flat_objective
+from torchlbfgs.objective import flat_objective
 from torchlbfgs.pytree import Unravel, ravel_pytree
 from torchlbfgs.rounds import RoundState, Settings, advance, max_rounds, start
 from torchlbfgs.state import StopReason
 
-__all__ = ["Progress", "Result", "batched_minimize", "minimize", "print_progress"]
+__all__ = ["Progress", "Result", "minimize", "print_progress"]
 
 PyTree = Any
 
@@ -111,7 +111,7 @@ def print_progress(progress: Progress) -> None:
     print(f"round {progress.rounds:5d}: {running}/{status.numel()} running, {summary}")
 
 
-def _progress(rounds: int, state: RoundState, settings: Settings) -> Progress:
+def progress_of(rounds: int, state: RoundState, settings: Settings) -> Progress:
     lbfgs = state.lbfgs
     searching = settings.search.outcome(state.search).n_evals  # the current search's, so far
     return Progress(
@@ -140,11 +140,11 @@ def _run_rounds(
             break
         state = advance_all(state)
         if callback is not None and rounds % callback_every == 0:
-            callback(_progress(rounds, state, settings))
+            callback(progress_of(rounds, state, settings))
     return state
 
 
-def _result(state: RoundState, unravel: Unravel) -> Result:
+def result_of(state: RoundState, unravel: Unravel) -> Result:
     lbfgs = state.lbfgs
     return Result(
         params=unravel(state.x),
@@ -157,13 +157,7 @@ def _result(state: RoundState, unravel: Unravel) -> Result:
     )
 
 
-def _map_leaves(function: Callable[[torch.Tensor], torch.Tensor], tree: Any) -> Any:
-    if isinstance(tree, tuple):
-        return type(tree)(*(_map_leaves(function, leaf) for leaf in tree))
-    return function(tree)
-
-
-def _check_callback_every(callback_every: int) -> None:
+def check_callback_every(callback_every: int) -> None:
     if not isinstance(callback_every, int) or isinstance(callback_every, bool) or callback_every < 1:
         raise ValueError(f"callback_every must be a positive int, got {callback_every!r}")
 
@@ -221,7 +215,7 @@ def minimize(
         >>> torch.allclose(alone.params, result.params[7]), bool(alone.n_evals == result.n_evals[7])
         (True, True)
     """
-    _check_callback_every(callback_every)
+    check_callback_every(callback_every)
     settings = Settings(
         max_iter=max_iter, tolerance_grad=tolerance_grad, tolerance_change=tolerance_change,
         history_size=history_size, line_search=line_search, learning_rate=learning_rate,
@@ -235,100 +229,4 @@ def minimize(
     state = _run_rounds(
         lambda s: advance(objective, s, settings), state, settings, check_every, callback, callback_every
     )
-    return _result(state, unravel)
-
-
-def batched_minimize(
-    fun: Callable[..., Any],
-    params0: PyTree,
-    *args: Any,
-    in_dims: int | tuple[Any, ...] = 0,
-    compile: bool | Mapping[str, Any] = False,
-    callback: Callable[[Progress], None] | None = None,
-    callback_every: int = 10,
-    value_and_grad: bool = False,
-    **options: Any,
-) -> Result:
-    """Solve a batch of independent problems ``fun(params, *args)`` in one vectorised run.
-
-    Problem ``i`` minimises ``fun(params, *args_i)`` from ``params0_i``, with the result
-    :func:`minimize` would give it alone. Each round is ``torch.func.vmap`` of one evaluation
-    round over the batch (:mod:`torchlbfgs.rounds`); with ``compile`` that vmapped round is
-    ``torch.compile``-d with ``fullgraph=True`` and reused for every round. The loop checks
-    on the host whether every problem has stopped: every round on the CPU, every 16 rounds on
-    other devices (one sync each), never with ``early_exit=False``.
-
-    Args:
-        fun: ``fun(params, *args) -> scalar tensor`` for *one* problem (or ``(value, grad)``
-            with ``value_and_grad``).
-        params0: the starting points, batched along the dimension given by ``in_dims``.
-        *args: per-problem data (batched) or shared data (``None`` in ``in_dims``).
-        in_dims: as in ``torch.func.vmap``, for ``(params0, *args)``; an int applies to all.
-        compile: ``True`` to ``torch.compile`` the round, or a dict of ``torch.compile``
-            keyword arguments (e.g. ``{"backend": "aot_eager"}``).
-        callback, callback_every, value_and_grad: as in :func:`minimize`.
-        **options: the other options of :func:`minimize` (``max_iter``, tolerances, ...).
-
-    Returns:
-        a :class:`Result` whose fields have a leading batch dimension.
-
-    Example:
-        >>> import torch, torchlbfgs
-        >>> def loss(theta, t, y):  # fit y = a exp(-b t) for one signal
-        ...     return ((theta[0] * torch.exp(-theta[1] * t) - y) ** 2).mean()
-        >>> t = torch.linspace(0, 3, 40, dtype=torch.float64)
-        >>> truth = torch.rand(500, 2, dtype=torch.float64) + 0.5
-        >>> signals = truth[:, :1] * torch.exp(-truth[:, 1:] * t)
-        >>> start = torch.ones(500, 2, dtype=torch.float64)
-        >>> result = torchlbfgs.batched_minimize(loss, start, t, signals, in_dims=(0, None, 0),
-        ...                                      tolerance_grad=1e-12, tolerance_change=0.0)
-        >>> torch.allclose(result.params, truth, atol=1e-5)
-        True
-    """
-    _check_callback_every(callback_every)
-    settings = Settings(**options)
-    dims = (in_dims,) * (1 + len(args)) if isinstance(in_dims, int) else tuple(in_dims)
-    if len(dims) != 1 + len(args):
-        raise ValueError(
-            f"in_dims has {len(dims)} entries but there are {1 + len(args)} inputs "
-            f"(params0 and {len(args)} args)"
-        )
-    structure: list[Unravel] = []
-
-    def objective(data: tuple[Any, ...], unravel: Unravel) -> FlatObjective:
-        return flat_objective(lambda p: fun(p, *data), unravel, value_and_grad=value_and_grad)
-
-    def start_one(params: PyTree, *data: Any) -> RoundState:
-        x, unravel = ravel_pytree(params)
-        structure.append(unravel)
-        return start(objective(data, unravel), x, settings)
-
-    # Distinct, contiguous leaves, as a round returns them: vmap returns a leaf that does not
-    # depend on the batch as a stride-0 expansion, and the start shares some leaves (the first
-    # trial step is the proposal's); a compiled round would guard on both and compile again.
-    state = _map_leaves(
-        lambda leaf: leaf.clone(memory_format=torch.contiguous_format),
-        torch.func.vmap(start_one, in_dims=dims)(params0, *args),
-    )
-    unravel = structure[-1]
-    # The round rebuilds `unravel` from a template (one problem's params) rather than closing
-    # over it, so that under torch.compile the pytree structure is traced, not a foreign object.
-    template = unravel(state.x[0])
-
-    def advance_one(state: RoundState, template: PyTree, *data: Any) -> RoundState:
-        return advance(objective(data, ravel_pytree(template)[1]), state, settings)
-
-    advance_batch = torch.func.vmap(advance_one, in_dims=(0, None, *dims[1:]))
-    if compile is not False:
-        compile_options = {} if compile is True else dict(compile)
-        advance_batch = torch.compile(advance_batch, fullgraph=True, **compile_options)
-    if exits_early(settings.early_exit, state.lbfgs.status):
-        check_every: int | None = 1
-    elif settings.early_exit is False or torch.compiler.is_compiling():
-        check_every = None
-    else:
-        check_every = 16  # a device: one sync per 16 rounds
-    state = _run_rounds(
-        lambda s: advance_batch(s, template, *args), state, settings, check_every, callback, callback_every
-    )
-    return torch.func.vmap(lambda s: _result(s, unravel))(state)
+    return result_of(state, unravel)

@@ -1,0 +1,189 @@
+"""``batched_minimize``: a batch of independent problems in one vectorised solve.
+
+The batch advances in evaluation rounds (:mod:`torchlbfgs.rounds`), each one
+``torch.func.vmap`` of :func:`~torchlbfgs.rounds.advance` over the problems, optionally
+``torch.compile``-d once and reused. Between rounds the driver checks on the host which
+problems still run, and once at most half of the current batch does, it goes on with those
+alone (*compaction*): their states and data are gathered into a smaller batch, and the stopped
+problems' results are set aside. The work of a solve is then close to the sum of the
+evaluations the problems need, rather than the batch size times those of the most expensive
+problem. Each problem's iterates are those it would have alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import optree
+import torch
+
+from torchlbfgs.line_searches.loop import exits_early
+from torchlbfgs.minimize import Progress, Result, check_callback_every, progress_of, result_of
+from torchlbfgs.objective import FlatObjective, flat_objective
+from torchlbfgs.pytree import Unravel, ravel_pytree
+from torchlbfgs.rounds import RoundState, Settings, advance, max_rounds, start
+from torchlbfgs.state import StopReason
+
+__all__ = ["batched_minimize"]
+
+PyTree = Any
+
+DEVICE_CHECK_EVERY = 16
+"""Off the CPU, the driver reads the stop flags (one device sync) every this many rounds."""
+
+
+def _map_leaves(function: Callable[..., torch.Tensor], *trees: Any) -> Any:
+    """``function`` applied leaf by leaf to (nested) NamedTuples of tensors of one structure."""
+    if isinstance(trees[0], tuple):
+        return type(trees[0])(*(_map_leaves(function, *leaves) for leaves in zip(*trees, strict=True)))
+    return function(*trees)
+
+
+class _ActiveBatch:
+    """The problems the rounds still run on, and the results of those set aside."""
+
+    def __init__(self, state: RoundState, args: tuple[Any, ...], dims: tuple[Any, ...]) -> None:
+        self.state, self.args, self.dims = state, args, dims
+        self._all = state  # the whole batch, up to date except in the rows of `rows`
+        self._rows: torch.Tensor | None = None  # rows of the whole batch in `state`; None: all
+
+    @property
+    def can_shrink(self) -> bool:
+        return all(dim is None or isinstance(dim, int) for dim in self.dims)
+
+    def shrink(self, keep: torch.Tensor) -> None:
+        """Go on with the problems at positions ``keep`` of the current batch."""
+        self._all = self.whole()
+        self._rows = keep if self._rows is None else self._rows[keep]
+        self.state = _map_leaves(lambda leaf: leaf.index_select(0, keep), self.state)
+        self.args = tuple(
+            arg if dim is None else optree.tree_map(lambda t, dim=dim: t.index_select(dim, keep), arg)
+            for arg, dim in zip(self.args, self.dims, strict=True)
+        )
+
+    def whole(self) -> RoundState:
+        """The state of every problem of the original batch."""
+        if self._rows is None:
+            return self.state
+        rows = self._rows
+        whole: RoundState = _map_leaves(
+            lambda all_, part: all_.index_copy(0, rows, part), self._all, self.state
+        )
+        return whole
+
+
+def batched_minimize(
+    fun: Callable[..., Any],
+    params0: PyTree,
+    *args: Any,
+    in_dims: int | tuple[Any, ...] = 0,
+    compile: bool | Mapping[str, Any] = False,
+    callback: Callable[[Progress], None] | None = None,
+    callback_every: int = 10,
+    value_and_grad: bool = False,
+    **options: Any,
+) -> Result:
+    """Solve a batch of independent problems ``fun(params, *args)`` in one vectorised run.
+
+    Problem ``i`` minimises ``fun(params, *args_i)`` from ``params0_i``, with the iterates
+    :func:`~torchlbfgs.minimize` would give it alone. The solve runs in evaluation rounds,
+    each evaluating every running problem once; see the module docstring for how stopped
+    problems leave the batch. The host reads the stop flags every round on the CPU and
+    every 16 rounds elsewhere (one sync each); never with ``early_exit=False``, which also
+    keeps the batch whole.
+
+    Args:
+        fun: ``fun(params, *args) -> scalar tensor`` for *one* problem (or ``(value, grad)``
+            with ``value_and_grad``).
+        params0: the starting points, batched along the dimension given by ``in_dims``.
+        *args: per-problem data (batched) or shared data (``None`` in ``in_dims``).
+        in_dims: as in ``torch.func.vmap``, for ``(params0, *args)``; an int applies to all.
+        compile: ``True`` to ``torch.compile`` the vmapped round (``fullgraph=True``, the
+            batch dimension marked dynamic so that the shrinking batch needs no
+            recompilation), or a dict of further ``torch.compile`` keyword arguments (e.g.
+            ``{"backend": "aot_eager"}``).
+        callback, callback_every, value_and_grad: as in :func:`~torchlbfgs.minimize`; the
+            callback sees the whole batch.
+        **options: the other options of :func:`~torchlbfgs.minimize` (``max_iter``,
+            tolerances, ``line_search``, ...).
+
+    Returns:
+        a :class:`~torchlbfgs.Result` whose fields have a leading batch dimension.
+
+    Example:
+        >>> import torch, torchlbfgs
+        >>> def loss(theta, t, y):  # fit y = a exp(-b t) for one signal
+        ...     return ((theta[0] * torch.exp(-theta[1] * t) - y) ** 2).mean()
+        >>> t = torch.linspace(0, 3, 40, dtype=torch.float64)
+        >>> truth = torch.rand(500, 2, dtype=torch.float64) + 0.5
+        >>> signals = truth[:, :1] * torch.exp(-truth[:, 1:] * t)
+        >>> start = torch.ones(500, 2, dtype=torch.float64)
+        >>> result = torchlbfgs.batched_minimize(loss, start, t, signals, in_dims=(0, None, 0),
+        ...                                      tolerance_grad=1e-12, tolerance_change=0.0)
+        >>> torch.allclose(result.params, truth, atol=1e-5)
+        True
+    """
+    check_callback_every(callback_every)
+    settings = Settings(**options)
+    dims = (in_dims,) * (1 + len(args)) if isinstance(in_dims, int) else tuple(in_dims)
+    if len(dims) != 1 + len(args):
+        raise ValueError(
+            f"in_dims has {len(dims)} entries but there are {1 + len(args)} inputs "
+            f"(params0 and {len(args)} args)"
+        )
+    structure: list[Unravel] = []
+
+    def objective(data: tuple[Any, ...], unravel: Unravel) -> FlatObjective:
+        return flat_objective(lambda p: fun(p, *data), unravel, value_and_grad=value_and_grad)
+
+    def start_one(params: PyTree, *data: Any) -> RoundState:
+        x, unravel = ravel_pytree(params)
+        structure.append(unravel)
+        return start(objective(data, unravel), x, settings)
+
+    # Distinct, contiguous leaves, as a round returns them: vmap returns a leaf that does not
+    # depend on the batch as a stride-0 expansion, and the start shares some leaves (the first
+    # trial step is the proposal's); a compiled round would guard on both and compile again.
+    state = _map_leaves(
+        lambda leaf: leaf.clone(memory_format=torch.contiguous_format),
+        torch.func.vmap(start_one, in_dims=dims)(params0, *args),
+    )
+    unravel = structure[-1]
+    # The round rebuilds `unravel` from a template (one problem's params) rather than closing
+    # over it, so that under torch.compile the pytree structure is traced, not a foreign object.
+    template = unravel(state.x[0].clone())
+
+    def advance_one(state: RoundState, template: PyTree, *data: Any) -> RoundState:
+        return advance(objective(data, ravel_pytree(template)[1]), state, settings)
+
+    advance_batch = torch.func.vmap(advance_one, in_dims=(0, None, *dims[1:]))
+    if compile is not False:
+        advance_batch = torch.compile(advance_batch, fullgraph=True, **({} if compile is True else compile))
+        # The batch dimension is dynamic from the first compilation on, so the shrinking
+        # batch reuses the graph (everything else, floats included, stays specialised).
+        _map_leaves(lambda leaf: torch._dynamo.mark_dynamic(leaf, 0), state)
+        for arg, dim in zip(args, dims[1:], strict=True):
+            if isinstance(dim, int):
+                optree.tree_map(lambda t, dim=dim: torch._dynamo.mark_dynamic(t, dim), arg)
+
+    if exits_early(settings.early_exit, state.lbfgs.status):
+        check_every: int | None = 1
+    elif settings.early_exit is False or torch.compiler.is_compiling():
+        check_every = None
+    else:
+        check_every = DEVICE_CHECK_EVERY
+    active = _ActiveBatch(state, args, dims[1:])
+    for rounds in range(1, max_rounds(settings) + 1):
+        if check_every is not None and (rounds - 1) % check_every == 0:
+            running = active.state.lbfgs.status == StopReason.RUNNING.value
+            keep = running.nonzero().squeeze(1)  # sync-ok: as often as early_exit allows
+            if keep.numel() == 0:
+                break
+            # Never below two problems: torch.compile specialises a batch of one.
+            if 2 <= keep.numel() <= running.numel() // 2 and active.can_shrink:
+                active.shrink(keep)
+        active.state = advance_batch(active.state, template, *active.args)
+        if callback is not None and rounds % callback_every == 0:
+            callback(progress_of(rounds, active.whole(), settings))
+    return torch.func.vmap(lambda s: result_of(s, unravel))(active.whole())
