@@ -54,6 +54,7 @@ from scipy.optimize import minimize as scipy_minimize
 
 import torchlbfgs
 from torchlbfgs import LBFGSState, Progress, Result, StopReason
+from torchlbfgs.line_searches.loop import batch_view
 
 Tensor = torch.Tensor
 PyTree = Any
@@ -883,3 +884,83 @@ def test_rounds_follow_update_with_budgets_and_wrapped_history(
         assert result.n_evals <= max_evals
         if max_evals < 31 and max_ls == 25:  # not enough for 25 iterations on Rosenbrock
             assert result.status == StopReason.MAX_EVALS
+
+
+# --------------------------------------------------------------------------------------------
+# 9. batched_minimize: stopped problems leave the batch
+
+
+def _sizes_seen(fun: Callable[..., Tensor], sizes: list[int]) -> Callable[..., Tensor]:
+    """``fun``, recording the batch size of every (vmapped) call."""
+
+    def recording(x: Tensor, *data: Any) -> Tensor:
+        sizes.append(batch_view(x).shape[0])  # the batch beneath the vmap and grad wrappers
+        return fun(x, *data)
+
+    return recording
+
+
+def _many_quadratics(copies: int = 6) -> Batch:
+    """The quadratic family, each problem from ``copies`` random starts of different scales (so
+    the problems stop at many different rounds)."""
+    batch, _ = make_batch("quadratic", torch.float64)
+    generator = torch.Generator().manual_seed(11)
+    size = batch.size * copies
+    scales = torch.logspace(-2, 2, size, dtype=torch.float64).unsqueeze(1)
+    x0 = torch.randn(size, batch.x0.shape[1], generator=generator, dtype=torch.float64) * scales
+    args = tuple(arg.repeat(copies, *([1] * (arg.dim() - 1))) for arg in batch.args)
+    assert batch.solutions is not None
+    return replace(batch, x0=x0, args=args, size=size, solutions=batch.solutions.repeat(copies, 1))
+
+
+def test_stopped_problems_leave_the_batch() -> None:
+    """Once at most half of the batch runs, the rounds go on with the running problems alone:
+    ``fun`` sees ever smaller batches, far fewer problem-evaluations are spent than by
+    ``vmap(minimize)``, which keeps the whole batch to the end, and the results are bitwise
+    the same."""
+    batch = _many_quadratics()
+    options = options_for("quadratic", torch.float64)
+    sizes: list[int] = []
+    result = torchlbfgs.batched_minimize(_sizes_seen(batch.fun, sizes), batch.x0, *batch.args, **options)
+    kept: list[int] = []
+    whole = replace(batch, fun=_sizes_seen(batch.fun, kept)).vmapped(**options)
+    assert_results_bitwise(result, whole, "compacted vs vmap(minimize)")
+
+    assert sizes[0] == batch.size
+    assert sizes == sorted(sizes, reverse=True)
+    assert 2 <= sizes[-1] <= batch.size // 2  # it never shrinks below two problems
+    assert set(kept) == {batch.size}
+    assert len(sizes) == len(kept)  # the same rounds
+    # Halving at most: no more than twice the evaluations the problems count themselves.
+    assert sum(sizes) <= 2 * int(result.n_evals.sum())
+    assert sum(sizes) < 0.7 * sum(kept)
+
+
+def test_shrinking_batch_with_data_along_other_dims_and_shared_data() -> None:
+    """Per-problem data batched along dimension 1, a pytree argument and shared data (``None``
+    in ``in_dims``) are gathered correctly when the batch shrinks."""
+    batch = _many_quadratics()
+    lower_t, c = batch.args
+    scale = torch.tensor(2.0, dtype=torch.float64)
+
+    def fun(x: Tensor, lower_t: Tensor, data: dict[str, Tensor], scale: Tensor) -> Tensor:
+        return batch.fun(x, lower_t, data["c"]) * scale
+
+    options = options_for("quadratic", torch.float64)
+    sizes: list[int] = []
+    result = torchlbfgs.batched_minimize(
+        _sizes_seen(fun, sizes), batch.x0, lower_t.movedim(0, 1), {"c": c}, scale,
+        in_dims=(0, 1, 0, None), **options,
+    )  # fmt: skip
+    assert sizes[-1] < batch.size // 2
+    # Gathering the wrong rows of any argument would solve another problem: every problem
+    # reaches its own closed-form minimiser (stopping near tolerance_grad; the starts are random,
+    # so the stop may fall an iteration apart from a solve alone, hence no count comparison).
+    assert batch.solutions is not None
+    assert result.status.tolist() == [StopReason.GRADIENT_TOLERANCE] * batch.size
+    torch.testing.assert_close(result.params, batch.solutions, rtol=0, atol=1e-5)
+    for i in range(0, batch.size, 5):
+        alone = torchlbfgs.minimize(
+            lambda x, i=i: batch.fun(x, lower_t[i], c[i]) * scale, batch.x0[i], **options
+        )
+        torch.testing.assert_close(result.params[i], alone.params, rtol=0, atol=1e-5)
