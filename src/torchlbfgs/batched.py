@@ -18,8 +18,14 @@ from typing import Any
 import optree
 import torch
 
-from torchlbfgs.line_searches.loop import exits_early
-from torchlbfgs.minimize import Progress, Result, check_callback_every, progress_of, result_of
+from torchlbfgs.minimize import (
+    Progress,
+    Result,
+    check_callback_every,
+    progress_of,
+    result_of,
+    stop_check_interval,
+)
 from torchlbfgs.objective import FlatObjective, flat_objective
 from torchlbfgs.pytree import Unravel, ravel_pytree
 from torchlbfgs.rounds import RoundState, Settings, advance, max_rounds, start
@@ -28,9 +34,6 @@ from torchlbfgs.state import StopReason
 __all__ = ["batched_minimize"]
 
 PyTree = Any
-
-DEVICE_CHECK_EVERY = 16
-"""Off the CPU, the driver reads the stop flags (one device sync) every this many rounds."""
 
 
 def _map_leaves(function: Callable[..., torch.Tensor], *trees: Any) -> Any:
@@ -167,12 +170,7 @@ def batched_minimize(
             if isinstance(dim, int):
                 optree.tree_map(lambda t, dim=dim: torch._dynamo.mark_dynamic(t, dim), arg)
 
-    if exits_early(settings.early_exit, state.lbfgs.status):
-        check_every: int | None = 1
-    elif settings.early_exit is False or torch.compiler.is_compiling():
-        check_every = None
-    else:
-        check_every = DEVICE_CHECK_EVERY
+    check_every = stop_check_interval(settings.early_exit, state.lbfgs.status)
     active = _ActiveBatch(state, args, dims[1:])
     for rounds in range(1, max_rounds(settings) + 1):
         if check_every is not None and (rounds - 1) % check_every == 0:

@@ -6,8 +6,10 @@ problem once, so in a batch a problem that needs few line-search trials moves on
 iteration while another is still searching. Every problem keeps its own history, line search
 and stopping decision, with the iterates a loop of :func:`torchlbfgs.update` would give it; a
 problem that has stopped is frozen (its params, value and counters no longer change) while the
-others continue. The loop ends once every problem has stopped; it checks that on the host only
-where the read is free or, in ``batched_minimize``, every few rounds (see ``early_exit``).
+others continue. The loop ends once every problem has stopped; it checks that on the host
+every round where the read is free (eager CPU), every 16 rounds on other devices (one sync
+each) and never under ``torch.compile`` or with ``early_exit=False`` (see
+:func:`stop_check_interval`). The rounds themselves make no host reads on devices.
 """
 
 from __future__ import annotations
@@ -157,6 +159,24 @@ def result_of(state: RoundState, unravel: Unravel) -> Result:
     )
 
 
+DEVICE_CHECK_EVERY = 16
+"""Off the CPU, a solve reads its stop flags (one device sync) every this many rounds."""
+
+
+def stop_check_interval(early_exit: bool | None, flag: torch.Tensor) -> int | None:
+    """Every how many rounds a solve reads on the host whether all problems have stopped.
+
+    Every round where the read is free (eager CPU tensors, or ``early_exit=True``); every
+    :data:`DEVICE_CHECK_EVERY` rounds on other devices; never under ``torch.compile`` or with
+    ``early_exit=False`` (then all :func:`~torchlbfgs.rounds.max_rounds` rounds run).
+    """
+    if exits_early(early_exit, flag):
+        return 1
+    if early_exit is False or torch.compiler.is_compiling():
+        return None
+    return DEVICE_CHECK_EVERY
+
+
 def check_callback_every(callback_every: int) -> None:
     if not isinstance(callback_every, int) or isinstance(callback_every, bool) or callback_every < 1:
         raise ValueError(f"callback_every must be a positive int, got {callback_every!r}")
@@ -225,7 +245,7 @@ def minimize(
     x, unravel = ravel_pytree(params0)
     objective = flat_objective(fun, unravel, value_and_grad=value_and_grad)
     state = start(objective, x, settings)
-    check_every = 1 if exits_early(early_exit, state.lbfgs.status) else None
+    check_every = stop_check_interval(early_exit, state.lbfgs.status)
     state = _run_rounds(
         lambda s: advance(objective, s, settings), state, settings, check_every, callback, callback_every
     )

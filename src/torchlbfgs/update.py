@@ -303,8 +303,9 @@ def update(
     _check_state(state, x)
     objective = flat_objective(fun, unravel, value_and_grad=value_and_grad)
     proposal = propose(
-        state, learning_rate=learning_rate, tolerance_grad=tolerance_grad, tolerance_change=tolerance_change
-    )
+        state, learning_rate=learning_rate, tolerance_grad=tolerance_grad,
+        tolerance_change=tolerance_change, early_exit=early_exit,
+    )  # fmt: skip
     found = search_along(
         line_search, objective, x, proposal.direction, state.value, state.grad, proposal.step_size,
         active=proposal.searching, max_evals=None if max_evals is None else max_evals - state.n_evals,

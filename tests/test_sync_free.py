@@ -1,0 +1,119 @@
+"""On a GPU the functional core never waits for the device: no device-to-host reads.
+
+``torch.cuda.set_sync_debug_mode("error")`` makes every synchronising call (``.item()``,
+``bool(tensor)``, ``nonzero`` ...) raise. ``update`` (each line search) and an evaluation
+round of a batched solve run under it, and give the CPU's results; skipped without CUDA. On
+the CPU, the same code paths (``early_exit=False``, which is what ``None`` means on a GPU)
+run with every host-reading method of ``torch.Tensor`` made to raise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+
+import pytest
+import torch
+from problems import rosenbrock
+
+import torchlbfgs
+from torchlbfgs.objective import flat_objective
+from torchlbfgs.pytree import ravel_pytree
+from torchlbfgs.rounds import RoundState, Settings, advance, start
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+HOST_READS = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "nonzero", "numpy")
+
+
+@contextmanager
+def syncs_forbidden() -> Iterator[None]:
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+@needs_cuda
+@pytest.mark.parametrize("line_search", ["strong_wolfe", "backtracking", None], ids=str)
+def test_update_makes_no_host_sync(line_search: str | None) -> None:
+    options = {"line_search": line_search, "learning_rate": 1e-3 if line_search is None else 1.0}
+    results = {}
+    for device in ("cpu", "cuda"):
+        x = torch.tensor([-1.2, 1.0, -1.2, 1.0], dtype=torch.float64, device=device)
+        state = torchlbfgs.init(rosenbrock, x, history_size=3)
+        forbid: AbstractContextManager[None] = syncs_forbidden() if device == "cuda" else nullcontext()
+        with forbid:
+            for _ in range(8):  # wraps the history
+                x, state = torchlbfgs.update(rosenbrock, x, state, **options)
+        results[device] = (x.cpu(), state.n_evals.cpu(), state.status.cpu())
+    torch.testing.assert_close(results["cuda"][0], results["cpu"][0], rtol=1e-12, atol=1e-12)
+    assert torch.equal(results["cuda"][1], results["cpu"][1])
+    assert torch.equal(results["cuda"][2], results["cpu"][2])
+
+
+@needs_cuda
+def test_batched_rounds_make_no_host_sync() -> None:
+    settings = Settings(max_iter=20, history_size=4)
+    generator = torch.Generator().manual_seed(0)
+    starts = torch.randn(16, 4, generator=generator, dtype=torch.float64)
+
+    def start_one(x: torch.Tensor) -> RoundState:
+        return start(flat_objective(rosenbrock, ravel_pytree(x)[1]), x, settings)
+
+    def advance_one(state: RoundState) -> RoundState:
+        return advance(flat_objective(rosenbrock, ravel_pytree(state.x)[1]), state, settings)
+
+    finals = {}
+    for device in ("cpu", "cuda"):
+        state = torch.func.vmap(start_one)(starts.to(device))
+        forbid: AbstractContextManager[None] = syncs_forbidden() if device == "cuda" else nullcontext()
+        with forbid:
+            for _ in range(40):
+                state = torch.func.vmap(advance_one)(state)
+        finals[device] = state
+    torch.testing.assert_close(finals["cuda"].x.cpu(), finals["cpu"].x, rtol=1e-12, atol=1e-12)
+    assert torch.equal(finals["cuda"].lbfgs.n_evals.cpu(), finals["cpu"].lbfgs.n_evals)
+
+
+@pytest.fixture
+def host_reads_raise(monkeypatch: pytest.MonkeyPatch) -> None:
+    def forbidden(name: str):
+        def read(*args: object, **kwargs: object) -> None:
+            raise AssertionError(f"host read: Tensor.{name}")
+
+        return read
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, forbidden(name))
+
+
+@pytest.mark.parametrize("line_search", ["strong_wolfe", "backtracking", None], ids=str)
+def test_update_reads_nothing_on_the_host_without_early_exit(
+    line_search: str | None, host_reads_raise: None
+) -> None:
+    x = torch.tensor([-1.2, 1.0, -1.2, 1.0], dtype=torch.float64)
+    state = torchlbfgs.init(rosenbrock, x, history_size=3)
+    for _ in range(8):
+        x, state = torchlbfgs.update(
+            rosenbrock, x, state, line_search=line_search, early_exit=False,
+            learning_rate=1e-3 if line_search is None else 1.0,
+        )  # fmt: skip
+    assert isinstance(state.value, torch.Tensor)
+
+
+def test_rounds_read_nothing_on_the_host_without_early_exit(host_reads_raise: None) -> None:
+    settings = Settings(max_iter=20, history_size=4, early_exit=False)
+    starts = torch.randn(16, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def start_one(x: torch.Tensor) -> RoundState:
+        return start(flat_objective(rosenbrock, ravel_pytree(x)[1]), x, settings)
+
+    def advance_one(state: RoundState) -> RoundState:
+        return advance(flat_objective(rosenbrock, ravel_pytree(state.x)[1]), state, settings)
+
+    state = torch.func.vmap(start_one)(starts)
+    for _ in range(40):
+        state = torch.func.vmap(advance_one)(state)
+    assert state.x.shape == (16, 4)
