@@ -54,16 +54,21 @@ def _two_loop(
         rows = list(range(len(order)))
     else:
         s, y, rho, rows = history.s_history, history.y_history, history.rho, slots
+    # One working vector updated in place where that is allowed (eagerly, outside torch.func
+    # transforms; compiled graphs reuse buffers themselves): a fresh length-n tensor per update
+    # costs an allocation, and for large n the page faults cost more than the arithmetic.
+    in_place = not torch.compiler.is_compiling() and not is_functorch_wrapped_tensor(vector)
     alpha = []
-    q = vector
+    q = vector.clone() if in_place else vector
     for i in rows:  # newest to oldest
         a = torch.dot(s[i], q) * rho[i]
-        q = torch.addcmul(q, y[i], -a)  # q - a y, rounded once as torch.optim.LBFGS does
+        # q - a y, rounded once as torch.optim.LBFGS does
+        q = q.addcmul_(y[i], -a) if in_place else torch.addcmul(q, y[i], -a)
         alpha.append(a)
-    r = q * history.gamma
+    r = q.mul_(history.gamma) if in_place else q * history.gamma
     for i, a in zip(reversed(rows), reversed(alpha), strict=True):  # oldest to newest
         b = torch.dot(y[i], r) * rho[i]
-        r = torch.addcmul(r, s[i], a - b)
+        r = r.addcmul_(s[i], a - b) if in_place else torch.addcmul(r, s[i], a - b)
     return r
 
 

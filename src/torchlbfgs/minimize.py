@@ -22,6 +22,7 @@ import torch
 from torchlbfgs.history import CurvatureRule
 from torchlbfgs.line_searches import LineSearch
 from torchlbfgs.line_searches.loop import batch_view, exits_early
+from torchlbfgs.norms import max_abs
 from torchlbfgs.objective import flat_objective
 from torchlbfgs.pytree import Unravel, ravel_pytree
 from torchlbfgs.rounds import RoundState, Settings, advance, max_rounds, start
@@ -151,7 +152,7 @@ def result_of(state: RoundState, unravel: Unravel) -> Result:
     return Result(
         params=unravel(state.x),
         value=lbfgs.value,
-        grad_norm=lbfgs.grad.abs().amax(),
+        grad_norm=max_abs(lbfgs.grad),
         n_iter=lbfgs.iteration,
         n_evals=lbfgs.n_evals,
         converged=lbfgs.converged,

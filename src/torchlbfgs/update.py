@@ -27,6 +27,7 @@ from torchlbfgs.history import (
 )
 from torchlbfgs.line_searches import LineSearch, check_line_search_options, search_along
 from torchlbfgs.line_searches.result import FlatLineSearchResult
+from torchlbfgs.norms import max_abs
 from torchlbfgs.objective import flat_objective
 from torchlbfgs.pytree import ravel_pytree
 from torchlbfgs.state import LBFGSState, StopReason
@@ -149,7 +150,7 @@ def propose(
     grad = state.grad
     running = state.status == StopReason.RUNNING.value
     direction = -inv_hessian_product(state, grad, early_exit=early_exit)
-    grad_small = grad.abs().amax() <= tolerance_grad
+    grad_small = max_abs(grad) <= tolerance_grad
     no_descent = torch.dot(grad, direction) > -tolerance_change
     first_step = torch.clamp(torch.reciprocal(grad.abs().sum()), max=1.0)
     step_size = torch.where(state.iteration == 0, first_step, torch.ones_like(first_step)) * learning_rate
@@ -214,8 +215,8 @@ def accept(
         (searching & ~finite & (found.n_evals > 0), stop.NON_FINITE),
         (searching & ~taken & out_of_evals, stop.MAX_EVALS),
         (searching & ~taken, stop.LINE_SEARCH_FAILED),
-        (taken & (new_grad.abs().amax() <= tolerance_grad), stop.GRADIENT_TOLERANCE),
-        (taken & ((step.abs().amax() <= tolerance_change) | stalled), stop.STEP_TOLERANCE),
+        (taken & (max_abs(new_grad) <= tolerance_grad), stop.GRADIENT_TOLERANCE),
+        (taken & ((max_abs(step) <= tolerance_change) | stalled), stop.STEP_TOLERANCE),
         (taken & ((new_value - value).abs() < tolerance_change), stop.VALUE_CHANGE_TOLERANCE),
         (taken & out_of_evals, stop.MAX_EVALS),
     )):  # fmt: skip

@@ -17,6 +17,7 @@ import torch
 from torchlbfgs.line_searches.interpolation import quadratic_backtrack
 from torchlbfgs.line_searches.method import SearchOrigin
 from torchlbfgs.line_searches.result import FlatLineSearchResult
+from torchlbfgs.norms import max_abs
 
 __all__ = ["Backtracking"]
 
@@ -58,7 +59,7 @@ class Backtracking:
             result_f=origin.value,
             result_g=origin.grad,
             gtd=torch.dot(origin.grad, origin.direction),
-            d_norm=origin.direction.abs().amax(),
+            d_norm=max_abs(origin.direction),
             budget=budget,
         )
 

@@ -28,6 +28,7 @@ import torch
 from torchlbfgs.line_searches.interpolation import cubic_minimizer
 from torchlbfgs.line_searches.method import SearchOrigin
 from torchlbfgs.line_searches.result import FlatLineSearchResult
+from torchlbfgs.norms import max_abs
 
 __all__ = ["StrongWolfe"]
 
@@ -114,7 +115,7 @@ class StrongWolfe:
             result_f=value,
             result_g=grad,
             gtd=gtd,
-            d_norm=direction.abs().amax(),
+            d_norm=max_abs(direction),
             budget=budget,
         )
 
