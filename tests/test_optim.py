@@ -92,6 +92,24 @@ def test_float32_matches_torch() -> None:
             torch.testing.assert_close(mine, reference, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("line_search_fn", [None, "strong_wolfe"], ids=str)
+def test_a_step_that_changes_no_coordinate_does_not_stop_the_adapter(line_search_fn: str | None) -> None:
+    """float32 params near 1e8 (spacing 8) and torch's first step min(1, 1/|g|_1) = 1e-10 move
+    no coordinate; torch has no test for that and goes on (with ``tolerance_change=0``), so the
+    adapter must too, where the functional core would stop with STEP_TOLERANCE."""
+    problem = Problem(
+        name="far quadratic", fun=lambda x: 0.5 * (x * x).sum(), x0=torch.full((100,), 1e8), solution=None
+    )
+    options = {"line_search_fn": line_search_fn, "history_size": 5, "max_iter": 6, "tolerance_change": 0.0}
+    theirs = run_optimizer(torch.optim.LBFGS, problem, 2, **options)
+    ours = run_optimizer(torchlbfgs.LBFGS, problem, 2, **options)
+    assert ours[1] == theirs[1]
+    assert theirs[1][0] > 2  # torch did go on past the stalled first iteration
+    for mine, reference in zip(ours[0], theirs[0], strict=True):
+        torch.testing.assert_close(mine, reference, rtol=1e-6, atol=1e-6)
+    assert float(ours[0][-1].abs().max()) < 1e7  # and got away from the start
+
+
 def test_constructor_matches_torch_signature() -> None:
     ours = inspect.signature(torchlbfgs.LBFGS.__init__).parameters
     theirs = inspect.signature(torch.optim.LBFGS.__init__).parameters

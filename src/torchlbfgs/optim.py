@@ -284,6 +284,7 @@ class LBFGS(Optimizer):
             _, core = accept(
                 x, stored.core, pending, fresh, in_place=True, line_search=None,
                 tolerance_grad=tolerance_grad, tolerance_change=tolerance_change, curvature_rule="absolute",
+                stop_when_stalled=False,
             )  # fmt: skip
         core = core._replace(value=value, grad=grad, status=running)
 
@@ -322,7 +323,7 @@ class LBFGS(Optimizer):
                 _, next_core = accept(
                     x, core, proposal, found, in_place=True, line_search=line_search,
                     tolerance_grad=tolerance_grad, tolerance_change=tolerance_change,
-                    curvature_rule="absolute",
+                    curvature_rule="absolute", stop_when_stalled=False,
                 )  # fmt: skip
                 stop = bool(next_core.status != StopReason.RUNNING)  # one host sync per iteration
                 if stop:

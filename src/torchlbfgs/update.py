@@ -184,6 +184,7 @@ def accept(
     curvature_rule: CurvatureRule,
     max_evals: int | None = None,
     in_place: bool = False,
+    stop_when_stalled: bool = True,
 ) -> tuple[torch.Tensor, LBFGSState]:
     """Take the step the line search found, update the memory and decide whether to stop.
 
@@ -191,7 +192,10 @@ def accept(
     lowers the value (``line_search=None`` always takes a finite step, as torch does);
     otherwise the problem stops with ``LINE_SEARCH_FAILED`` (or ``NON_FINITE``) and stays put.
     ``in_place`` writes the new pair into ``state``'s buffers (see
-    :func:`~torchlbfgs.history.push_curvature_pair`). Returns the new flat params and state.
+    :func:`~torchlbfgs.history.push_curvature_pair`). ``stop_when_stalled`` stops with
+    ``STEP_TOLERANCE`` when the step changed no coordinate of ``x`` (it fell below the spacing
+    of floating-point numbers); ``torch.optim.LBFGS`` has no such test, so its adapter turns it
+    off. Returns the new flat params and state.
     """
     value, grad, searching = state.value, state.grad, proposal.searching
     t, new_value, new_grad = found.step_size, found.value.to(x.dtype), found.grad
@@ -204,7 +208,7 @@ def accept(
     ys, curvature_ok = accept_curvature_pair(step, y, grad, curvature_rule)
     history = push_curvature_pair(state.history, step, y, ys, taken & curvature_ok, in_place=in_place)
     new_x = torch.where(taken, torch.addcmul(x, proposal.direction, t), x)
-    stalled = (new_x == x).all()  # the step fell below the spacing of floating-point numbers
+    stalled = (new_x == x).all() if stop_when_stalled else torch.zeros_like(taken)
     n_evals = state.n_evals + found.n_evals
     out_of_evals = torch.zeros_like(taken) if max_evals is None else n_evals >= max_evals
 
