@@ -213,8 +213,8 @@ def minimize(
             curvature_rule, c1, c2, max_ls, max_evals, value_and_grad, early_exit:
             as in :func:`torchlbfgs.init` and :func:`torchlbfgs.update`.
         callback: called as ``callback(progress)`` with a :class:`Progress` every
-            ``callback_every`` iterations (and never in between, so it costs no host sync
-            on the other iterations).
+            ``callback_every`` evaluation rounds (and never in between, so it costs no host
+            sync on the other rounds); a round evaluates each running problem once.
         callback_every: see ``callback``.
 
     Returns:
