@@ -45,19 +45,13 @@ from __future__ import annotations
 
 import os
 
-for _name, _value in {
-    "OMP_NUM_THREADS": "1",
-    "MKL_NUM_THREADS": "1",
-    "OPENBLAS_NUM_THREADS": "1",
-    "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
-}.items():
-    os.environ.setdefault(_name, _value)
+import common
+
+common.use_one_thread()
 
 import argparse  # noqa: E402
 import functools  # noqa: E402
-import importlib.metadata  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import statistics  # noqa: E402
@@ -271,21 +265,14 @@ def compiled_worker(batch: int, repeats: int, out: Path) -> None:
     write_report(out, report)
 
 
-def _rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def memory_worker(batch: int, out: Path) -> None:
     """Peak RSS increase during one eager solve of ``batch`` problems (inputs already resident)."""
     X, y = (torch.from_numpy(a) for a in make_data(batch))
     solve_ours(X[:4], y[:4])  # load code paths and allocator pools first
-    before = _rss_kib("VmRSS")
+    before = common.rss_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark VmHWM to VmRSS
     solve_ours(X, y)
-    peak = _rss_kib("VmHWM")
+    peak = common.rss_kib("VmHWM")
     write_report(out, {"rss_before_kib": before, "peak_kib": peak})
 
 
@@ -405,22 +392,6 @@ def state_size() -> dict[str, Any]:
 # --------------------------------------------------------------------------------------- main
 
 
-def versions() -> dict[str, Any]:
-    packages = {}
-    for name in ("torch", "numpy", "scipy", "jax", "jaxlib", "optax", "jaxopt", "torchlbfgs"):
-        try:
-            packages[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            packages[name] = None
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())  # fmt: skip
-    threads = {name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
-                                                        "OPENBLAS_NUM_THREADS", "XLA_FLAGS")}  # fmt: skip
-    return {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu,
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "env": threads,
-            "packages": packages, "date": time.strftime("%Y-%m-%d")}  # fmt: skip
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 1024], help="batch sizes B")
@@ -517,7 +488,7 @@ def main() -> None:
               "sizes": args.sizes, "loop_max": args.loop_max, "repeats": args.repeats,
               "compiled": not args.no_compile, "compile_timeout_s": args.compile_timeout,
               "jax": jax_note or "measured"}  # fmt: skip
-    report = {"meta": versions(), "config": config, "rows": rows, "state_per_problem": state,
+    report = {"meta": common.machine(), "config": config, "rows": rows, "state_per_problem": state,
               "peak_memory": memory}  # fmt: skip
     args.output.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.output}")

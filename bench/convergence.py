@@ -75,22 +75,14 @@ One thread everywhere; the thread variables below are set only if not already se
 
 from __future__ import annotations
 
-import os
+import common
 
-for _name, _value in {
-    "OMP_NUM_THREADS": "1",
-    "MKL_NUM_THREADS": "1",
-    "OPENBLAS_NUM_THREADS": "1",
-    "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
-}.items():
-    os.environ.setdefault(_name, _value)
+common.use_one_thread()
 
 import argparse  # noqa: E402
 import functools  # noqa: E402
-import importlib.metadata  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
@@ -586,23 +578,8 @@ def surprises(names: list[str], problems: list[str], rows: dict[str, dict[str, A
 
 
 def versions() -> dict[str, Any]:
-    """Machine, package versions and thread settings, for the JSON."""
-    packages: dict[str, str | None] = {}
-    for name in ("torch", "numpy", "scipy", "jax", "jaxlib", "optax", "jaxopt", "torchlbfgs"):
-        try:
-            packages[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            packages[name] = None
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
-               platform.processor())  # fmt: skip
-    threads = {name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
-                                                        "OPENBLAS_NUM_THREADS", "XLA_FLAGS")}  # fmt: skip
-    return {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu,
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "env": threads,
-            "packages": packages, "torchlbfgs_path": str(Path(torchlbfgs.__file__).parent),
-            "git": git_state(), "date": time.strftime("%Y-%m-%d")}  # fmt: skip
+    """Machine and versions, where torchlbfgs was imported from, and the git state."""
+    return {**common.machine(), "torchlbfgs_path": str(Path(torchlbfgs.__file__).parent), "git": git_state()}
 
 
 def git_state() -> dict[str, Any]:

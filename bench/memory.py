@@ -44,14 +44,13 @@ from __future__ import annotations
 
 import os
 
-for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-    os.environ.setdefault(_name, "1")
+import common
+
+common.use_one_thread()
 
 import argparse  # noqa: E402
 import gc  # noqa: E402
-import importlib.metadata  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -98,20 +97,17 @@ def make_closure(x: torch.Tensor, scales: torch.Tensor, zero_grad: Callable[[], 
 # ------------------------------------------------------------------------------ measurements
 
 
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def peak_increase(action: Callable[[], Any]) -> dict[str, int]:
     """Run ``action`` and return VmRSS right before and after it and its peak VmHWM, in KiB."""
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")  # resets the high-water mark VmHWM to VmRSS
-    before = _status_kib("VmHWM")  # VmRSS at the reset: the baseline the peak cannot go below
+    before = common.rss_kib("VmHWM")  # VmRSS at the reset: the baseline the peak cannot go below
     action()
-    return {"rss_before_kib": before, "peak_kib": _status_kib("VmHWM"), "rss_after_kib": _status_kib("VmRSS")}
+    return {
+        "rss_before_kib": before,
+        "peak_kib": common.rss_kib("VmHWM"),
+        "rss_after_kib": common.rss_kib("VmRSS"),
+    }
 
 
 def _tensors(tree: Any, path: str = "") -> Any:
@@ -174,7 +170,7 @@ def case_worker(
     evaluate = make_closure(x, scales, optimizer.zero_grad)
     evaluate()  # the gradient exists between steps: count it in the baseline
     gc.collect()
-    baseline = _status_kib("VmRSS")
+    baseline = common.rss_kib("VmRSS")
     calls = [0]
 
     def closure() -> torch.Tensor:
@@ -247,25 +243,6 @@ def measure(arguments: list[str], n: int, timeout: float) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------- main
-
-
-def versions() -> dict[str, Any]:
-    packages = {}
-    for name in ("torch", "torchlbfgs", "numpy"):
-        try:
-            packages[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            packages[name] = None
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())  # fmt: skip
-    memory = next(line.split(":", 1)[1].strip() for line in Path("/proc/meminfo").read_text().splitlines()
-                  if line.startswith("MemTotal"))  # fmt: skip
-    threads = {name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
-                                                        "OPENBLAS_NUM_THREADS")}  # fmt: skip
-    return {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu,
-            "cpu_count": os.cpu_count(), "memory": memory, "libc": " ".join(platform.libc_ver()),
-            "torch_threads": torch.get_num_threads(), "env": threads, "packages": packages,
-            "date": time.strftime("%Y-%m-%d")}  # fmt: skip
 
 
 def _cell(entry: dict[str, Any], kind: str) -> str:
@@ -368,7 +345,7 @@ def main() -> None:
               "warm_steps": args.warm_steps, "dtype": "float32", "tolerance_grad": 0.0,
               "tolerance_change": 0.0, "lr": {"none": 0.01, "strong_wolfe": 1.0},
               "mallocs": MALLOCS, "seconds": seconds}  # fmt: skip
-    report = {"meta": versions(), "config": config, "rows": rows}
+    report = {"meta": common.machine(), "config": config, "rows": rows}
     args.output.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.output}")
 

@@ -21,7 +21,6 @@ import torch
 from torchlbfgs.minimize import (
     Progress,
     Result,
-    check_callback_every,
     progress_of,
     result_of,
     stop_check_interval,
@@ -30,6 +29,7 @@ from torchlbfgs.objective import FlatObjective, flat_objective
 from torchlbfgs.pytree import Unravel, ravel_pytree
 from torchlbfgs.rounds import RoundState, Settings, advance, max_rounds, start
 from torchlbfgs.state import StopReason
+from torchlbfgs.update import require_count
 
 __all__ = ["batched_minimize"]
 
@@ -127,7 +127,7 @@ def batched_minimize(
         >>> torch.allclose(result.params, truth, atol=1e-5)
         True
     """
-    check_callback_every(callback_every)
+    require_count("callback_every", callback_every, 1)
     settings = Settings(**options)
     dims = (in_dims,) * (1 + len(args)) if isinstance(in_dims, int) else tuple(in_dims)
     if len(dims) != 1 + len(args):

@@ -27,6 +27,7 @@ from torchlbfgs.objective import flat_objective
 from torchlbfgs.pytree import Unravel, ravel_pytree
 from torchlbfgs.rounds import RoundState, Settings, advance, max_rounds, start
 from torchlbfgs.state import StopReason
+from torchlbfgs.update import require_count
 
 __all__ = ["Progress", "Result", "minimize", "print_progress"]
 
@@ -178,11 +179,6 @@ def stop_check_interval(early_exit: bool | None, flag: torch.Tensor) -> int | No
     return DEVICE_CHECK_EVERY
 
 
-def check_callback_every(callback_every: int) -> None:
-    if not isinstance(callback_every, int) or isinstance(callback_every, bool) or callback_every < 1:
-        raise ValueError(f"callback_every must be a positive int, got {callback_every!r}")
-
-
 def minimize(
     fun: Callable[..., Any],
     params0: PyTree,
@@ -236,7 +232,7 @@ def minimize(
         >>> torch.allclose(alone.params, result.params[7]), bool(alone.n_evals == result.n_evals[7])
         (True, True)
     """
-    check_callback_every(callback_every)
+    require_count("callback_every", callback_every, 1)
     settings = Settings(
         max_iter=max_iter, tolerance_grad=tolerance_grad, tolerance_change=tolerance_change,
         history_size=history_size, line_search=line_search, learning_rate=learning_rate,

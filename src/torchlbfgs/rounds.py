@@ -32,7 +32,7 @@ from torchlbfgs.line_searches.loop import trial_point
 from torchlbfgs.line_searches.method import SearchMethod, SearchOrigin, evaluation_budget
 from torchlbfgs.objective import FlatObjective
 from torchlbfgs.state import LBFGSState, StopReason
-from torchlbfgs.update import Proposal, accept, initial_state, propose
+from torchlbfgs.update import Proposal, accept, initial_state, propose, require_count
 
 __all__ = ["RoundState", "Settings", "advance", "max_rounds", "start"]
 
@@ -55,13 +55,11 @@ class Settings:
     early_exit: bool | None = None
 
     def __post_init__(self) -> None:
-        counts = ("max_iter", "max_ls", "history_size", "max_evals")
-        for name in counts if self.max_evals is not None else counts[:-1]:
-            value = getattr(self, name)
-            lowest = 1 if name == "history_size" else 0
-            if not isinstance(value, int) or isinstance(value, bool) or value < lowest:
-                kind = "positive" if lowest else "non-negative"
-                raise ValueError(f"{name} must be a {kind} int, got {value!r}")
+        require_count("max_iter", self.max_iter, 0)
+        require_count("max_ls", self.max_ls, 0)
+        require_count("history_size", self.history_size, 1)
+        if self.max_evals is not None:
+            require_count("max_evals", self.max_evals, 0)
         check_line_search_options(self.line_search, self.c1, self.c2, self.max_ls)
         if self.curvature_rule not in CURVATURE_RULES:
             raise ValueError(f"curvature_rule must be one of {CURVATURE_RULES}, got {self.curvature_rule!r}")

@@ -41,9 +41,11 @@ def _status(code: StopReason, like: torch.Tensor) -> torch.Tensor:
     return torch.full((), code.value, dtype=torch.int64, device=like.device)
 
 
-def _check_history_size(history_size: int) -> None:
-    if not isinstance(history_size, int) or isinstance(history_size, bool) or history_size < 1:
-        raise ValueError(f"history_size must be a positive int, got {history_size!r}")
+def require_count(name: str, value: object, minimum: int) -> None:
+    """Raise ``ValueError`` unless ``value`` is an int (not a bool) of at least ``minimum`` (0 or 1)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        kind = "positive" if minimum == 1 else "non-negative"
+        raise ValueError(f"{name} must be a {kind} int, got {value!r}")
 
 
 def init(
@@ -72,7 +74,7 @@ def init(
         >>> state.value, state.grad, state.s_history.shape
         (tensor(3.), tensor([2., 2., 2.]), torch.Size([10, 3]))
     """
-    _check_history_size(history_size)
+    require_count("history_size", history_size, 1)
     x, unravel = ravel_pytree(params)
     value, grad = flat_objective(fun, unravel, value_and_grad=value_and_grad)(x)
     return initial_state(value.to(x.dtype), grad, history_size=history_size)
@@ -81,7 +83,7 @@ def init(
 def initial_state(value: torch.Tensor, grad: torch.Tensor, *, history_size: int) -> LBFGSState:
     """The state at a point with value ``value`` and flat gradient ``grad`` (one evaluation
     counted, empty history). :func:`init` is this after evaluating ``fun``."""
-    _check_history_size(history_size)
+    require_count("history_size", history_size, 1)
     finite = torch.isfinite(value) & torch.isfinite(grad).all()
     # Every leaf is built from value/grad, so that under vmap each is a real batched tensor
     # (not a shared, stride-0 expansion): compile guards and in-place owners rely on it.

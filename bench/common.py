@@ -1,0 +1,66 @@
+"""What the benchmark scripts share: one-thread settings, machine metadata, resident-set reads.
+
+Import it before torch (``import common; common.use_one_thread()``): thread pools read their
+variables when they start.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+ONE_THREAD = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
+}
+PACKAGES = ("torch", "numpy", "scipy", "jax", "jaxlib", "optax", "jaxopt", "torchlbfgs")
+
+
+def use_one_thread() -> None:
+    """Set every thread variable to one thread, where the user has not set it already."""
+    for name, value in ONE_THREAD.items():
+        os.environ.setdefault(name, value)
+
+
+def _proc_field(path: str, field: str) -> str | None:
+    file = Path(path)
+    lines = file.read_text().splitlines() if file.exists() else []
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith(field)), None)
+
+
+def machine() -> dict[str, Any]:
+    """Machine, package versions and thread settings, for a script's JSON."""
+    import torch
+
+    packages: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            packages[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            packages[name] = None
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": _proc_field("/proc/cpuinfo", "model name") or platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "memory": _proc_field("/proc/meminfo", "MemTotal"),
+        "libc": " ".join(platform.libc_ver()),
+        "torch_threads": torch.get_num_threads(),
+        "env": {name: os.environ.get(name) for name in ONE_THREAD},
+        "packages": packages,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def rss_kib(field: str) -> int:
+    """A memory field of this process (``VmRSS``, ``VmHWM``, ...) in KiB, from /proc/self/status."""
+    value = _proc_field("/proc/self/status", field + ":")
+    if value is None:
+        raise RuntimeError(f"{field} not in /proc/self/status")
+    return int(value.split()[0])
