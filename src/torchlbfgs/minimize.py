@@ -100,11 +100,11 @@ def print_progress(progress: Progress) -> None:
         round    20: 0/1 running, value min ... max ..., max|g| max ...
     """
     status = progress.status.reshape(-1)
-    running = int((status == StopReason.RUNNING.value).sum())
+    running = int((status == StopReason.RUNNING.value).sum())  # sync-ok: printing reads the values
     values = progress.value.reshape(-1)
     grad_norms = progress.grad_norm.reshape(-1)
     finite = torch.isfinite(values) & torch.isfinite(grad_norms)  # failed problems may hold NaN
-    if bool(finite.any()):
+    if bool(finite.any()):  # sync-ok: printing
         values, grad_norms = values[finite], grad_norms[finite]
         summary = (
             f"value min {float(values.min()):.3e} max {float(values.max()):.3e}, "
