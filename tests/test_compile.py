@@ -7,6 +7,7 @@ these tests to seconds. Under compile the masked loops run all their trips (no h
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import torchlbfgs
@@ -41,14 +42,15 @@ def test_vmapped_solve_compiles_without_graph_breaks() -> None:
     assert torch.equal(compiled.n_evals, eager.n_evals)
 
 
-def test_update_step_compiles_without_graph_breaks() -> None:
+@pytest.mark.parametrize("direction", ["two_loop", "compact"])
+def test_update_step_compiles_without_graph_breaks(direction: str) -> None:
     features, labels = _data(1)
 
     def fun(params: dict[str, torch.Tensor]) -> torch.Tensor:
         return _logistic(params["w"], features[0], labels[0]) + (params["b"] ** 2).sum()
 
     params = {"w": torch.zeros(3, dtype=torch.float64), "b": torch.ones(2, dtype=torch.float64)}
-    state = torchlbfgs.init(fun, params, history_size=3)
+    state = torchlbfgs.init(fun, params, history_size=3, direction=direction)  # type: ignore[arg-type]
 
     def step(params: dict[str, torch.Tensor], state: torchlbfgs.LBFGSState):
         return torchlbfgs.update(fun, params, state, max_ls=3)

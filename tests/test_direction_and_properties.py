@@ -18,6 +18,7 @@ from problems import Problem, rosenbrock, spd_quadratic, wood
 
 import torchlbfgs
 from torchlbfgs import StopReason
+from torchlbfgs.history import History, push_curvature_pair
 
 DTYPE = torch.float64
 EPS = torch.finfo(DTYPE).eps
@@ -72,11 +73,15 @@ DIRECTION_PROBLEM = Problem("rosenbrock6", rosenbrock, torch.tensor([-1.2, 1.0] 
 
 
 def run_recording(
-    problem: Problem, n_updates: int, history_size: int, line_search: str = "strong_wolfe"
+    problem: Problem,
+    n_updates: int,
+    history_size: int,
+    line_search: str = "strong_wolfe",
+    direction: str = "two_loop",
 ) -> tuple[list[torch.Tensor], list[torchlbfgs.LBFGSState]]:
     """Iterates x_0..x_k and states 0..k of ``n_updates`` calls to update (tolerances off)."""
     x = problem.x0.clone()
-    state = torchlbfgs.init(problem.fun, x, history_size=history_size)
+    state = torchlbfgs.init(problem.fun, x, history_size=history_size, direction=direction)  # type: ignore[arg-type]
     xs, states = [x], [state]
     for _ in range(n_updates):
         x, state = torchlbfgs.update(
@@ -121,8 +126,10 @@ def chronological_pairs(
         pytest.param(9, id="wrapped-many"),
     ],
 )
-def test_inv_hessian_product_matches_materialised_bfgs_matrix(n_updates: int) -> None:
-    xs, states = run_recording(DIRECTION_PROBLEM, n_updates, HISTORY_SIZE)
+@pytest.mark.parametrize("direction", ["compact", "two_loop"])
+def test_inv_hessian_product_matches_materialised_bfgs_matrix(n_updates: int, direction: str) -> None:
+    xs, states = run_recording(DIRECTION_PROBLEM, n_updates, HISTORY_SIZE, direction=direction)
+    assert (states[-1].sy_products.shape == (HISTORY_SIZE,) * 2) == (direction == "compact")
     state = states[-1]
     n = xs[0].numel()
     all_pairs = chronological_pairs(xs, states)
@@ -160,6 +167,65 @@ def test_update_steps_along_minus_h_g() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# The compact representation against the two-loop recursion on the same memory
+# ---------------------------------------------------------------------------------------------
+
+
+def empty_memory(history_size: int, n: int, products: bool) -> History:
+    m = history_size if products else 0
+    zeros = torch.zeros((), dtype=DTYPE)
+    return History(
+        torch.zeros(history_size, n, dtype=DTYPE), torch.zeros(history_size, n, dtype=DTYPE),
+        torch.zeros(history_size, dtype=DTYPE), torch.ones((), dtype=DTYPE),
+        torch.zeros((), dtype=torch.int64), torch.zeros((), dtype=torch.int64),
+        zeros.expand(m, m).clone(), zeros.expand(m, m).clone(),
+    )  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(
+    history_size=st.integers(1, 6),
+    n=st.integers(1, 30),
+    accepted=st.lists(st.booleans(), max_size=20),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_compact_form_equals_two_loop(history_size: int, n: int, accepted: list[bool], seed: int) -> None:
+    """Pairs pushed into two memories, one keeping products, some pairs skipped (as a failed
+    curvature test skips them), the ring wrapping or not, or no pair at all: both ways of
+    computing H v agree to 1e-10, and the incrementally kept products equal S'Y and Y'Y
+    recomputed from the buffers wherever the compact form reads them."""
+    generator = torch.Generator().manual_seed(seed)
+    with_products, without = empty_memory(history_size, n, True), empty_memory(history_size, n, False)
+    owned = empty_memory(history_size, n, True)  # written in place, as an owner of the state may
+    for accept in accepted:
+        s = torch.randn(n, generator=generator, dtype=DTYPE)
+        y = s + 0.3 * torch.randn(n, generator=generator, dtype=DTYPE)  # y's > 0 with high odds
+        ys = y @ s
+        ok = torch.tensor(accept) & (ys > 0)
+        with_products = push_curvature_pair(with_products, s, y, ys, ok)
+        without = push_curvature_pair(without, s, y, ys, ok)
+        owned = push_curvature_pair(owned, s, y, ys, ok, in_place=True)
+    assert torch.equal(with_products.s_history, without.s_history)
+    for name, leaf in with_products._asdict().items():
+        assert torch.equal(leaf, getattr(owned, name)), name
+    vector = torch.randn(n, generator=generator, dtype=DTYPE)
+    compact = torchlbfgs.inv_hessian_product(with_products, vector)
+    two_loop = torchlbfgs.inv_hessian_product(without, vector)
+    assert_relative_close(compact.numpy(), two_loop.numpy(), 1e-10, "compact vs two-loop")
+    if int(with_products.n_pairs) == 0:
+        assert torch.equal(compact, vector)  # H = I
+
+    m, head, count = history_size, int(with_products.head), int(with_products.n_pairs)
+    slots = [(head - count + k) % m for k in range(count)]  # oldest first
+    s_buf, y_buf = with_products.s_history, with_products.y_history
+    for later, j in enumerate(slots):
+        for i in slots[: later + 1]:  # s_i'y_j for i not newer than j: what R holds
+            assert torch.isclose(with_products.sy_products[i, j], s_buf[i] @ y_buf[j], rtol=1e-12, atol=1e-12)
+        for i in slots:
+            assert torch.isclose(with_products.yy_products[i, j], y_buf[i] @ y_buf[j], rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
 # Rejected curvature pairs leave the memory untouched
 # ---------------------------------------------------------------------------------------------
 
@@ -172,10 +238,13 @@ NEGATIVE_CURVATURE_RUNS = [
 ]
 
 
-def test_pair_rejected_for_negative_curvature_leaves_history_unchanged() -> None:
+@pytest.mark.parametrize("direction", ["compact", "two_loop"])
+def test_pair_rejected_for_negative_curvature_leaves_history_unchanged(direction: str) -> None:
     rejected_with_full_history = 0
     for problem, line_search, n_updates in NEGATIVE_CURVATURE_RUNS:
-        xs, states = run_recording(problem, n_updates, HISTORY_SIZE, line_search=line_search)
+        xs, states = run_recording(
+            problem, n_updates, HISTORY_SIZE, line_search=line_search, direction=direction
+        )
         accepted = 0
         for k in range(n_updates):
             where = f"{problem.name}/{line_search}, step {k}"
@@ -316,7 +385,7 @@ def assert_search_conditions(
     """The conditions checked on the search's own evaluation at its point (which
     assert_evaluated_at separately ties to f and grad f at x + t d)."""
     t = float(result.step_size)
-    if method == "strong_wolfe":
+    if method in ("strong_wolfe", "more_thuente"):
         assert_strong_wolfe(f0, gtd, t, float(result.value), result.grad, d)
     else:
         assert t > 0
@@ -330,7 +399,7 @@ def first_trial_step(state: torchlbfgs.LBFGSState) -> float:
     return 1.0
 
 
-LINE_SEARCH_METHODS = st.sampled_from(["strong_wolfe", "backtracking"])
+LINE_SEARCH_METHODS = st.sampled_from(["strong_wolfe", "more_thuente", "backtracking"])
 HISTORY_SIZES = st.integers(min_value=1, max_value=10)
 
 

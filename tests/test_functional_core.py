@@ -173,6 +173,8 @@ def test_state_keeps_shapes_and_dtypes(dtype: torch.dtype, line_search: str) -> 
         "y_history": (m, n),
         "rho": (m,),
         "gamma": (),
+        "sy_products": (0, 0),  # the default two-loop recursion keeps no products
+        "yy_products": (0, 0),
     }
     trajectory = run(rosenbrock, x0, 50, history_size=m, line_search=line_search)
     for k, (params, state) in enumerate(trajectory):

@@ -373,6 +373,27 @@ def test_batch_matches_each_problem_alone(family: str, dtype: torch.dtype) -> No
             assert error <= bound, f"problem {i}: |x - x*| = {error:.3g} > {bound:.3g}"
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compact_direction_batch_matches_alone_and_the_two_loop(family: str, dtype: torch.dtype) -> None:
+    """The compact representation under vmap: each problem as if solved alone (bitwise where
+    the function itself is elementwise), and the same optimum as the two-loop recursion."""
+    batch, _ = make_batch(family, dtype)
+    options = {**options_for(family, dtype), "direction": "compact"}
+    compact = batch.batched(**options)
+    assert bool(compact.converged.all()), compact.status
+    for i in range(batch.size):
+        alone = batch.alone(i, **options)
+        assert_result_matches(lane(compact, i), alone, ALONE_TOLERANCE[dtype], f"{family} problem {i}")
+        if family == "rosenbrock":
+            assert_results_bitwise(lane(compact, i), alone, f"rosenbrock problem {i}")
+    two_loop = solved_batch(family, dtype)
+    if dtype == torch.float64:  # both stop at max|g| <= 1e-10 or 1e-7 near the same minimiser
+        torch.testing.assert_close(compact.params, two_loop.params, rtol=1e-5, atol=1e-5)
+    else:
+        assert (compact.value - two_loop.value).abs().max() <= 1e-4 * (1 + two_loop.value.abs().max())
+
+
 def _scipy_lbfgsb(fun: Callable[[Tensor], Tensor], x0: Tensor, gtol: float) -> np.ndarray:
     grad_and_value = torch.func.grad_and_value(fun)
 
@@ -818,7 +839,7 @@ def _pytree_logistic(params: dict[str, Tensor]) -> Tensor:
     return BY_HAND_LOGISTIC.fun(w)
 
 
-@pytest.mark.parametrize("line_search", ["strong_wolfe", "backtracking", None], ids=str)
+@pytest.mark.parametrize("line_search", ["strong_wolfe", "more_thuente", "backtracking", None], ids=str)
 @pytest.mark.parametrize(
     ("case", "max_iter"),
     [("rosenbrock", 12), ("logistic", 40), ("pytree", 40)],
@@ -848,7 +869,7 @@ def test_minimize_is_init_and_update_by_hand(case: str, max_iter: int, line_sear
         assert result.n_iter == max_iter
 
 
-@pytest.mark.parametrize("line_search", ["strong_wolfe", "backtracking", None], ids=str)
+@pytest.mark.parametrize("line_search", ["strong_wolfe", "more_thuente", "backtracking", None], ids=str)
 @pytest.mark.parametrize("max_evals", [1, 2, 9, 31, None], ids=lambda m: f"max_evals={m}")
 @pytest.mark.parametrize("max_ls", [0, 2, 25], ids=lambda m: f"max_ls={m}")
 def test_rounds_follow_update_with_budgets_and_wrapped_history(

@@ -82,6 +82,34 @@ def test_history_wraps_in_the_parity_runs() -> None:
     assert int(leaves["iteration"]) > 3
 
 
+def test_refused_pairs_mid_step_match_torch() -> None:
+    """Fixed steps on a nonconvex function cross negative curvature, so the curvature test
+    refuses pairs in the middle of a step: the adapter, which plans each next iteration
+    betting that the pair was kept, still takes torch's iterates and closure calls."""
+    problem = Problem("sine valley", lambda x: (torch.sin(3 * x) + 0.1 * x * x).sum(),
+                      torch.linspace(-2, 2, 5, dtype=torch.float64))  # fmt: skip
+    options = {"lr": 0.5, "max_iter": 20, "history_size": 100}
+    theirs = run_optimizer(torch.optim.LBFGS, problem, 3, **options)
+    ours = run_optimizer(torchlbfgs.LBFGS, problem, 3, **options)
+    assert ours[1] == theirs[1]
+    for mine, reference in zip(ours[0], theirs[0], strict=True):
+        assert torch.allclose(mine, reference, rtol=1e-12, atol=1e-12)
+    x = torch.nn.Parameter(problem.x0.clone())
+    optimizer = torchlbfgs.LBFGS([x], **options)
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = problem.fun(x)
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        optimizer.step(closure)
+    leaves = optimizer.state_dict()["state"][0]
+    # one candidate pair per iteration but the first, the last still pending: fewer were kept
+    assert int(leaves["n_pairs"]) < int(leaves["iteration"]) - 2
+
+
 def test_float32_matches_torch() -> None:
     problem = classic_problems(torch.float32)[0]
     for options in ({"line_search_fn": None, "lr": 0.1}, {"line_search_fn": "strong_wolfe"}):

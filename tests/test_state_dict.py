@@ -26,6 +26,7 @@ import pytest
 import torch
 
 import torchlbfgs
+from torchlbfgs import checkpoint
 
 Tensor = torch.Tensor
 StateDict = dict[str, Any]
@@ -37,6 +38,8 @@ FLOAT_LEAVES = {
     "y_history",
     "rho",
     "gamma",
+    "sy_products",
+    "yy_products",
     "pending_direction",
     "pending_step",
 }
@@ -256,6 +259,8 @@ def test_state_dict_has_torch_format_and_loads_with_weights_only(tmp_path: Path)
     assert type(leaves["format_version"]) is int
     assert leaves["grad"].shape == (n_params,)
     assert leaves["s_history"].shape == leaves["y_history"].shape == (HISTORY_SIZE, n_params)
+    # the adapter uses the two-loop recursion (torch's rounding): no compact-form products
+    assert leaves["sy_products"].shape == leaves["yy_products"].shape == (0, 0)
     assert all(leaves[name].dtype == torch.float64 for name in FLOAT_LEAVES)
     assert all(leaves[name].dtype == torch.int64 and leaves[name].shape == () for name in INT_LEAVES)
     assert leaves["has_pending"].dtype == torch.bool
@@ -267,6 +272,35 @@ def test_state_dict_has_torch_format_and_loads_with_weights_only(tmp_path: Path)
     torch.save(state_dict, path)
     loaded = torch.load(path, weights_only=True)
     assert_same_state_dict(loaded, state_dict)
+
+
+def test_format_version_1_checkpoint_loads_and_continues_identically() -> None:
+    """A checkpoint written before the compact-form products existed (format 1: no
+    ``sy_products``/``yy_products``) loads, and the run continues exactly as from today's."""
+    model, optimizer, _ = stepped_optimizer("mlp")
+    current = optimizer.state_dict()
+    version_1 = copy.deepcopy(current)
+    leaves = version_1["state"][0]
+    del leaves["sy_products"], leaves["yy_products"]
+    leaves["format_version"] = 1
+    start = [p.detach().clone() for p in model.parameters()]
+    losses = []
+    for state_dict in (current, version_1):
+        with torch.no_grad():
+            for p, value in zip(model.parameters(), start, strict=True):
+                p.copy_(value)
+        loaded = torchlbfgs.LBFGS(model.parameters(), **OPTIONS)
+        loaded.load_state_dict(state_dict)
+        assert loaded.state_dict()["state"][0]["format_version"] == checkpoint.FORMAT_VERSION
+        losses.append(run(loaded, Closure(model, loaded, *make_data("mlp", torch.float64)), 3))
+        losses.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(losses[0] + losses[1], losses[2] + losses[3], strict=True):
+        assert torch.equal(a, b)
+    # Only a complete version-1 state migrates: one product leaf alone is refused.
+    half = copy.deepcopy(version_1)
+    half["state"][0]["sy_products"] = torch.zeros(0, 0, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"format_version|yy_products"):
+        torchlbfgs.LBFGS(model.parameters(), **OPTIONS).load_state_dict(half)
 
 
 def test_state_dicts_do_not_alias_the_live_state() -> None:

@@ -36,7 +36,7 @@ def syncs_forbidden() -> Iterator[None]:
 
 
 @needs_cuda
-@pytest.mark.parametrize("line_search", ["strong_wolfe", "backtracking", None], ids=str)
+@pytest.mark.parametrize("line_search", ["strong_wolfe", "more_thuente", "backtracking", None], ids=str)
 def test_update_makes_no_host_sync(line_search: str | None) -> None:
     options = {"line_search": line_search, "learning_rate": 1e-3 if line_search is None else 1.0}
     results = {}
@@ -89,7 +89,7 @@ def host_reads_raise(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(torch.Tensor, name, forbidden(name))
 
 
-@pytest.mark.parametrize("line_search", ["strong_wolfe", "backtracking", None], ids=str)
+@pytest.mark.parametrize("line_search", ["strong_wolfe", "more_thuente", "backtracking", None], ids=str)
 def test_update_reads_nothing_on_the_host_without_early_exit(
     line_search: str | None, host_reads_raise: None
 ) -> None:
@@ -117,3 +117,50 @@ def test_rounds_read_nothing_on_the_host_without_early_exit(host_reads_raise: No
     for _ in range(40):
         state = torch.func.vmap(advance_one)(state)
     assert state.x.shape == (16, 4)
+
+
+@pytest.mark.parametrize("line_search", [None, "strong_wolfe"], ids=str)
+def test_adapter_reads_the_host_once_per_iteration(
+    line_search: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``torchlbfgs.LBFGS.step`` reads the device once per inner iteration, once more per
+    closure evaluation of the strong-Wolfe search (plus one before its first), and three
+    times per step (as its module docstring says); every host-reading method is counted."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double()
+    inputs, targets = torch.randn(40, 6, dtype=torch.float64), torch.randn(40, 1, dtype=torch.float64)
+    max_iter = 7
+    optimizer = torchlbfgs.LBFGS(
+        model.parameters(), lr=0.1 if line_search is None else 1.0, max_iter=max_iter, max_eval=100,
+        history_size=3, line_search_fn=line_search, tolerance_grad=0.0, tolerance_change=0.0,
+    )  # fmt: skip
+    evaluations = 0
+
+    def closure() -> torch.Tensor:
+        nonlocal evaluations
+        evaluations += 1
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(inputs), targets)
+        loss.backward()
+        return loss
+
+    reads = 0
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(*args: object, _original=original, **kwargs: object) -> object:  # type: ignore[no-untyped-def]
+            nonlocal reads
+            reads += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    for step in range(3):  # the history (3 pairs) fills and wraps
+        reads, evaluations = 0, 0
+        optimizer.step(closure)
+        step_reads = reads
+        assert int(optimizer.state_dict()["state"][0]["status"]) == 0  # ran all max_iter iterations
+        search_evaluations = evaluations - 1  # the step's first evaluation is not the search's
+        allowed = 3 + (max_iter - 1)
+        if line_search is not None:
+            allowed += search_evaluations + max_iter
+        assert 0 < step_reads <= allowed, f"step {step}: {step_reads} host reads, at most {allowed} expected"

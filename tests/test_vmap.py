@@ -32,7 +32,7 @@ from torchlbfgs import LBFGSState, StopReason
 
 Tensor = torch.Tensor
 
-LINE_SEARCHES = ("strong_wolfe", "backtracking", None)
+LINE_SEARCHES = ("strong_wolfe", "more_thuente", "backtracking", None)
 DTYPES = (torch.float64, torch.float32)
 
 # Tolerance of one vmapped step against the unbatched step from the same point.
@@ -152,7 +152,7 @@ def assert_leaf_close(actual: Tensor, expected: Tensor, tolerance: float, what: 
     with an absolute floor of ``tolerance`` (so entries near zero compare sensibly)."""
     assert actual.dtype == expected.dtype, what
     assert actual.shape == expected.shape, what
-    if not actual.is_floating_point():
+    if not actual.is_floating_point() or actual.numel() == 0:
         assert torch.equal(actual, expected), f"{what}: {actual} != {expected}"
         return
     error = (actual - expected).abs().max().item()

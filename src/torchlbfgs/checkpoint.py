@@ -6,11 +6,15 @@ The optimizer's state is a pytree, :class:`OptimizerState`: the functional
 under the first parameter's index as ``torch.optim.LBFGS`` does::
 
     {"state": {0: {"value": ..., "grad": ..., "s_history": ..., ..., "has_pending": ...,
-                   "format_version": 1}},
+                   "format_version": 2}},
      "param_groups": [...]}
 
 Every leaf is a tensor, except ``format_version`` (a Python int), so a checkpoint loads with
 ``torch.load(path, weights_only=True)``.
+
+Format history: version 2 added the leaves ``sy_products`` and ``yy_products`` (the compact
+representation's inner products; ``(0, 0)`` for the adapter, which uses the two-loop
+recursion). Version 1 checkpoints load as they are: the two leaves are added, empty.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ __all__ = [
     "state_to_torch_lbfgs",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_EMPTY_PRODUCTS_SINCE = {"sy_products", "yy_products"}  # the leaves version 2 added
 
 
 class OptimizerState(NamedTuple):
@@ -72,6 +77,8 @@ def _leaf_specs(n: int, m: int) -> dict[str, tuple[tuple[int, ...], str]]:
         "gamma": ((), _FLOAT),
         "head": ((), _INT),
         "n_pairs": ((), _INT),
+        "sy_products": ((0, 0), _FLOAT),
+        "yy_products": ((0, 0), _FLOAT),
         "iteration": ((), _INT),
         "n_evals": ((), _INT),
         "status": ((), _INT),
@@ -111,6 +118,9 @@ def state_from_leaves(
     """
     if not isinstance(leaves, Mapping):
         raise TypeError(f"optimizer state must be a dict of named leaves, got {type(leaves).__name__}")
+    if leaves.get("format_version") == 1 and not _EMPTY_PRODUCTS_SINCE & set(leaves):
+        empty = torch.zeros(0, 0)
+        leaves = {**leaves, "sy_products": empty, "yy_products": empty, "format_version": FORMAT_VERSION}
     specs = _leaf_specs(n, history_size)
     expected_keys = set(specs) | {"format_version"}
     missing = sorted(expected_keys - set(leaves))
@@ -236,7 +246,7 @@ def state_from_torch_lbfgs(
     if "d" not in torch_state:  # torch has taken no iteration yet: no history, nothing pending
         core = initial_state(
             torch.zeros((), dtype=dtype, device=device), torch.zeros(n, dtype=dtype, device=device),
-            history_size=history_size,
+            history_size=history_size, direction="two_loop",
         )  # fmt: skip
         core = core._replace(iteration=counter(n_iter), n_evals=counter(n_evals))
         zero = torch.zeros((), dtype=dtype, device=device)
@@ -282,6 +292,8 @@ def state_from_torch_lbfgs(
         gamma=_as_float_tensor(torch_state["H_diag"], "H_diag", dtype, device),
         head=counter(keep % history_size),
         n_pairs=counter(keep),
+        sy_products=torch.zeros(0, 0, dtype=dtype, device=device),
+        yy_products=torch.zeros(0, 0, dtype=dtype, device=device),
         iteration=counter(n_iter),
         n_evals=counter(n_evals),
         status=counter(int(StopReason.RUNNING)),

@@ -1,24 +1,71 @@
 r"""The L-BFGS search direction: the inverse-Hessian approximation applied to a vector.
 
-:math:`H_k v` is computed by the two-loop recursion (Nocedal & Wright, Algorithm 7.4) over
-the pairs in the ring buffer, newest to oldest and back, with :math:`H_k^0 = \gamma_k I`.
-Empty slots have :math:`\rho = 0` and contribute nothing, so the loop can run over all ``m``
-slots and its shape never depends on how many pairs are stored. Where reading the ring's
-head and count on the host is free (see :mod:`torchlbfgs.line_searches.loop`), the loop runs
-over the stored pairs only (as views; under ``vmap``, over as many rows as the fullest
-problem of the batch uses): the same result, bit for bit, without the wasted work.
+:math:`H_k v`, with :math:`H_k^0 = \gamma_k I`, is computed in one of two ways, decided by the
+state (:func:`torchlbfgs.init`'s ``direction``, fixed for the state's life):
+
+* **Compact representation** (Byrd, Nocedal & Schnabel 1994, eq. 3.1; Nocedal & Wright
+  eq. 7.24), when the memory keeps the products :math:`S^\top Y`, :math:`Y^\top Y`
+  (:mod:`torchlbfgs.history`): with the pairs in chronological order, :math:`R` the upper
+  triangle of :math:`S^\top Y` and :math:`D` its diagonal,
+
+  .. math::
+      H_k v = \gamma v + S p - \gamma Y r, \quad r = R^{-1} S^\top v, \quad
+      p = R^{-\top}\big((D + \gamma Y^\top Y) r - \gamma Y^\top v\big).
+
+  Two matrix-vector products over the buffers, two more back, and ``m x m`` triangular
+  solves: a fixed number of kernels whatever ``m``. The ring buffer is never reordered; only
+  the small matrices are permuted into chronological order. Empty slots get a unit diagonal
+  in :math:`R` and zeros elsewhere, so they contribute nothing.
+* **Two-loop recursion** (Nocedal & Wright, Algorithm 7.4) otherwise: ``4m`` vector
+  operations, newest pair to oldest and back, rounded exactly as ``torch.optim.LBFGS`` does.
+
+On the CPU the two-loop recursion is the faster of the two wherever we measured
+(``bench/direction_cost.py``, tables in ``bench/README.md``: alone at ``n`` from 1e2 to 1e5,
+and vmapped or compiled over 1024 problems), because keeping the products costs two more
+passes over the buffers per pair; so it is the default. The compact form trades ``4m``
+kernels for a fixed number, which should pay where each kernel launch is expensive (GPUs,
+small ``n``); run the benchmark with ``--device cuda`` before choosing it there. The
+:class:`torchlbfgs.LBFGS` adapter always uses the two-loop recursion, for bit-for-bit parity
+with ``torch.optim.LBFGS``.
+
+For the two-loop recursion, empty slots have :math:`\rho = 0` and contribute nothing, so the
+loop can run over all ``m`` slots and its shape never depends on how many pairs are stored.
+Where reading the ring's head and count on the host is free (see
+:mod:`torchlbfgs.line_searches.loop`), the loop runs over the stored pairs only (as views;
+under ``vmap``, over as many rows as the fullest problem of the batch uses): the same result,
+bit for bit, without the wasted work.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Literal
+
 import torch
 from torch._C._functorch import is_functorch_wrapped_tensor
 
-from torchlbfgs.history import History
+from torchlbfgs.history import History, add_buffer_rows, buffer_dot, has_products
 from torchlbfgs.line_searches.loop import batch_view, exits_early
 from torchlbfgs.state import LBFGSState
 
-__all__ = ["inv_hessian_product", "newest_first_order", "stored_slots"]
+__all__ = [
+    "DIRECTIONS",
+    "Direction",
+    "inv_hessian_product",
+    "newest_first_order",
+    "stored_slots",
+    "uses_compact_form",
+]
+
+Direction = Literal["two_loop", "compact"]
+DIRECTIONS: tuple[Direction, ...] = ("two_loop", "compact")
+
+
+def uses_compact_form(direction: Direction) -> bool:
+    """Whether a state for ``direction`` keeps the pairs' products (the compact representation)."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    return direction == "compact"
 
 
 def newest_first_order(head: torch.Tensor, history_size: int) -> torch.Tensor:
@@ -72,20 +119,59 @@ def _two_loop(
     return r
 
 
+def _compact_form(history: History, vector: torch.Tensor) -> torch.Tensor:
+    m = history.s_history.shape[-2]
+    positions = torch.arange(m, device=history.head.device)
+    chronological = torch.remainder(history.head + positions, m)  # oldest slot first
+    to_slots = torch.remainder(positions - history.head, m)  # slot i sits at position to_slots[i]
+    valid = positions >= m - history.n_pairs
+    both_valid = valid.unsqueeze(-1) & valid.unsqueeze(0)
+    zero = torch.zeros((), dtype=vector.dtype, device=vector.device)
+
+    def in_time_order(products: torch.Tensor) -> torch.Tensor:
+        return torch.where(both_valid, products[chronological][:, chronological], zero)
+
+    sy, yy = in_time_order(history.sy_products), in_time_order(history.yy_products)
+    s_dot_v = torch.where(valid, buffer_dot(history.s_history, vector)[chronological], zero)
+    y_dot_v = torch.where(valid, buffer_dot(history.y_history, vector)[chronological], zero)
+    gamma = history.gamma
+    unit_where_empty = torch.diag_embed(torch.where(valid, zero, torch.ones_like(zero)))
+    r_matrix = torch.triu(sy) + unit_where_empty  # R, upper triangular; identity rows for empty slots
+    r = torch.linalg.solve_triangular(r_matrix, s_dot_v.unsqueeze(-1), upper=True)
+    rhs = (
+        torch.diagonal(sy).unsqueeze(-1) * r
+        + gamma * buffer_dot(yy, r.squeeze(-1)).unsqueeze(-1)
+        - gamma * y_dot_v.unsqueeze(-1)
+    )
+    p = torch.linalg.solve_triangular(r_matrix.mT, rhs, upper=False)
+    p_slots, r_slots = p.squeeze(-1)[to_slots], r.squeeze(-1)[to_slots]
+    out = add_buffer_rows(gamma * vector, history.s_history, p_slots)
+    return add_buffer_rows(out, history.y_history, -gamma * r_slots)
+
+
 def inv_hessian_product(
-    state: LBFGSState | History, vector: torch.Tensor, *, early_exit: bool | None = None
+    state: LBFGSState | History,
+    vector: torch.Tensor,
+    *,
+    early_exit: bool | None = None,
+    slots: Sequence[int] | None = None,
 ) -> torch.Tensor:
     r"""Apply the L-BFGS inverse-Hessian approximation :math:`H_k` to a flat vector.
 
     :math:`H_k` is the matrix defined by the BFGS updates (N&W eq. 7.19) of
     :math:`H_k^0 = \gamma_k I` with the stored pairs, oldest first; it is never formed.
-    The L-BFGS direction is ``-inv_hessian_product(state, state.grad)``.
+    The L-BFGS direction is ``-inv_hessian_product(state, state.grad)``. A state that keeps
+    the pairs' products uses the compact representation, otherwise the two-loop recursion
+    (see the module docstring).
 
     Args:
         state: an :class:`~torchlbfgs.LBFGSState` (or its history part).
         vector: a tensor of shape ``(n,)``, the flattened parameter shape.
         early_exit: skip empty slots by reading the ring's count on the host; ``None`` does
             so only where that read is free (see :mod:`torchlbfgs.line_searches.loop`).
+        slots: the slots holding pairs, newest first, when the caller already knows them on
+            the host (as :class:`torchlbfgs.LBFGS` does); then nothing is read. Only the
+            two-loop recursion uses them.
 
     Returns:
         :math:`H_k v`, shape ``(n,)``.
@@ -100,6 +186,8 @@ def inv_hessian_product(
     n = state_history.s_history.shape[-1]
     if vector.shape != (n,):
         raise ValueError(f"vector has shape {tuple(vector.shape)}; expected ({n},), the flattened params")
-    slots = stored_slots(state_history, early_exit)
+    if has_products(state_history):
+        return _compact_form(state_history, vector)
+    slots = stored_slots(state_history, early_exit) if slots is None else list(slots)
     rows_in_use = len(slots) if slots is not None else _rows_in_use(state_history, early_exit)
     return _two_loop(state_history, vector, slots, rows_in_use)

@@ -8,6 +8,15 @@ positive-definite solution, Nocedal & Wright sec. 6.1). Two acceptance rules are
   epsilon of the dtype and :math:`g_k` the gradient where the step started. This is
   L-BFGS-B's rule (Byrd, Lu, Nocedal & Zhu 1995; ``dr <= epsmch*ddum`` in ``lbfgsb.f``); it is
   invariant to rescaling :math:`f`, which the absolute threshold is not.
+
+For the compact representation (:mod:`torchlbfgs.direction`) the memory also keeps the inner
+products :math:`s_i^\top y_j` and :math:`y_i^\top y_j` of the stored pairs, two ``(m, m)``
+matrices in slot order. A new pair in slot :math:`h` changes one column of each, which costs
+two matrix-vector products over the buffers, :math:`S y_h` and :math:`Y y_h` (Byrd, Nocedal &
+Schnabel 1994, sec. 4), instead of recomputing :math:`S^\top Y` in :math:`O(m^2 n)`.
+Only column :math:`h` of :math:`S^\top Y` is written: entries :math:`s_i^\top y_j` with
+:math:`i` newer than :math:`j` are never read. A memory without products holds ``(0, 0)``
+matrices (the two-loop recursion does not need them).
 """
 
 from __future__ import annotations
@@ -16,12 +25,25 @@ from typing import Literal, NamedTuple
 
 import torch
 
-__all__ = ["CurvatureRule", "History", "accept_curvature_pair", "push_curvature_pair"]
+__all__ = [
+    "CurvatureRule",
+    "History",
+    "accept_curvature_pair",
+    "add_buffer_rows",
+    "buffer_dot",
+    "has_products",
+    "push_curvature_pair",
+]
 
 CurvatureRule = Literal["relative", "absolute"]
 CURVATURE_RULES: tuple[CurvatureRule, ...] = ("relative", "absolute")
 
 TORCH_CURVATURE_THRESHOLD = 1e-10  # torch.optim.LBFGS: `if ys > 1e-10`
+
+# Up to this n, products with the (m, n) buffers are elementwise reductions, which round the
+# same batched and alone (BLAS gemv and the batched gemm vmap turns it into do not): vmapped
+# problems then equal each problem solved by itself. Above it, BLAS, without the (m, n) temporary.
+ELEMENTWISE_PRODUCTS_MAX_N = 20_000
 
 
 class History(NamedTuple):
@@ -33,6 +55,37 @@ class History(NamedTuple):
     gamma: torch.Tensor
     head: torch.Tensor
     n_pairs: torch.Tensor
+    sy_products: torch.Tensor
+    yy_products: torch.Tensor
+
+
+def buffer_dot(buffer: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+    """``buffer @ vector`` for an ``(m, n)`` history buffer: the ``m`` inner products."""
+    if buffer.shape[-1] > ELEMENTWISE_PRODUCTS_MAX_N:
+        return torch.mv(buffer, vector)
+    return (buffer * vector).sum(-1)
+
+
+def add_buffer_rows(vector: torch.Tensor, buffer: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``vector + buffer.T @ weights`` for an ``(m, n)`` history buffer."""
+    if buffer.shape[-1] > ELEMENTWISE_PRODUCTS_MAX_N:
+        return torch.addmv(vector, buffer.mT, weights)
+    return vector + (buffer * weights.unsqueeze(-1)).sum(-2)
+
+
+def has_products(history: History) -> bool:
+    """Whether the memory keeps the pairs' inner products (static: decided by their shape)."""
+    return history.sy_products.shape[-1] != 0
+
+
+def _with_new_column(products: torch.Tensor, column: torch.Tensor, slot: torch.Tensor, write: torch.Tensor,
+                     *, symmetric: bool) -> torch.Tensor:  # fmt: skip
+    """``products`` with column ``slot`` (and row, if ``symmetric``) set to ``column`` where ``write``."""
+    in_slot = torch.arange(products.shape[-1], device=slot.device) == slot
+    updated = torch.where(in_slot.unsqueeze(0) & write, column.unsqueeze(-1), products)
+    if symmetric:
+        updated = torch.where(in_slot.unsqueeze(-1) & write, column.unsqueeze(0), updated)
+    return updated
 
 
 def accept_curvature_pair(
@@ -64,7 +117,9 @@ def push_curvature_pair(
     Out of place by default: the inputs are never modified, at the price of copying the
     ``(m, n)`` buffers. ``in_place=True`` writes the one row in the existing buffers instead
     (O(n)); only an owner of the state that no one else reads, such as the
-    :class:`torchlbfgs.LBFGS` adapter, may ask for it. Both give the same values.
+    :class:`torchlbfgs.LBFGS` adapter, may ask for it. Both give the same values. When the
+    memory keeps inner products, their new column is computed from the updated buffers (the
+    small ``(m, m)`` matrices are always new tensors).
     """
     m = history.s_history.shape[0]
     one = torch.ones((), dtype=ys.dtype, device=ys.device)
@@ -80,6 +135,14 @@ def push_curvature_pair(
         s_history = torch.where(write.unsqueeze(-1), s, history.s_history)
         y_history = torch.where(write.unsqueeze(-1), y, history.y_history)
         rho = torch.where(write, 1.0 / safe_ys, history.rho)
+    sy_products, yy_products = history.sy_products, history.yy_products
+    if has_products(history):
+        # Column h: s_i'y_h for every slot i (the diagonal entry is exactly ys) and y_i'y_h.
+        slot = history.head
+        in_slot = torch.arange(m, device=slot.device) == slot
+        s_dot_y = torch.where(in_slot, ys, buffer_dot(s_history, y))
+        sy_products = _with_new_column(sy_products, s_dot_y, slot, accept, symmetric=False)
+        yy_products = _with_new_column(yy_products, buffer_dot(y_history, y), slot, accept, symmetric=True)
     return History(
         s_history=s_history,
         y_history=y_history,
@@ -87,4 +150,6 @@ def push_curvature_pair(
         gamma=torch.where(accept, ys / torch.where(accept, torch.dot(y, y), one), history.gamma),
         head=torch.where(accept, (history.head + 1) % m, history.head),
         n_pairs=torch.where(accept, torch.clamp(history.n_pairs + 1, max=m), history.n_pairs),
+        sy_products=sy_products,
+        yy_products=yy_products,
     )

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from torchlbfgs.direction import Direction
 from torchlbfgs.history import CurvatureRule
 from torchlbfgs.line_searches import LineSearch
 from torchlbfgs.line_searches.loop import batch_view, exits_early
@@ -187,6 +188,7 @@ def minimize(
     tolerance_grad: float = 1e-7,
     tolerance_change: float = 1e-9,
     history_size: int = 10,
+    direction: Direction = "two_loop",
     line_search: LineSearch = "strong_wolfe",
     learning_rate: float = 1.0,
     curvature_rule: CurvatureRule = "relative",
@@ -205,7 +207,7 @@ def minimize(
         fun: ``fun(params) -> scalar tensor`` (or ``(value, grad)`` with ``value_and_grad``).
         params0: the starting point, any pytree of floating tensors of one dtype.
         max_iter: at most this many iterations.
-        tolerance_grad, tolerance_change, history_size, line_search, learning_rate,
+        tolerance_grad, tolerance_change, history_size, direction, line_search, learning_rate,
             curvature_rule, c1, c2, max_ls, max_evals, value_and_grad, early_exit:
             as in :func:`torchlbfgs.init` and :func:`torchlbfgs.update`.
         callback: called as ``callback(progress)`` with a :class:`Progress` every
@@ -235,7 +237,7 @@ def minimize(
     require_count("callback_every", callback_every, 1)
     settings = Settings(
         max_iter=max_iter, tolerance_grad=tolerance_grad, tolerance_change=tolerance_change,
-        history_size=history_size, line_search=line_search, learning_rate=learning_rate,
+        history_size=history_size, direction=direction, line_search=line_search, learning_rate=learning_rate,
         curvature_rule=curvature_rule, c1=c1, c2=c2, max_ls=max_ls, max_evals=max_evals,
         early_exit=early_exit,
     )  # fmt: skip

@@ -9,16 +9,23 @@ leaves. The iteration itself is :func:`~torchlbfgs.update.propose`, the line sea
 To match ``torch.optim.LBFGS`` call for call, the last iteration of each ``step`` is left
 *pending*: its curvature pair is added when the next ``step`` evaluates the closure at the
 new point (torch does the same, and with ``line_search_fn=None`` it does not evaluate the
-closure after its last iteration at all). Host reads (device syncs on a GPU), per inner
-iteration: the stopping rules read one flag, the direction reads the ring buffer's head and
-count (to skip empty slots), and the strong-Wolfe search reads one flag per closure
-evaluation (it must know whether to call the closure again).
+closure after its last iteration at all).
+
+Host reads (device syncs on a GPU): **one per inner iteration**, which answers together
+whether to stop (the stopping rules), where the ring buffer's pairs are (so the two-loop
+recursion reads only the stored pairs, as views) and whether the next iteration searches.
+To make that one read enough, the next iteration's direction is computed before it, on the
+bet that the new pair entered the memory; when the curvature test refused the pair (rare),
+the direction is recomputed and read again. The number of closure evaluations is counted on
+the host. The strong-Wolfe search adds one read per closure evaluation, plus one before the
+first: whether to call the closure again, which only the host can decide. Each ``step``
+adds three reads at its start (the gradient test, the pending pair, the first direction).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.optim import Optimizer
@@ -257,6 +264,7 @@ class LBFGS(Optimizer):
         stored = self._stored_state(x.numel(), x.dtype, x.device)
         if stored is None:
             stored = OptimizerState(
+                # the two-loop recursion: torch's rounding, step for step
                 core=initial_state(value, grad, history_size=options["history_size"]),
                 pending_direction=torch.zeros_like(x),
                 pending_step=torch.zeros_like(value),
@@ -265,10 +273,15 @@ class LBFGS(Optimizer):
             core = stored.core
         else:
             core = stored.core._replace(n_evals=stored.core.n_evals + 1)
-        if bool(grad.abs().amax() <= tolerance_grad):  # torch returns before touching its state
+        # host read (once per step): torch returns before touching its state when the gradient
+        # is already small
+        grad_small, has_pending = torch.stack(
+            (grad.abs().amax() <= tolerance_grad, stored.has_pending)
+        ).tolist()
+        if grad_small:
             return orig_loss, stored._replace(core=core)
 
-        if bool(stored.has_pending):
+        if has_pending:
             # The pending step's closure evaluation is the one just made: complete its iteration.
             pending = Proposal(
                 direction=stored.pending_direction,
@@ -288,49 +301,70 @@ class LBFGS(Optimizer):
             )  # fmt: skip
         core = core._replace(value=value, grad=grad, status=running)
 
+        closure_calls = 0  # counted on the host: the line search evaluates through `objective`
+
         def objective(trial: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            nonlocal closure_calls
+            closure_calls += 1
             self._write_params(trial)
             _, trial_value, trial_grad = self._evaluate(closure, x.dtype)
             return trial_value, trial_grad
 
+        def plan(core: LBFGSState, ring: _Ring) -> Proposal:
+            return propose(
+                core, learning_rate=lr, tolerance_grad=tolerance_grad, tolerance_change=tolerance_change,
+                slots=ring.slots,
+            )  # fmt: skip
+
+        ring = _Ring.of(core)  # host read (once per step): where the pairs are
+        proposal = plan(core, ring)
+        searching = bool(proposal.searching)  # host read: the first iteration's
         current_evals = 1
         for n_iter in range(1, max_iter + 1):
-            proposal = propose(
-                core, learning_rate=lr, tolerance_grad=tolerance_grad, tolerance_change=tolerance_change,
-                early_exit=True,
-            )  # fmt: skip
-            if not bool(proposal.searching):  # no descent left: torch stops before moving
+            if not searching:  # no descent left: torch stops before moving
                 return orig_loss, self._pending(core, proposal, proposal.step_size, evals=0)
+            calls_before = closure_calls
             found: FlatLineSearchResult | None = None
             if line_search == "strong_wolfe" or n_iter != max_iter:
                 found = search_along(
                     line_search, objective, x, proposal.direction, core.value, core.grad,
                     proposal.step_size, active=proposal.searching, max_evals=None, c1=1e-4, c2=0.9,
                     tolerance_change=_TORCH_LINE_SEARCH_TOLERANCE, max_ls=max(max_eval - current_evals, 0),
-                    early_exit=True,
+                    # strong Wolfe reads whether to evaluate again; the fixed step evaluates once
+                    early_exit=line_search is not None,
                 )  # fmt: skip
                 step_size = found.step_size
             else:  # torch takes its last fixed step without evaluating the closure there
                 step_size = proposal.step_size
             x_new = torch.addcmul(x, proposal.direction, step_size)
             self._write_params(x_new)
-            evals = 0 if found is None else int(found.n_evals)
+            evals = closure_calls - calls_before
             current_evals += evals
-            stop = found is None or n_iter == max_iter or current_evals >= max_eval
-            if not stop:
-                assert found is not None
-                undo.record(core)
-                _, next_core = accept(
-                    x, core, proposal, found, in_place=True, line_search=line_search,
-                    tolerance_grad=tolerance_grad, tolerance_change=tolerance_change,
-                    curvature_rule="absolute", stop_when_stalled=False,
-                )  # fmt: skip
-                stop = bool(next_core.status != StopReason.RUNNING)  # one host sync per iteration
-                if stop:
-                    undo.undo_last()  # the last iteration stays pending: its pair comes next step
-            if stop:
+            if found is None or n_iter == max_iter or current_evals >= max_eval:
                 return orig_loss, self._pending(core, proposal, step_size, evals)
-            core, x = next_core, x_new
+            undo.record(core)
+            _, next_core = accept(
+                x, core, proposal, found, in_place=True, line_search=line_search,
+                tolerance_grad=tolerance_grad, tolerance_change=tolerance_change,
+                curvature_rule="absolute", stop_when_stalled=False,
+            )  # fmt: skip
+            # Plan the next iteration before reading anything, betting that the pair entered the
+            # memory (it nearly always does): then one host read per iteration answers "stop?",
+            # "where are the pairs?" and "search?". A refused pair costs a second plan and read.
+            ring_if_kept = ring.after_push()
+            next_proposal = plan(next_core, ring_if_kept)
+            stopped, head, n_pairs, searching = torch.stack((
+                next_core.status != StopReason.RUNNING, next_core.head, next_core.n_pairs,
+                next_proposal.searching,
+            )).tolist()  # fmt: skip
+            if stopped:
+                undo.undo_last()  # the last iteration stays pending: its pair comes next step
+                return orig_loss, self._pending(core, proposal, step_size, evals)
+            ring = _Ring(head, n_pairs, ring.size)
+            if ring != ring_if_kept:
+                next_proposal = plan(next_core, ring)
+                searching = bool(next_proposal.searching)
+            core, x, proposal = next_core, x_new, next_proposal
         raise AssertionError("unreachable: the last iteration always stops")  # pragma: no cover
 
     @staticmethod
@@ -426,6 +460,29 @@ class LBFGS(Optimizer):
         super().load_state_dict({"state": {}, "param_groups": saved_groups})
         if validated is not None:
             self._store(validated)
+
+
+class _Ring(NamedTuple):
+    """Where the ring buffer's pairs are, known on the host: the newest pair sits in slot
+    ``head - 1`` and ``n_pairs`` slots hold pairs (see :class:`~torchlbfgs.LBFGSState`)."""
+
+    head: int
+    n_pairs: int
+    size: int
+
+    @classmethod
+    def of(cls, core: LBFGSState) -> _Ring:
+        head, n_pairs = torch.stack((core.head, core.n_pairs)).tolist()
+        return cls(head, n_pairs, core.history_size)
+
+    @property
+    def slots(self) -> list[int]:
+        """Slots holding pairs, newest first."""
+        return [(self.head - 1 - k) % self.size for k in range(self.n_pairs)]
+
+    def after_push(self) -> _Ring:
+        """The ring after one more pair is written."""
+        return _Ring((self.head + 1) % self.size, min(self.n_pairs + 1, self.size), self.size)
 
 
 class _UndoLog:

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from torchlbfgs.direction import DIRECTIONS, Direction
 from torchlbfgs.history import CURVATURE_RULES, CurvatureRule
 from torchlbfgs.line_searches import LineSearch, check_line_search_options, search_method
 from torchlbfgs.line_searches.loop import trial_point
@@ -45,6 +46,7 @@ class Settings:
     tolerance_grad: float = 1e-7
     tolerance_change: float = 1e-9
     history_size: int = 10
+    direction: Direction = "two_loop"
     line_search: LineSearch = "strong_wolfe"
     learning_rate: float = 1.0
     curvature_rule: CurvatureRule = "relative"
@@ -61,6 +63,8 @@ class Settings:
         if self.max_evals is not None:
             require_count("max_evals", self.max_evals, 0)
         check_line_search_options(self.line_search, self.c1, self.c2, self.max_ls)
+        if self.direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {DIRECTIONS}, got {self.direction!r}")
         if self.curvature_rule not in CURVATURE_RULES:
             raise ValueError(f"curvature_rule must be one of {CURVATURE_RULES}, got {self.curvature_rule!r}")
 
@@ -127,7 +131,9 @@ def _begin_iteration(x: torch.Tensor, lbfgs: LBFGSState, settings: Settings) -> 
 def start(objective: FlatObjective, x: torch.Tensor, settings: Settings) -> RoundState:
     """Evaluate at ``x`` (the one evaluation of ``init``) and plan the first iteration."""
     value, grad = objective(x)
-    lbfgs = initial_state(value.to(x.dtype), grad, history_size=settings.history_size)
+    lbfgs = initial_state(
+        value.to(x.dtype), grad, history_size=settings.history_size, direction=settings.direction
+    )
     return _begin_iteration(x, lbfgs, settings)
 
 

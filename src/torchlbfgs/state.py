@@ -97,6 +97,10 @@ class LBFGSState(NamedTuple):
             (Nocedal & Wright eq. 7.20); 1 before any pair.
         head: ``()`` int64 - ring-buffer slot the next accepted pair is written to.
         n_pairs: ``()`` int64 - number of valid pairs, at most ``m``.
+        sy_products: ``(m, m)`` - :math:`s_i^\top y_j` in slot order, for the compact
+            representation (valid where pair ``i`` is not newer than pair ``j``); ``(0, 0)``
+            when the state uses the two-loop recursion (see :mod:`torchlbfgs.direction`).
+        yy_products: ``(m, m)`` - :math:`y_i^\top y_j` in slot order; ``(0, 0)`` likewise.
         iteration: ``()`` int64 - number of iterations attempted: ``update`` calls that got past
             the gradient test (torch's ``n_iter``), whether or not their line search succeeded.
         n_evals: ``()`` int64 - number of evaluations of ``fun`` (value and gradient) so far.
@@ -111,6 +115,8 @@ class LBFGSState(NamedTuple):
     gamma: torch.Tensor
     head: torch.Tensor
     n_pairs: torch.Tensor
+    sy_products: torch.Tensor
+    yy_products: torch.Tensor
     iteration: torch.Tensor
     n_evals: torch.Tensor
     status: torch.Tensor
@@ -122,8 +128,12 @@ class LBFGSState(NamedTuple):
 
     @property
     def history(self) -> History:
-        """The memory fields (ring buffers, weights, scaling, head, count) as a :class:`History`."""
-        return History(self.s_history, self.y_history, self.rho, self.gamma, self.head, self.n_pairs)
+        """The memory fields (ring buffers, weights, scaling, head, count, products) as a
+        :class:`History`."""
+        return History(
+            self.s_history, self.y_history, self.rho, self.gamma, self.head, self.n_pairs,
+            self.sy_products, self.yy_products,
+        )  # fmt: skip
 
     @property
     def stopped(self) -> torch.Tensor:

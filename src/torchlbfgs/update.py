@@ -2,7 +2,8 @@ r"""``init`` and ``update``: L-BFGS as pure functions over :class:`~torchlbfgs.L
 
 One iteration (Nocedal & Wright, Algorithm 7.5):
 
-1. direction :math:`d_k = -H_k g_k` by the two-loop recursion;
+1. direction :math:`d_k = -H_k g_k` by the compact representation or the two-loop recursion
+   (:mod:`torchlbfgs.direction`);
 2. a line search for :math:`t_k` along :math:`d_k`;
 3. :math:`x_{k+1} = x_k + t_k d_k`, and the pair :math:`s_k = t_k d_k`,
    :math:`y_k = g_{k+1} - g_k` enters the memory if its curvature is acceptable.
@@ -13,12 +14,12 @@ The first trial step is ``learning_rate``, except on the very first iteration wh
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
 
-from torchlbfgs.direction import inv_hessian_product
+from torchlbfgs.direction import Direction, inv_hessian_product, uses_compact_form
 from torchlbfgs.history import (
     CURVATURE_RULES,
     CurvatureRule,
@@ -53,6 +54,7 @@ def init(
     params: PyTree,
     *,
     history_size: int = 10,
+    direction: Direction = "two_loop",
     value_and_grad: bool = False,
 ) -> LBFGSState:
     """Evaluate ``fun`` and its gradient at ``params`` and return the initial state.
@@ -62,6 +64,10 @@ def init(
             ``fun(params) -> (value, grad)`` with ``grad`` shaped like ``params``.
         params: the starting point, any pytree of floating (or complex) tensors of one dtype.
         history_size: ``m``, the number of curvature pairs kept.
+        direction: how :math:`H_k g_k` is computed: ``"two_loop"`` (the two-loop recursion,
+            faster on CPUs) or ``"compact"`` (the compact representation; the state then
+            keeps the ``(m, m)`` products of the pairs). Both give the same direction up to
+            rounding (:mod:`torchlbfgs.direction`); the choice is part of the state.
         value_and_grad: see ``fun``.
 
     Returns:
@@ -77,13 +83,16 @@ def init(
     require_count("history_size", history_size, 1)
     x, unravel = ravel_pytree(params)
     value, grad = flat_objective(fun, unravel, value_and_grad=value_and_grad)(x)
-    return initial_state(value.to(x.dtype), grad, history_size=history_size)
+    return initial_state(value.to(x.dtype), grad, history_size=history_size, direction=direction)
 
 
-def initial_state(value: torch.Tensor, grad: torch.Tensor, *, history_size: int) -> LBFGSState:
+def initial_state(
+    value: torch.Tensor, grad: torch.Tensor, *, history_size: int, direction: Direction = "two_loop"
+) -> LBFGSState:
     """The state at a point with value ``value`` and flat gradient ``grad`` (one evaluation
     counted, empty history). :func:`init` is this after evaluating ``fun``."""
     require_count("history_size", history_size, 1)
+    products = history_size if uses_compact_form(direction) else 0
     finite = torch.isfinite(value) & torch.isfinite(grad).all()
     # Every leaf is built from value/grad, so that under vmap each is a real batched tensor
     # (not a shared, stride-0 expansion): compile guards and in-place owners rely on it.
@@ -96,6 +105,8 @@ def initial_state(value: torch.Tensor, grad: torch.Tensor, *, history_size: int)
         gamma=torch.ones_like(value),
         head=torch.zeros_like(value, dtype=torch.int64),
         n_pairs=torch.zeros_like(value, dtype=torch.int64),
+        sy_products=torch.zeros_like(value).expand(products, products).contiguous(),
+        yy_products=torch.zeros_like(value).expand(products, products).contiguous(),
         iteration=torch.zeros_like(value, dtype=torch.int64),
         n_evals=torch.ones_like(value, dtype=torch.int64),
         status=torch.where(finite, _status(StopReason.RUNNING, grad), _status(StopReason.NON_FINITE, grad)),
@@ -116,6 +127,11 @@ def _check_state(state: LBFGSState, x: torch.Tensor) -> None:
             f"state history has shapes {tuple(state.s_history.shape)} / {tuple(state.y_history.shape)}; "
             f"expected (history_size, {n}) for both"
         )
+    m = state.s_history.shape[-2]
+    for name in ("sy_products", "yy_products"):
+        shape = tuple(getattr(state, name).shape)
+        if shape not in ((m, m), (0, 0)):
+            raise ValueError(f"state.{name} has shape {shape}; expected ({m}, {m}) or (0, 0)")
     if state.grad.dtype != x.dtype:
         raise TypeError(f"state is {state.grad.dtype} but params are {x.dtype}")
 
@@ -147,11 +163,16 @@ def propose(
     tolerance_grad: float,
     tolerance_change: float,
     early_exit: bool | None = None,
+    slots: Sequence[int] | None = None,
 ) -> Proposal:
-    """Direction and first trial step from the current state (steps 1-2 of an iteration)."""
+    """Direction and first trial step from the current state (steps 1-2 of an iteration).
+
+    ``early_exit`` and ``slots`` are passed to
+    :func:`~torchlbfgs.direction.inv_hessian_product`.
+    """
     grad = state.grad
     running = state.status == StopReason.RUNNING.value
-    direction = -inv_hessian_product(state, grad, early_exit=early_exit)
+    direction = -inv_hessian_product(state, grad, early_exit=early_exit, slots=slots)
     grad_small = max_abs(grad) <= tolerance_grad
     no_descent = torch.dot(grad, direction) > -tolerance_change
     first_step = torch.clamp(torch.reciprocal(grad.abs().sum()), max=1.0)
@@ -231,12 +252,7 @@ def accept(
     new_state = LBFGSState(
         value=torch.where(taken, new_value, value),
         grad=torch.where(taken, new_grad, grad),
-        s_history=history.s_history,
-        y_history=history.y_history,
-        rho=history.rho,
-        gamma=history.gamma,
-        head=history.head,
-        n_pairs=history.n_pairs,
+        **history._asdict(),
         iteration=state.iteration + proposal.attempted.long(),
         n_evals=n_evals,
         status=status,
