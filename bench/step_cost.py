@@ -3,8 +3,11 @@
 A diagonal quadratic f(x) = 1/2 sum(c_i x_i^2) with c spread over [1, 100], float32, history 10,
 one thread. Each optimizer takes ``--steps`` steps of ``max_iter`` iterations; the table reports
 milliseconds per inner iteration (closure calls included), the bare closure time, and the ratio
-ours/torch measured in this process. Both optimizers take the same iterates (the test suite
-checks that), so the comparison is like for like.
+ours/torch measured in this process. The "floor" is the time this machine needs to read the
+history as any L-BFGS direction must (the ``2m`` stored vectors twice, streamed by BLAS); the
+"overhead/floor" columns divide each optimizer's time beyond its closure calls by it. Both
+optimizers take the same iterates (the test suite checks that), so the comparison is like for
+like.
 
 Run: ``python bench/step_cost.py`` (add ``--sizes 1e3 1e5 1e7`` for the large case). On a
 GPU: ``python bench/step_cost.py --device cuda --sizes 1e5 1e7`` (timings then synchronise the
@@ -48,9 +51,17 @@ def time_optimizer(
     lr = 1.0 if line_search else 0.01
     optimizer = optimizer_class([x], lr=lr, history_size=10, max_iter=max_iter, line_search_fn=line_search,
                                 tolerance_grad=0.0, tolerance_change=0.0)  # fmt: skip
-    closure = closure_factory(optimizer, x, scales)
+    counted = closure_factory(optimizer, x, scales)
+    calls = 0
+
+    def closure() -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        return counted()
+
     optimizer.step(closure)  # warm-up, and fills part of the history
     synchronize(device)
+    calls = 0
     start = time.perf_counter()
     for _ in range(steps):
         optimizer.step(closure)
@@ -58,8 +69,11 @@ def time_optimizer(
     elapsed = time.perf_counter() - start
     state = optimizer.state[x]
     iterations = state["n_iter"] if "n_iter" in state else int(state["iteration"])
-    first_iterations = max_iter  # the warm-up step
-    return {"ms_per_iteration": 1e3 * elapsed / max(iterations - first_iterations, 1)}
+    timed_iterations = max(iterations - max_iter, 1)  # less the warm-up step's
+    return {
+        "ms_per_iteration": 1e3 * elapsed / timed_iterations,
+        "evals_per_iteration": calls / timed_iterations,
+    }
 
 
 def closure_time(n: int, repeats: int = 20, device: str = "cpu") -> float:
@@ -76,6 +90,31 @@ def closure_time(n: int, repeats: int = 20, device: str = "cpu") -> float:
     return 1e3 * (time.perf_counter() - start) / repeats
 
 
+def traffic_floor(n: int, history_size: int = 10, repeats: int = 5, device: str = "cpu") -> float:
+    """Milliseconds to read the history as the direction must: the ``2m`` stored vectors twice
+    (once to project the gradient, once to combine), timed as four BLAS matrix-vector products
+    over the ``(m, n)`` buffers, the fastest way this machine streams them."""
+    generator = torch.Generator().manual_seed(1)
+    s_history = torch.randn(history_size, n, generator=generator).to(device)
+    y_history = torch.randn(history_size, n, generator=generator).to(device)
+    vector = torch.randn(n, generator=generator).to(device)
+    weights = torch.randn(history_size, generator=generator).to(device)
+
+    def read_twice() -> None:
+        torch.mv(s_history, vector), torch.mv(y_history, vector)
+        torch.mv(s_history.T, weights), torch.mv(y_history.T, weights)
+
+    read_twice()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        read_twice()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 1e3 * min(times)
+
+
 def device_name(device: str) -> str:
     return torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor()
 
@@ -90,19 +129,29 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = []
-    header = ("n", "line search", "closure ms", "torch ms/it", "ours ms/it", "ours/torch")
+    header = ("n", "line search", "closure ms", "floor ms", "torch ms/it", "ours ms/it", "ours/torch",
+              "torch ovh/floor", "ours ovh/floor")  # fmt: skip
     print(" ".join(f"{name:>12}" for name in header))
     for size in args.sizes:
         n = int(size)
         bare = closure_time(n, device=args.device)
+        floor = traffic_floor(n, device=args.device)
         for line_search in (None, "strong_wolfe"):
             theirs = time_optimizer(torch.optim.LBFGS, n, line_search, args.steps, args.max_iter, args.device)
             ours = time_optimizer(torchlbfgs.LBFGS, n, line_search, args.steps, args.max_iter, args.device)
             ratio = ours["ms_per_iteration"] / theirs["ms_per_iteration"]
-            row = {"n": n, "line_search": line_search, "closure_ms": bare, "torch": theirs, "ours": ours}
+            # overhead: an iteration's time beyond its closure calls (one per iteration here,
+            # more with a line search), against the traffic floor of the direction
+            evals_theirs, evals_ours = theirs["evals_per_iteration"], ours["evals_per_iteration"]
+            overhead_theirs = (theirs["ms_per_iteration"] - evals_theirs * bare) / floor
+            overhead_ours = (ours["ms_per_iteration"] - evals_ours * bare) / floor
+            row = {"n": n, "line_search": line_search, "closure_ms": bare, "floor_ms": floor,
+                   "torch": theirs, "ours": ours, "torch_overhead_over_floor": overhead_theirs,
+                   "ours_overhead_over_floor": overhead_ours}  # fmt: skip
             rows.append({**row, "ratio": ratio})
-            cells = (n, line_search or "none", f"{bare:.3f}", f"{theirs['ms_per_iteration']:.3f}",
-                     f"{ours['ms_per_iteration']:.3f}", f"{ratio:.2f}")  # fmt: skip
+            cells = (n, line_search or "none", f"{bare:.3f}", f"{floor:.3f}",
+                     f"{theirs['ms_per_iteration']:.3f}", f"{ours['ms_per_iteration']:.3f}", f"{ratio:.2f}",
+                     f"{overhead_theirs:.2f}", f"{overhead_ours:.2f}")  # fmt: skip
             print(" ".join(f"{cell:>12}" for cell in cells))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
