@@ -289,7 +289,7 @@ def update(
         params: the current point; ``state`` must have been built for it by :func:`init`
             or a previous ``update``.
         state: the current :class:`~torchlbfgs.LBFGSState`.
-        line_search: ``"strong_wolfe"``, ``"backtracking"`` or ``None`` (fixed step).
+        line_search: ``"strong_wolfe"``, ``"more_thuente"``, ``"backtracking"`` or ``None`` (fixed step).
         learning_rate: the first trial step of each line search (torch's ``lr``).
         tolerance_grad: converged when ``max|g| <= tolerance_grad``.
         tolerance_change: converged when the value changes by less than this, the step

@@ -1,4 +1,4 @@
-"""Line searches along a descent direction: strong Wolfe, backtracking Armijo, or none.
+"""Line searches along a descent direction: strong Wolfe, Moré–Thuente, backtracking Armijo, or none.
 
 Each is a pure function of tensors that evaluates ``fun`` once per step of a fixed-length,
 masked loop, and reports its outcome as data (:class:`LineSearchResult`).
@@ -14,6 +14,7 @@ import torch
 from torchlbfgs.line_searches.backtracking import Backtracking
 from torchlbfgs.line_searches.fixed import FixedStep
 from torchlbfgs.line_searches.method import SearchMethod, SearchOrigin, run_search
+from torchlbfgs.line_searches.more_thuente import MoreThuente
 from torchlbfgs.line_searches.result import FlatLineSearchResult, LineSearchResult
 from torchlbfgs.line_searches.strong_wolfe import StrongWolfe
 from torchlbfgs.objective import FlatObjective, flat_objective
@@ -28,8 +29,8 @@ __all__ = [
     "search_method",
 ]
 
-LineSearch = Literal["strong_wolfe", "backtracking"] | None
-LINE_SEARCHES: tuple[LineSearch, ...] = ("strong_wolfe", "backtracking", None)
+LineSearch = Literal["strong_wolfe", "more_thuente", "backtracking"] | None
+LINE_SEARCHES: tuple[LineSearch, ...] = ("strong_wolfe", "more_thuente", "backtracking", None)
 
 
 def search_method(
@@ -40,6 +41,8 @@ def search_method(
         return FixedStep()
     if method == "strong_wolfe":
         return StrongWolfe(c1=c1, c2=c2, tolerance_change=tolerance_change, max_ls=max_ls)
+    if method == "more_thuente":
+        return MoreThuente(c1=c1, c2=c2, tolerance_change=tolerance_change, max_ls=max_ls)
     if method == "backtracking":
         return Backtracking(c1=c1, tolerance_change=tolerance_change, max_ls=max_ls)
     raise ValueError(f"line_search must be one of {LINE_SEARCHES}, got {method!r}")
@@ -104,6 +107,9 @@ def line_search(
     * ``"strong_wolfe"``: bracketing and zoom with cubic interpolation; the same decisions as
       ``torch.optim.lbfgs._strong_wolfe`` (including its limit of ``max_ls`` iterations after
       the first evaluation), plus a hard cap ``max_evals``.
+    * ``"more_thuente"``: the safeguarded interval search of Moré & Thuente (1994), MINPACK-2's
+      ``dcsrch`` as in L-BFGS-B, for the same strong Wolfe conditions; at most ``max_ls + 1``
+      evaluations (see :mod:`torchlbfgs.line_searches.more_thuente`).
     * ``"backtracking"``: shrink the step until the Armijo condition
       :math:`f(x + t d) \le f(x) + c_1 t g^\top d` holds.
     * ``None``: evaluate once at ``params + step_size * direction`` and accept.
@@ -114,12 +120,13 @@ def line_search(
         direction: a descent direction, a pytree shaped like ``params``.
         value: ``fun(params)``.
         grad: the gradient of ``fun`` at ``params``, shaped like ``params``.
-        method: ``"strong_wolfe"``, ``"backtracking"`` or ``None``.
+        method: ``"strong_wolfe"``, ``"more_thuente"``, ``"backtracking"`` or ``None``.
         step_size: the first trial step.
         c1, c2: sufficient-decrease and curvature constants, ``0 < c1 < c2 < 1``.
         tolerance_change: the search stops when the step interval times ``max|d|`` falls
             below this.
-        max_ls: iteration limit of the search (torch's ``max_ls``).
+        max_ls: iteration limit of the search (torch's ``max_ls``; ``"more_thuente"`` and
+            ``"backtracking"`` evaluate at most ``max_ls + 1`` times).
         max_evals: at most this many evaluations (an int or an integer tensor, e.g. what is
             left of a solver's budget); ``None`` for no cap beyond ``max_ls``.
         value_and_grad: ``fun`` returns ``(value, grad_pytree)`` itself.
