@@ -110,3 +110,38 @@ def test_batched_minimize_compiles_its_round_once() -> None:
     assert torch.equal(compiled.n_evals, eager.n_evals)
     assert torch.equal(compiled.n_iter, eager.n_iter)
     assert bool(eager.converged.all())
+
+
+@pytest.mark.parametrize("line_search", ["strong_wolfe", "more_thuente", "backtracking"])
+def test_compiled_line_search_is_one_device_side_loop(line_search: str) -> None:
+    """Under compile the line search is a ``while_loop`` (one traced trial, stopped on the
+    device), not ``max_ls + 1`` unrolled copies: the default ``max_ls=25`` then compiles
+    quickly, and the compiled step equals the eager one."""
+    features, labels = _data(1)
+
+    def fun(w: torch.Tensor) -> torch.Tensor:
+        return _logistic(w, features[0], labels[0])
+
+    graphs: list[torch.fx.GraphModule] = []
+
+    def recording_backend(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]):  # type: ignore[no-untyped-def]
+        graphs.append(gm)
+        return gm.forward
+
+    w = torch.zeros(3, dtype=torch.float64)
+    state = torchlbfgs.init(fun, w, history_size=3)
+
+    def step(w: torch.Tensor, state: torchlbfgs.LBFGSState):
+        return torchlbfgs.update(fun, w, state, line_search=line_search)  # type: ignore[arg-type]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend=recording_backend)
+    eager_w, eager_state = w, state
+    for _ in range(4):
+        w, state = compiled(w, state)
+        eager_w, eager_state = step(eager_w, eager_state)
+        torch.testing.assert_close(w, eager_w, rtol=1e-12, atol=1e-12)
+        assert torch.equal(state.n_evals, eager_state.n_evals)
+    assert len(graphs) == 1
+    loops = [n for n in graphs[0].graph.nodes if n.target is torch.ops.higher_order.while_loop]
+    assert len(loops) == 1

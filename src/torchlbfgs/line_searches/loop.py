@@ -8,7 +8,11 @@ function evaluations continue after every problem has finished; they change noth
 Exiting early when all problems are done saves those evaluations but must read a flag on the
 host. ``early_exit=None`` (the default) does so only where that read is free: eager CPU
 tensors, outside ``torch.compile``; ``True`` reads it anywhere (a device sync on GPUs);
-``False`` never does. Under ``torch.func.vmap`` the flag read is that of the whole batch,
+``False`` never does. Under ``torch.compile`` the loop becomes a ``while_loop`` whose
+condition stays on the device: it stops once the problem is done without a host read, and
+the graph holds one copy of ``step`` rather than ``max_steps`` (the default ``max_ls=25``
+compiles in seconds, not minutes). ``while_loop`` has no batching rule, so a compiled
+``vmap`` keeps the unrolled, masked loop. Under ``torch.func.vmap`` the flag read is that of the whole batch,
 taken beneath the vmap wrapper: the loop stops once *every* problem is done, while each
 problem still stops on its own through the masks. Results are identical in every mode; only
 the number of calls to ``fun`` differs.
@@ -19,8 +23,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeVar
 
+import optree
 import torch
-from torch._C._functorch import get_unwrapped, is_functorch_wrapped_tensor
+from torch._C._functorch import get_unwrapped, is_batchedtensor, is_functorch_wrapped_tensor
+from torch._higher_order_ops import while_loop
 from torch._subclasses.fake_tensor import FakeTensor
 
 __all__ = ["batch_view", "exits_early", "run_masked_loop", "trial_point"]
@@ -53,12 +59,38 @@ def run_masked_loop(
     early_exit: bool | None,
 ) -> Carry:
     """Apply ``step`` up to ``max_steps`` times; ``step`` must leave done problems unchanged."""
+    if torch.compiler.is_compiling() and not any(map(is_batchedtensor, optree.tree_leaves(carry))):  # type: ignore[arg-type]
+        return _device_side_loop(step, carry, is_done, max_steps)
     check = exits_early(early_exit, is_done(carry))
     for _ in range(max_steps):
         if check and bool(batch_view(is_done(carry)).all()):  # sync-ok: where exits_early allows it
             break
         carry = step(carry)
     return carry
+
+
+def _device_side_loop(
+    step: Callable[[Carry], Carry], carry: Carry, is_done: Callable[[Carry], torch.Tensor], max_steps: int
+) -> Carry:
+    """The loop as a ``while_loop`` (compiled graphs): one traced ``step``, stopped on the device."""
+    leaves: list[torch.Tensor]
+    leaves, treedef = optree.tree_flatten(carry)  # type: ignore[arg-type]
+    # while_loop refuses carried tensors that alias each other or the outputs: fresh copies.
+    start = tuple(leaf.clone() for leaf in leaves)
+    first = torch.zeros((), dtype=torch.int64, device=leaves[0].device)
+
+    def unflatten(flat: tuple[torch.Tensor, ...]) -> Carry:
+        return optree.tree_unflatten(treedef, list(flat))  # type: ignore[return-value]
+
+    def running(count: torch.Tensor, *flat: torch.Tensor) -> torch.Tensor:
+        return (count < max_steps) & ~is_done(unflatten(flat)).all()
+
+    def body(count: torch.Tensor, *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        after: list[torch.Tensor] = optree.tree_leaves(step(unflatten(flat)))  # type: ignore[arg-type]
+        return (count + 1, *(leaf.clone() for leaf in after))
+
+    _, *end = while_loop(running, body, (first, *start))  # type: ignore[no-untyped-call]
+    return unflatten(tuple(end))
 
 
 def trial_point(
