@@ -2,7 +2,8 @@
 
 Dynamo's trace is what fullgraph checks; the ``aot_eager`` backend also runs AOTAutograd's
 functionalisation over the graph without paying for Inductor's code generation, which keeps
-these tests to seconds. Under compile the masked loops run all their trips (no host reads).
+these tests to seconds. Under compile a line search is one device-side ``while_loop``; under a
+compiled ``vmap`` the masked loops run all their trips (no host reads).
 """
 
 from __future__ import annotations

@@ -8,14 +8,15 @@ function evaluations continue after every problem has finished; they change noth
 Exiting early when all problems are done saves those evaluations but must read a flag on the
 host. ``early_exit=None`` (the default) does so only where that read is free: eager CPU
 tensors, outside ``torch.compile``; ``True`` reads it anywhere (a device sync on GPUs);
-``False`` never does. Under ``torch.compile`` the loop becomes a ``while_loop`` whose
-condition stays on the device: it stops once the problem is done without a host read, and
-the graph holds one copy of ``step`` rather than ``max_steps`` (the default ``max_ls=25``
-compiles in seconds, not minutes). ``while_loop`` has no batching rule, so a compiled
-``vmap`` keeps the unrolled, masked loop. Under ``torch.func.vmap`` the flag read is that of the whole batch,
+``False`` never does. Under ``torch.func.vmap`` the flag read is that of the whole batch,
 taken beneath the vmap wrapper: the loop stops once *every* problem is done, while each
 problem still stops on its own through the masks. Results are identical in every mode; only
 the number of calls to ``fun`` differs.
+
+Under ``torch.compile`` the loop becomes a ``while_loop`` whose condition stays on the device:
+it stops once the problem is done without a host read, and the graph holds one copy of
+``step`` rather than ``max_steps`` (the default ``max_ls=25`` compiles in seconds, not
+minutes). ``while_loop`` has no batching rule, so a compiled ``vmap`` keeps the masked loop.
 """
 
 from __future__ import annotations
