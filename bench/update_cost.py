@@ -41,9 +41,10 @@ history and compile), then ``--iters`` iterations are timed; ms/iteration is the
 ``--repeats`` repetitions (the functional solvers restart from the same warm state, torch from
 a fresh optimizer and its own warm-up). Evaluations per iteration are those counted by each
 solver; "calls" are the evaluations actually executed (more than counted where the masked loop
-runs on). Ratios: ours/optax on the same problem and line search; "vs eager" against the
-default eager update. "|dx| run" of the other rows: max|x - x_ours| after the same number of
-iterations from x0 (different algorithms: a scale, not a check). All in one process; JAX and
+runs on: eager with ``early_exit=False``). Ratios: ours/optax on the same problem and line
+search; "vs eager" against the default eager update. "|dx| run" of the other rows:
+max|x - x_ours| after the same number of iterations from x0 (different algorithms: a scale,
+not a check). All in one process; JAX and
 torch each on one thread. Shared machines are noisy: the JSON keeps every window
 (``ms_all``), their minimum and the load average before and after.
 
@@ -229,9 +230,10 @@ def run_ours_compiled(fun: Callable, x0: torch.Tensor, line_search: str | None, 
     steady = statistics.median(times) / 1e3
     check = one_step_check(plain, compiled, warm)
     reference = run(lambda carry: plain(*carry), initial, args.warmup + args.iters)
-    trips = max_ls + 1 if line_search else 1
-    return summary(times, calls_per_iteration=float(trips), compile_seconds=first_call - steady,
-                   backend=backend, max_ls=max_ls, graphs=counters["stats"]["unique_graphs"],
+    # the search is a device-side while_loop: it evaluates what it counts
+    calls = outcome["evals_per_iteration"]
+    return summary(times, calls_per_iteration=calls, compile_seconds=first_call - steady, backend=backend,
+                   max_ls=max_ls, graphs=counters["stats"]["unique_graphs"],
                    graph_breaks=sum(counters["graph_break"].values()), **check, **outcome,
                    x_reference=reference[0], n_evals_eager=int(reference[1].n_evals))  # fmt: skip
 
