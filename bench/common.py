@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: one-thread settings, machine metadata, resident-set reads.
+"""What the benchmark scripts share: one-thread settings, machine metadata, resident-set reads,
+device-synchronised timing.
 
 Import it before torch (``import common; common.use_one_thread()``): thread pools read their
 variables when they start.
@@ -9,7 +10,9 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
+import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,3 +67,32 @@ def rss_kib(field: str) -> int:
     if value is None:
         raise RuntimeError(f"{field} not in /proc/self/status")
     return int(value.split()[0])
+
+
+def synchronize(device: str) -> None:
+    """Wait for the device's queued work (timings on a GPU must include it); no-op on the CPU."""
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def timed_ms(
+    work: Callable[[], object],
+    repeats: int,
+    device: str = "cpu",
+    warmup: int = 1,
+    statistic: Callable[[list[float]], float] = statistics.median,
+) -> float:
+    """``statistic`` (median unless told) of ``repeats`` timings of ``work()``, in ms, after
+    ``warmup`` untimed calls; the device is synchronised around each timed call."""
+    for _ in range(warmup):
+        work()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        work()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistic(times)

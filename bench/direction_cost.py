@@ -18,34 +18,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import machine, use_one_thread
+from common import machine, timed_ms, use_one_thread
 
 import torchlbfgs
 from torchlbfgs.history import History, push_curvature_pair
 
 
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-
-
 def median_ms(work: Callable[[], object], repeats: int, device: str = "cpu") -> float:
-    for _ in range(5):  # the first calls of LAPACK's triangular solve are slow
-        work()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        work()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    return timed_ms(work, repeats, device, warmup=5)  # the first triangular solves are slow
 
 
 def full_memory(n: int, m: int, dtype: torch.dtype, products: bool, device: str = "cpu") -> History:

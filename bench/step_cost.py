@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import synchronize, timed_ms
 
 import torchlbfgs
 
@@ -35,11 +36,6 @@ def closure_factory(optimizer: torch.optim.Optimizer, x: torch.Tensor, scales: t
         return loss
 
     return closure
-
-
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
 
 
 def time_optimizer(
@@ -104,15 +100,7 @@ def traffic_floor(n: int, history_size: int = 10, repeats: int = 5, device: str 
         torch.mv(s_history, vector), torch.mv(y_history, vector)
         torch.mv(s_history.T, weights), torch.mv(y_history.T, weights)
 
-    read_twice()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        read_twice()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return 1e3 * min(times)
+    return timed_ms(read_twice, repeats, device, statistic=min)
 
 
 def device_name(device: str) -> str:

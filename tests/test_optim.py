@@ -64,10 +64,10 @@ def test_same_iterates_and_closure_calls_as_torch(problem: Problem, options: dic
     assert total_iterations_bound > options["history_size"]  # the history wraps
 
 
-def test_history_wraps_in_the_parity_runs() -> None:
-    problem = classic_problems()[1]  # Rosenbrock n=100: many iterations per step
+def state_after_steps(problem: Problem, steps: int, **options: Any) -> dict[str, Any]:
+    """The state leaves of a ``torchlbfgs.LBFGS`` after ``steps`` steps on ``problem``."""
     x = torch.nn.Parameter(problem.x0.clone())
-    optimizer = torchlbfgs.LBFGS([x], history_size=3, max_iter=20, line_search_fn="strong_wolfe")
+    optimizer = torchlbfgs.LBFGS([x], **options)
 
     def closure() -> Tensor:
         optimizer.zero_grad()
@@ -75,9 +75,14 @@ def test_history_wraps_in_the_parity_runs() -> None:
         loss.backward()
         return loss
 
-    for _ in range(3):
+    for _ in range(steps):
         optimizer.step(closure)
-    leaves = optimizer.state_dict()["state"][0]
+    return optimizer.state_dict()["state"][0]  # type: ignore[no-any-return]
+
+
+def test_history_wraps_in_the_parity_runs() -> None:
+    problem = classic_problems()[1]  # Rosenbrock n=100: many iterations per step
+    leaves = state_after_steps(problem, 3, history_size=3, max_iter=20, line_search_fn="strong_wolfe")
     assert int(leaves["n_pairs"]) == 3
     assert int(leaves["iteration"]) > 3
 
@@ -94,18 +99,7 @@ def test_refused_pairs_mid_step_match_torch() -> None:
     assert ours[1] == theirs[1]
     for mine, reference in zip(ours[0], theirs[0], strict=True):
         assert torch.allclose(mine, reference, rtol=1e-12, atol=1e-12)
-    x = torch.nn.Parameter(problem.x0.clone())
-    optimizer = torchlbfgs.LBFGS([x], **options)
-
-    def closure() -> Tensor:
-        optimizer.zero_grad()
-        loss = problem.fun(x)
-        loss.backward()
-        return loss
-
-    for _ in range(3):
-        optimizer.step(closure)
-    leaves = optimizer.state_dict()["state"][0]
+    leaves = state_after_steps(problem, 3, **options)
     # one candidate pair per iteration but the first, the last still pending: fewer were kept
     assert int(leaves["n_pairs"]) < int(leaves["iteration"]) - 2
 

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 
 from torchlbfgs.line_searches.interpolation import quadratic_backtrack
-from torchlbfgs.line_searches.method import SearchOrigin
+from torchlbfgs.line_searches.method import SearchLimits, SearchOrigin
 from torchlbfgs.line_searches.result import FlatLineSearchResult
 from torchlbfgs.norms import max_abs
 
@@ -36,16 +36,10 @@ class _Search(NamedTuple):
 
 
 @dataclass(frozen=True)
-class Backtracking:
+class Backtracking(SearchLimits):
     """Armijo backtracking as a :class:`~torchlbfgs.line_searches.method.SearchMethod`."""
 
     c1: float = 1e-4
-    tolerance_change: float = 1e-9
-    max_ls: int = 25
-
-    @property
-    def max_trials(self) -> int:
-        return self.max_ls + 1
 
     def start(
         self, origin: SearchOrigin, step_size: torch.Tensor, active: torch.Tensor, budget: torch.Tensor

@@ -14,6 +14,7 @@ problem whose search is over starts its next iteration while others are still se
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple, Protocol, TypeVar
 
 import torch
@@ -22,7 +23,7 @@ from torchlbfgs.line_searches.loop import run_masked_loop, trial_point
 from torchlbfgs.line_searches.result import FlatLineSearchResult
 from torchlbfgs.objective import FlatObjective
 
-__all__ = ["NO_BUDGET", "SearchMethod", "SearchOrigin", "evaluation_budget", "run_search"]
+__all__ = ["NO_BUDGET", "SearchLimits", "SearchMethod", "SearchOrigin", "evaluation_budget", "run_search"]
 
 Search = TypeVar("Search")
 
@@ -73,6 +74,24 @@ class SearchMethod(Protocol[Search]):
     def outcome(self, search: Search) -> FlatLineSearchResult:
         """The result so far (final once the search stops running)."""
         ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchLimits:
+    """The limits every search with trials shares (a base of the search dataclasses).
+
+    Attributes:
+        tolerance_change: the search stops once its step interval times ``max|d|`` is below this.
+        max_ls: iteration limit: at most ``max_ls + 1`` evaluations (torch's ``max_ls``).
+    """
+
+    tolerance_change: float = 1e-9
+    max_ls: int = 25
+
+    @property
+    def max_trials(self) -> int:
+        """No search evaluates ``fun`` more often than this."""
+        return self.max_ls + 1
 
 
 def evaluation_budget(max_evals: int | torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:

@@ -44,7 +44,7 @@ from typing import NamedTuple
 
 import torch
 
-from torchlbfgs.line_searches.method import SearchOrigin
+from torchlbfgs.line_searches.method import SearchLimits, SearchOrigin
 from torchlbfgs.line_searches.result import FlatLineSearchResult
 from torchlbfgs.norms import max_abs
 
@@ -207,7 +207,7 @@ def _interval_step(
 
 
 @dataclass(frozen=True)
-class MoreThuente:
+class MoreThuente(SearchLimits):
     """Moré–Thuente search as a :class:`~torchlbfgs.line_searches.method.SearchMethod`; see the
     module docstring.
 
@@ -234,12 +234,6 @@ class MoreThuente:
     xtol: float = 0.1
     stpmin: float = 0.0
     stpmax: float = 1e10
-    tolerance_change: float = 1e-9
-    max_ls: int = 25
-
-    @property
-    def max_trials(self) -> int:
-        return self.max_ls + 1
 
     def start(
         self, origin: SearchOrigin, step_size: torch.Tensor, active: torch.Tensor, budget: torch.Tensor

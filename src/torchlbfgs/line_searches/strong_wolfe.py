@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 
 from torchlbfgs.line_searches.interpolation import cubic_minimizer
-from torchlbfgs.line_searches.method import SearchOrigin
+from torchlbfgs.line_searches.method import SearchLimits, SearchOrigin
 from torchlbfgs.line_searches.result import FlatLineSearchResult
 from torchlbfgs.norms import max_abs
 
@@ -76,18 +76,12 @@ def _set_slot(
 
 
 @dataclass(frozen=True)
-class StrongWolfe:
+class StrongWolfe(SearchLimits):
     """Strong-Wolfe search as a :class:`~torchlbfgs.line_searches.method.SearchMethod`; see
     the module docstring, and :func:`torchlbfgs.line_search` for the constants."""
 
     c1: float = 1e-4
     c2: float = 0.9
-    tolerance_change: float = 1e-9
-    max_ls: int = 25
-
-    @property
-    def max_trials(self) -> int:
-        return self.max_ls + 1
 
     def start(
         self, origin: SearchOrigin, step_size: torch.Tensor, active: torch.Tensor, budget: torch.Tensor
