@@ -347,20 +347,35 @@ def assert_point_close(actual: torch.Tensor, x: torch.Tensor, t: float, d: torch
     assert bool(((actual - expected).abs() <= rounding).all()), "the new point is not x + t d"
 
 
+def point_rounding(x: torch.Tensor, t: float, d: torch.Tensor) -> float:
+    """Bound on |p - (x + t d)| for the point p the library evaluated (see assert_point_close)."""
+    return float(torch.linalg.vector_norm(2 * EPS * (x.abs() + abs(t) * d.abs())))
+
+
 def assert_evaluated_at(
-    problem: Problem, point: torch.Tensor, value: torch.Tensor, grad: torch.Tensor, curvature: float
+    problem: Problem,
+    point: torch.Tensor,
+    value: torch.Tensor,
+    grad: torch.Tensor,
+    curvature: float,
+    point_error: float = 0.0,
 ) -> None:
     """``value`` and ``grad`` are f and grad f at ``point`` (the library's own evaluation there),
-    up to the rounding of f = x'Ax/2 - b'x and g = Ax - b at a point known to a few ulps.
+    up to the rounding of f = x'Ax/2 - b'x and g = Ax - b, and up to ``point_error``, how far the
+    library's evaluation point may be from ``point`` (a fused multiply-add rounds x + t d once).
 
     Standard dot-product error bounds, with |b| <= |A||x| + |g|: |df| <~ n eps (|A||x|^2 + |g||x|)
-    and |dg| <~ n eps (|A||x| + |g|); a factor 16 covers the constants.
+    and |dg| <~ n eps (|A||x| + |g|); a factor 16 covers the constants. Moving the point by e
+    changes g by at most |A| e and f by at most (|g| + |A| e) e.
     """
     f, g = value_and_grad(problem.fun, point)
     n = point.numel()
     x_norm, g_norm = float(torch.linalg.vector_norm(point)), float(torch.linalg.vector_norm(g))
-    f_tolerance = 16 * n * EPS * (curvature * x_norm**2 + g_norm * x_norm + abs(f))
-    g_tolerance = 16 * n * EPS * (curvature * x_norm + g_norm)
+    moved_g = curvature * point_error
+    f_tolerance = (
+        16 * n * EPS * (curvature * x_norm**2 + g_norm * x_norm + abs(f)) + (g_norm + moved_g) * point_error
+    )
+    g_tolerance = 16 * n * EPS * (curvature * x_norm + g_norm) + moved_g
     assert abs(float(value) - f) <= f_tolerance, "reported value is not f at the point"
     assert float(torch.linalg.vector_norm(grad - g)) <= g_tolerance, "reported gradient is not grad f"
 
@@ -484,7 +499,14 @@ def test_update_line_search_steps_satisfy_their_conditions(
         if bool(result.success):
             successes += 1
             assert_search_conditions(line_search, f0, gtd, result, direction)
-            assert_evaluated_at(problem, x + t * direction, result.value, result.grad, curvature)
+            assert_evaluated_at(
+                problem,
+                x + t * direction,
+                result.value,
+                result.grad,
+                curvature,
+                point_rounding(x, t, direction),
+            )
             # update ran the same search and took exactly its step.
             assert_point_close(new_x, x, t, direction)
             assert float(new_state.value) == float(result.value)
@@ -550,5 +572,12 @@ def test_line_search_function_satisfies_its_conditions(
     assert bool(result.success), f"{method} failed from step {first_step:g} (t* = {t_star:g})"
     assert_search_conditions(method, f0, gtd, result, direction)
     # The reported value and gradient are those at x + t d.
-    assert_evaluated_at(problem, x + t * direction, result.value, result.grad, hessian_norm(problem))
+    assert_evaluated_at(
+        problem,
+        x + t * direction,
+        result.value,
+        result.grad,
+        hessian_norm(problem),
+        point_rounding(x, t, direction),
+    )
     assert int(result.n_evals) >= 1
