@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine with only Python 3.10+:
 #   make demo   - create .venv, install torchlbfgs, run every example in docs/examples/
-#   make test   - create .venv, install torchlbfgs with its test/dev extras, run ruff, mypy, pytest
+#   make test   - create .venv, install torchlbfgs with its test/dev/docs extras, run ruff, mypy,
+#                 the strict docs build and pytest
 # torch is installed first, pinned to the CPU build torch==2.13.0, when the venv has none:
 # an unpinned torch would pull a multi-GB CUDA build.
 
@@ -9,7 +10,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo test lint typecheck pytest bench clean
+.PHONY: demo test lint typecheck docs pytest bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,17 +30,21 @@ demo: $(VENV)/.installed-test
 		$(PY) "$$example" || exit 1; \
 	done
 
-lint: $(VENV)/.installed-test,dev
+lint: $(VENV)/.installed-test,dev,docs
 	$(PY) -m ruff check src tests bench docs/examples
 	$(PY) -m ruff format --check src tests bench docs/examples
 
-typecheck: $(VENV)/.installed-test,dev
+typecheck: $(VENV)/.installed-test,dev,docs
 	$(PY) -m mypy
 
-pytest: $(VENV)/.installed-test,dev
+# The documentation site: a broken reference, a missing page or a bad docstring fails the build.
+docs: $(VENV)/.installed-test,dev,docs
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet --site-dir $(VENV)/site
+
+pytest: $(VENV)/.installed-test,dev,docs
 	$(PY) -m pytest
 
-test: lint typecheck pytest
+test: lint typecheck docs pytest
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,4 +1,5 @@
-"""The README's code and every script in docs/examples/ run and check their own claims."""
+"""The README's code, the documentation pages' code and every script in docs/examples/ run and
+check their own claims."""
 
 from __future__ import annotations
 
@@ -12,6 +13,13 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 README_BLOCKS = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.DOTALL)
 EXAMPLES = sorted((ROOT / "docs" / "examples").glob("*.py"))
+SNIPPET = "--8<--"  # a block that includes an example script, which runs on its own below
+DOC_BLOCKS = [
+    (page.name, index, block)
+    for page in sorted((ROOT / "docs").glob("*.md"))
+    for index, block in enumerate(re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.DOTALL))
+    if not block.startswith(SNIPPET)
+]
 
 
 def test_readme_has_the_three_quick_starts() -> None:
@@ -21,6 +29,24 @@ def test_readme_has_the_three_quick_starts() -> None:
 @pytest.mark.parametrize("index", range(len(README_BLOCKS)))
 def test_readme_code_runs(index: int) -> None:
     exec(compile(README_BLOCKS[index], f"README.md block {index}", "exec"), {"__name__": "__readme__"})
+
+
+def test_every_docs_page_has_runnable_code() -> None:
+    pages = {page for page, _, _ in DOC_BLOCKS}
+    expected = {
+        "index.md",
+        "functional.md",
+        "drop-in.md",
+        "checkpointing.md",
+        "batched.md",
+        "line-searches.md",
+    }
+    assert expected <= pages, sorted(expected - pages)
+
+
+@pytest.mark.parametrize(("page", "index", "block"), DOC_BLOCKS, ids=[f"{p}-{i}" for p, i, _ in DOC_BLOCKS])
+def test_docs_page_code_runs(page: str, index: int, block: str) -> None:
+    exec(compile(block, f"docs/{page} block {index}", "exec"), {"__name__": "__docs__"})
 
 
 @pytest.mark.parametrize("script", EXAMPLES, ids=lambda path: path.name)

@@ -106,8 +106,9 @@ def batched_minimize(
             batch dimension marked dynamic so that the shrinking batch needs no
             recompilation), or a dict of further ``torch.compile`` keyword arguments (e.g.
             ``{"backend": "aot_eager"}``).
-        callback, callback_every, value_and_grad: as in :func:`~torchlbfgs.minimize`; the
-            callback sees the whole batch.
+        callback: as in :func:`~torchlbfgs.minimize`; it sees the whole batch.
+        callback_every: as in :func:`~torchlbfgs.minimize`.
+        value_and_grad: as in :func:`~torchlbfgs.minimize`.
         **options: the other options of :func:`~torchlbfgs.minimize` (``max_iter``,
             tolerances, ``line_search``, ...).
 

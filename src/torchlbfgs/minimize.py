@@ -207,9 +207,19 @@ def minimize(
         fun: ``fun(params) -> scalar tensor`` (or ``(value, grad)`` with ``value_and_grad``).
         params0: the starting point, any pytree of floating tensors of one dtype.
         max_iter: at most this many iterations.
-        tolerance_grad, tolerance_change, history_size, direction, line_search, learning_rate,
-            curvature_rule, c1, c2, max_ls, max_evals, value_and_grad, early_exit:
-            as in :func:`torchlbfgs.init` and :func:`torchlbfgs.update`.
+        tolerance_grad: as in :func:`torchlbfgs.update`.
+        tolerance_change: as in :func:`torchlbfgs.update`.
+        history_size: as in :func:`torchlbfgs.init`.
+        direction: as in :func:`torchlbfgs.init`.
+        line_search: as in :func:`torchlbfgs.update`.
+        learning_rate: as in :func:`torchlbfgs.update`.
+        curvature_rule: as in :func:`torchlbfgs.update`.
+        c1: as in :func:`torchlbfgs.update`.
+        c2: as in :func:`torchlbfgs.update`.
+        max_ls: as in :func:`torchlbfgs.update`.
+        max_evals: as in :func:`torchlbfgs.update`.
+        value_and_grad: as in :func:`torchlbfgs.update`.
+        early_exit: as in :func:`torchlbfgs.update`.
         callback: called as ``callback(progress)`` with a :class:`Progress` every
             ``callback_every`` evaluation rounds (and never in between, so it costs no host
             sync on the other rounds); a round evaluates each running problem once.

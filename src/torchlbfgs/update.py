@@ -297,7 +297,8 @@ def update(
             ``-tolerance_change``.
         curvature_rule: ``"relative"`` (L-BFGS-B's scale-free test) or ``"absolute"``
             (torch's ``s'y > 1e-10``); see :mod:`torchlbfgs.history`.
-        c1, c2: line-search constants.
+        c1: the line search's sufficient-decrease constant.
+        c2: the line search's curvature constant.
         max_ls: iteration limit of each line search (torch's ``max_ls``).
         max_evals: total budget of evaluations over the whole run (counted in
             ``state.n_evals``); the problem stops with ``MAX_EVALS`` when it is used up.

@@ -122,7 +122,8 @@ def line_search(
         grad: the gradient of ``fun`` at ``params``, shaped like ``params``.
         method: ``"strong_wolfe"``, ``"more_thuente"``, ``"backtracking"`` or ``None``.
         step_size: the first trial step.
-        c1, c2: sufficient-decrease and curvature constants, ``0 < c1 < c2 < 1``.
+        c1: sufficient-decrease constant, ``0 < c1 < c2``.
+        c2: curvature constant, ``c1 < c2 < 1``.
         tolerance_change: the search stops when the step interval times ``max|d|`` falls
             below this.
         max_ls: iteration limit of the search (torch's ``max_ls``; ``"more_thuente"`` and
