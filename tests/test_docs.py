@@ -3,12 +3,15 @@ check their own claims."""
 
 from __future__ import annotations
 
+import inspect
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+import torchlbfgs
 
 ROOT = Path(__file__).resolve().parent.parent
 README_BLOCKS = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.DOTALL)
@@ -55,3 +58,17 @@ def test_example_runs(script: Path) -> None:
         [sys.executable, str(script)], capture_output=True, text=True, timeout=240, cwd=ROOT, check=False
     )
     assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
+
+
+@pytest.mark.parametrize("name", [name for name in torchlbfgs.__all__ if name != "__version__"])
+def test_every_public_name_has_a_runnable_example(name: str) -> None:
+    """Docstring examples run as doctests (pytest --doctest-modules over src/); this makes sure
+    each public name has one."""
+    doc = inspect.getdoc(getattr(torchlbfgs, name)) or ""
+    assert ">>>" in doc, f"torchlbfgs.{name} has no example in its docstring"
+
+
+def test_package_is_typed_and_versioned() -> None:
+    assert (Path(torchlbfgs.__file__).parent / "py.typed").is_file()
+    assert re.fullmatch(r"\d+\.\d+\.\d+", torchlbfgs.__version__)
+    assert sorted(torchlbfgs.__all__) == sorted(set(torchlbfgs.__all__))

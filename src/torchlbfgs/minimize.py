@@ -49,6 +49,12 @@ class Result(NamedTuple):
         status: ``()`` int64 - a :class:`~torchlbfgs.StopReason` code; ``MAX_ITERATIONS`` if
             the problem was still running after ``max_iter`` iterations. Turn it into text
             with :func:`~torchlbfgs.status_message`.
+
+    Example:
+        >>> import torch, torchlbfgs
+        >>> result = torchlbfgs.minimize(lambda x: ((x - 3.0) ** 2).sum(), torch.zeros(2))
+        >>> result.params, bool(result.converged), torchlbfgs.status_message(result.status)
+        (tensor([3., 3.]), True, 'converged: max|gradient| <= tolerance_grad')
     """
 
     params: PyTree
@@ -77,6 +83,14 @@ class Progress(NamedTuple):
         status: current stop-reason codes (0 while running).
         n_iter: iterations completed so far.
         n_evals: evaluations so far, those of the line search under way included.
+
+    Example:
+        >>> import torch, torchlbfgs
+        >>> seen = []
+        >>> result = torchlbfgs.minimize(lambda x: ((x - 1) ** 2).sum(), torch.zeros(2),
+        ...                              callback=seen.append, callback_every=1)
+        >>> [(p.rounds, int(p.n_iter)) for p in seen]
+        [(1, 1), (2, 2)]
     """
 
     rounds: int
@@ -89,6 +103,9 @@ class Progress(NamedTuple):
 
 def print_progress(progress: Progress) -> None:
     """A ready-made ``callback``: one line with the number of running problems and the values.
+
+    Args:
+        progress: what :func:`minimize` hands its callback.
 
     Example:
         >>> import torch, torchlbfgs

@@ -539,6 +539,27 @@ def to_torch_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
 
     The result loads into a ``torch.optim.LBFGS`` over the same parameters (one group), which
     then continues exactly as this optimizer would.
+
+    Args:
+        state_dict: what :meth:`LBFGS.state_dict` returned.
+
+    Returns:
+        a state dict in torch's format (pairs as lists, oldest first).
+
+    Example:
+        >>> import torch, torchlbfgs
+        >>> w = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+        >>> ours = torchlbfgs.LBFGS([w], history_size=5)
+        >>> def closure():
+        ...     ours.zero_grad()
+        ...     loss = ((w - 1.0) ** 2).sum()
+        ...     loss.backward()
+        ...     return loss
+        >>> _ = ours.step(closure)
+        >>> theirs = torch.optim.LBFGS([w], history_size=5)
+        >>> theirs.load_state_dict(torchlbfgs.to_torch_state_dict(ours.state_dict()))
+        >>> sorted(theirs.state_dict()["state"][0])[:4]
+        ['H_diag', 'al', 'd', 'func_evals']
     """
     groups = state_dict["param_groups"]
     history_size = groups[0]["history_size"]

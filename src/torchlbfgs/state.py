@@ -22,6 +22,13 @@ class StopReason(enum.IntEnum):
 
     ``RUNNING`` means the problem is still being optimized. Codes 1-4 are convergence (a
     tolerance was met), 5-6 are failures, 7-8 are exhausted budgets.
+
+    Example:
+        >>> import torch, torchlbfgs
+        >>> from torchlbfgs import StopReason
+        >>> result = torchlbfgs.minimize(lambda x: (x ** 2).sum(), torch.ones(2), max_iter=0)
+        >>> StopReason(int(result.status)).name
+        'MAX_ITERATIONS'
     """
 
     RUNNING = 0
@@ -60,6 +67,12 @@ _MESSAGES = {
 
 def status_message(code: int | torch.Tensor) -> str:
     """Human-readable text for a stop-reason code.
+
+    Args:
+        code: a :class:`StopReason`, an int, or a one-element integer tensor.
+
+    Returns:
+        one line of text; ``ValueError`` for an unknown code.
 
     Example:
         >>> from torchlbfgs import StopReason, status_message
@@ -105,6 +118,15 @@ class LBFGSState(NamedTuple):
             the gradient test (torch's ``n_iter``), whether or not their line search succeeded.
         n_evals: ``()`` int64 - number of evaluations of ``fun`` (value and gradient) so far.
         status: ``()`` int64 - a :class:`StopReason` code; 0 while running.
+
+    Example:
+        >>> import torch, torchlbfgs
+        >>> fun = lambda x: ((x - 1.0) ** 2).sum()
+        >>> x = torch.zeros(4, dtype=torch.float64)
+        >>> state = torchlbfgs.init(fun, x, history_size=3)
+        >>> x, state = torchlbfgs.update(fun, x, state)
+        >>> state.s_history.shape, int(state.n_pairs), int(state.head), int(state.n_evals)
+        (torch.Size([3, 4]), 1, 1, 2)
     """
 
     value: torch.Tensor

@@ -30,6 +30,16 @@ class LineSearchResult(NamedTuple):
         n_evals: ``()`` int64 - evaluations of ``fun`` the search counted.
         success: ``()`` bool - the search's conditions hold at the accepted point (strong Wolfe,
             Armijo, or, for the fixed step, a finite value and gradient).
+
+    Example:
+        >>> import torch, torchlbfgs
+        >>> fun = lambda p: ((p["x"] - 2.0) ** 2).sum()
+        >>> params = {"x": torch.zeros(2, dtype=torch.float64)}
+        >>> grad = torch.func.grad(fun)(params)
+        >>> direction = {"x": -grad["x"]}
+        >>> result = torchlbfgs.line_search(fun, params, direction, fun(params), grad, step_size=1.0)
+        >>> float(result.step_size), result.grad["x"], bool(result.success)
+        (0.5, tensor([0., 0.], dtype=torch.float64), True)
     """
 
     step_size: torch.Tensor
