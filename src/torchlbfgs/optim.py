@@ -225,7 +225,16 @@ class LBFGS(Optimizer):
         Args:
             closure: re-evaluates the model and returns the loss; it is called with
                 gradients enabled and must call ``backward()``.
+
+        ``torch.distributed.checkpoint``'s ``get_optimizer_state_dict`` initialises a fresh
+        optimizer by setting every gradient to zero and calling ``step(closure=None)``; on an
+        optimizer without state, with all gradients zero, that call only stores the state of
+        "no step taken yet" (nothing is evaluated or moved, and the next real step behaves
+        exactly as a first step). Any other call without a closure raises ``ValueError``.
         """
+        if closure is None and not self.state and self._all_grads_zero():
+            self._store(self._blank_state())
+            return None
         if closure is None or not callable(closure):
             raise ValueError(
                 "torchlbfgs.LBFGS.step needs a closure that re-evaluates the model and returns the loss"
@@ -241,6 +250,20 @@ class LBFGS(Optimizer):
             raise
         self._store(new_state)
         return loss
+
+    def _all_grads_zero(self) -> bool:
+        return all(p.grad is not None and not bool(p.grad.any()) for p in self._params)
+
+    def _blank_state(self) -> OptimizerState:
+        """The state before any step: what a first ``step`` starts from (no pair, no pending step,
+        no evaluation counted; the first step's evaluation overwrites value and gradient)."""
+        x = self._flat_params()
+        core = initial_state(torch.zeros((), dtype=x.dtype, device=x.device), torch.zeros_like(x),
+                             history_size=self.param_groups[0]["history_size"])  # fmt: skip
+        return OptimizerState(
+            core._replace(n_evals=torch.zeros_like(core.n_evals)), torch.zeros_like(x),
+            torch.zeros((), dtype=x.dtype, device=x.device), torch.tensor(False, device=x.device),
+        )  # fmt: skip
 
     def _evaluate(
         self, closure: Callable[[], Any], dtype: torch.dtype
