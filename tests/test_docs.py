@@ -34,6 +34,12 @@ def test_readme_code_runs(index: int) -> None:
     exec(compile(README_BLOCKS[index], f"README.md block {index}", "exec"), {"__name__": "__readme__"})
 
 
+def test_every_example_is_included_in_a_docs_page() -> None:
+    pages = "".join(page.read_text() for page in (ROOT / "docs").glob("*.md"))
+    for script in EXAMPLES:
+        assert f'{SNIPPET} "docs/examples/{script.name}"' in pages, f"{script.name} is in no docs page"
+
+
 def test_every_docs_page_has_runnable_code() -> None:
     pages = {page for page, _, _ in DOC_BLOCKS}
     expected = {
