@@ -9,6 +9,7 @@ non-tensor junk, a wrong format version), at least 500 cases a run.
 from __future__ import annotations
 
 import copy
+import io
 import math
 from typing import Any
 
@@ -182,4 +183,22 @@ def test_generated_hostile_checkpoints_are_refused_and_change_nothing(target: st
         optimizer.load_state_dict(state_dict)
     message = str(raised.value)
     assert any(key in message or repr(key) in message for key in named), (message, named)
+    assert_same(snapshot(optimizer), before)
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(fraction=st.floats(0.0, 0.999))
+def test_truncated_checkpoint_files_fail_to_load_and_change_nothing(fraction: float) -> None:
+    """A file cut short fails in ``torch.load(..., weights_only=True)`` (never executing code),
+    before the optimizer is touched."""
+    buffer = io.BytesIO()
+    torch.save(GOOD, buffer)
+    data = buffer.getvalue()
+    optimizer = TARGETS["stepped"]()
+    before = snapshot(optimizer)
+    with pytest.raises(Exception) as raised:  # noqa: PT011 - torch raises several kinds here
+        optimizer.load_state_dict(
+            torch.load(io.BytesIO(data[: int(fraction * len(data))]), weights_only=True)
+        )
+    assert not isinstance(raised.value, AssertionError)
     assert_same(snapshot(optimizer), before)
