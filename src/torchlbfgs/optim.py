@@ -19,11 +19,21 @@ bet that the new pair entered the memory; when the curvature test refused the pa
 the direction is recomputed and read again. The number of closure evaluations is counted on
 the host. The strong-Wolfe search adds one read per closure evaluation, plus one before the
 first: whether to call the closure again, which only the host can decide. Each ``step``
-adds three reads at its start (the gradient test, the pending pair, the first direction).
+adds three reads at its start (the gradient and finiteness tests, the pending pair, the first
+direction) and, when its last iteration evaluated the closure, one at its end (was that point
+finite?).
+
+Non-finite values: a ``step`` whose closure returns NaN or Inf at the current parameters
+raises ``ValueError`` and changes nothing. When the line search finds no point with a finite
+loss and gradient along the direction, the parameters go back to the last finite point, the
+state records the stop reason ``NON_FINITE`` and a ``RuntimeWarning`` says so; the next
+``step`` starts again from there. (``torch.optim.LBFGS`` moves to the non-finite point, or,
+with strong Wolfe, can fail with an ``IndexError``.)
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
@@ -298,9 +308,16 @@ class LBFGS(Optimizer):
             core = stored.core._replace(n_evals=stored.core.n_evals + 1)
         # host read (once per step): torch returns before touching its state when the gradient
         # is already small
-        grad_small, has_pending = torch.stack(
-            (grad.abs().amax() <= tolerance_grad, stored.has_pending)
+        finite = torch.isfinite(value) & torch.isfinite(grad).all()
+        grad_small, has_pending, start_finite = torch.stack(
+            (grad.abs().amax() <= tolerance_grad, stored.has_pending, finite)
         ).tolist()
+        if not start_finite:
+            raise ValueError(
+                "torchlbfgs.LBFGS.step: the closure returned a non-finite loss or gradient at the current "
+                "parameters (NaN or Inf); nothing was changed. Check the model and data, or restart "
+                "from finite parameters."
+            )
         if grad_small:
             return orig_loss, stored._replace(core=core)
 
@@ -364,6 +381,8 @@ class LBFGS(Optimizer):
             evals = closure_calls - calls_before
             current_evals += evals
             if found is None or n_iter == max_iter or current_evals >= max_eval:
+                if found is not None and not bool(_is_finite(found)):  # host read: once per step
+                    return orig_loss, self._failed_non_finite(core, x, evals)
                 return orig_loss, self._pending(core, proposal, step_size, evals)
             undo.record(core)
             _, next_core = accept(
@@ -376,11 +395,13 @@ class LBFGS(Optimizer):
             # "where are the pairs?" and "search?". A refused pair costs a second plan and read.
             ring_if_kept = ring.after_push()
             next_proposal = plan(next_core, ring_if_kept)
-            stopped, head, n_pairs, searching = torch.stack((
-                next_core.status != StopReason.RUNNING, next_core.head, next_core.n_pairs,
-                next_proposal.searching,
+            status, head, n_pairs, searching = torch.stack((
+                next_core.status, next_core.head, next_core.n_pairs, next_proposal.searching.long(),
             )).tolist()  # fmt: skip
-            if stopped:
+            if status == StopReason.NON_FINITE:
+                undo.undo_last()
+                return orig_loss, self._failed_non_finite(core, x, evals)
+            if status != StopReason.RUNNING:
                 undo.undo_last()  # the last iteration stays pending: its pair comes next step
                 return orig_loss, self._pending(core, proposal, step_size, evals)
             ring = _Ring(head, n_pairs, ring.size)
@@ -389,6 +410,28 @@ class LBFGS(Optimizer):
                 searching = bool(next_proposal.searching)
             core, x, proposal = next_core, x_new, next_proposal
         raise AssertionError("unreachable: the last iteration always stops")  # pragma: no cover
+
+    def _failed_non_finite(self, core: LBFGSState, x: torch.Tensor, evals: int) -> OptimizerState:
+        """The line search found no point with a finite loss and gradient along the direction:
+        put the params back at ``x``, the last finite point, and report it (stop reason
+        ``NON_FINITE`` in the state, and a warning). The next ``step`` starts again from ``x``."""
+        self._write_params(x)
+        warnings.warn(
+            "torchlbfgs.LBFGS: the closure returned a non-finite loss or gradient at every point the "
+            "line search tried; the parameters were left at the last finite point (stop reason "
+            "NON_FINITE). A smaller lr or a line search (line_search_fn='strong_wolfe') may help.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        failed = core._replace(
+            iteration=core.iteration + 1,
+            n_evals=core.n_evals + evals,
+            status=torch.full_like(core.status, StopReason.NON_FINITE.value),
+        )
+        no_step = torch.zeros_like(core.value)
+        return OptimizerState(
+            failed, torch.zeros_like(x), no_step, torch.zeros_like(core.status, dtype=torch.bool)
+        )
 
     @staticmethod
     def _pending(core: LBFGSState, proposal: Proposal, step_size: torch.Tensor, evals: int) -> OptimizerState:
@@ -483,6 +526,10 @@ class LBFGS(Optimizer):
         super().load_state_dict({"state": {}, "param_groups": saved_groups})
         if validated is not None:
             self._store(validated)
+
+
+def _is_finite(found: FlatLineSearchResult) -> torch.Tensor:
+    return torch.isfinite(found.value) & torch.isfinite(found.grad).all()
 
 
 class _Ring(NamedTuple):

@@ -1,0 +1,122 @@
+"""Non-finite values: functions that are NaN or Inf outside a domain, and start points where
+they are. A barrier f(x) = sum((x - 3)^2 - log(1.5 - x)) is finite only for x < 1.5; its
+minimiser solves 2(x - 3) + 1/(1.5 - x) = 0, i.e. 2x^2 - 9x + 8 = 0: x* = (9 - sqrt(17)) / 4.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+import torchlbfgs
+from torchlbfgs import StopReason
+
+X_STAR = (9 - math.sqrt(17)) / 4
+
+
+def barrier(x: torch.Tensor) -> torch.Tensor:
+    return ((x - 3.0) ** 2 - torch.log(1.5 - x)).sum()
+
+
+def adapter(
+    line_search_fn: str | None, lr: float = 1.0
+) -> tuple[torch.nn.Parameter, torchlbfgs.LBFGS, object]:
+    x = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    optimizer = torchlbfgs.LBFGS([x], lr=lr, max_iter=20, line_search_fn=line_search_fn,
+                                 tolerance_grad=1e-10, tolerance_change=0.0)  # fmt: skip
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = barrier(x)
+        loss.backward()
+        return loss
+
+    return x, optimizer, closure
+
+
+def all_finite(state_dict: dict) -> bool:  # type: ignore[type-arg]
+    leaves = state_dict["state"][0]
+    return all(
+        bool(torch.isfinite(v).all())
+        for v in leaves.values()
+        if isinstance(v, torch.Tensor) and v.is_floating_point()
+    )
+
+
+@pytest.mark.parametrize("line_search", ["strong_wolfe", "more_thuente", "backtracking"])
+def test_line_searches_recover_from_non_finite_trial_points(line_search: str) -> None:
+    """The first trial steps leave the domain (f = NaN): every search shrinks back into it, and
+    the run reaches x* with nothing non-finite in its state."""
+    result = torchlbfgs.minimize(barrier, torch.zeros(3, dtype=torch.float64), line_search=line_search,
+                                 tolerance_grad=1e-9, tolerance_change=0.0, learning_rate=10.0)  # fmt: skip
+    assert bool(result.converged), torchlbfgs.status_message(result.status)
+    torch.testing.assert_close(
+        result.params, torch.full((3,), X_STAR, dtype=torch.float64), rtol=1e-8, atol=1e-8
+    )
+
+
+def test_fixed_step_into_nan_is_not_taken_by_update() -> None:
+    x = torch.zeros(3, dtype=torch.float64)
+    state = torchlbfgs.init(barrier, x)
+    new_x, new_state = torchlbfgs.update(barrier, x, state, line_search=None, learning_rate=10.0)
+    # g = -16/3 per coordinate, so the first step 10/|g|_1 * 16/3 lands at x = 10/3 > 1.5: NaN
+    assert torch.equal(new_x, x)
+    assert int(new_state.status) == StopReason.NON_FINITE
+    assert all(bool(torch.isfinite(leaf).all()) for leaf in new_state if leaf.is_floating_point())
+
+
+def test_adapter_strong_wolfe_recovers_where_torch_can_fail() -> None:
+    x, optimizer, closure = adapter("strong_wolfe")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: the search recovers
+        for _ in range(5):
+            optimizer.step(closure)
+    torch.testing.assert_close(
+        x.detach(), torch.full((3,), X_STAR, dtype=torch.float64), rtol=1e-8, atol=1e-8
+    )
+    assert all_finite(optimizer.state_dict())
+
+
+def test_adapter_fixed_step_stays_at_the_last_finite_point_and_warns() -> None:
+    """lr=1 with no line search overshoots out of the domain: torch.optim.LBFGS moves there
+    (its loss becomes NaN); ours puts the params back, records NON_FINITE and warns."""
+    x, optimizer, closure = adapter(None)
+    for _ in range(3):
+        with pytest.warns(RuntimeWarning, match="non-finite"):
+            optimizer.step(closure)
+        assert math.isfinite(float(barrier(x.detach())))
+        state_dict = optimizer.state_dict()
+        assert int(state_dict["state"][0]["status"]) == StopReason.NON_FINITE
+        assert all_finite(state_dict)
+
+    theirs = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    torch_optimizer = torch.optim.LBFGS([theirs], lr=1.0, max_iter=20)
+
+    def torch_closure() -> torch.Tensor:
+        torch_optimizer.zero_grad()
+        loss = barrier(theirs)
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        torch_optimizer.step(torch_closure)
+    assert not math.isfinite(float(barrier(theirs.detach())))
+
+
+def test_adapter_refuses_a_non_finite_start_and_changes_nothing() -> None:
+    x = torch.nn.Parameter(torch.tensor([0.0, 2.0], dtype=torch.float64))  # 2.0 is outside the domain
+    optimizer = torchlbfgs.LBFGS([x], line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = barrier(x)
+        loss.backward()
+        return loss
+
+    with pytest.raises(ValueError, match="non-finite loss or gradient"):
+        optimizer.step(closure)
+    assert torch.equal(x.detach(), torch.tensor([0.0, 2.0], dtype=torch.float64))
+    assert optimizer.state_dict()["state"] == {}
