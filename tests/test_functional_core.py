@@ -420,12 +420,16 @@ NON_FINITE_STARTS = {
 @pytest.mark.parametrize("line_search", LINE_SEARCHES, ids=str)
 @pytest.mark.parametrize("start", NON_FINITE_STARTS)
 def test_non_finite_start_stops_at_init(start: str, line_search: str | None) -> None:
+    """``init`` refuses a non-finite start where checking is free; unchecked (and always under
+    ``vmap``, below) the state is failed from the start and ``update`` leaves it alone."""
     fun, x0 = NON_FINITE_STARTS[start]
     value = fun(x0)
     grad = torch.func.grad(fun)(x0)
     assert not (torch.isfinite(value) and torch.isfinite(grad).all())  # the premise
 
-    state = torchlbfgs.init(fun, x0)
+    with pytest.raises(ValueError, match="not finite"):  # eager on the CPU: a clear error
+        torchlbfgs.init(fun, x0)
+    state = torchlbfgs.init(fun, x0, check_finite=False)  # or, unchecked, a failed state
     assert state.status == StopReason.NON_FINITE
     assert bool(state.stopped)
     assert bool(state.failed)
@@ -614,3 +618,9 @@ def test_func_grad_through_updates_matches_finite_differences(
         [(loss(b + h * e) - loss(b - h * e)) / (2 * h) for e in torch.eye(4, dtype=torch.float64)]
     )
     torch.testing.assert_close(grad, finite_differences, rtol=1e-6, atol=1e-9)
+
+
+def test_non_finite_start_under_vmap_is_a_status_not_an_error() -> None:
+    starts = torch.tensor([[1.0, 2.0], [-1.0, 2.0], [3.0, 0.5]], dtype=torch.float64)  # row 1: log(-1)
+    states = torch.func.vmap(lambda x: torchlbfgs.init(lambda v: torch.log(v).sum(), x))(starts)
+    assert states.status.tolist() == [StopReason.RUNNING, StopReason.NON_FINITE, StopReason.RUNNING]

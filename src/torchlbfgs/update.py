@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
+from torch._C._functorch import is_functorch_wrapped_tensor
 
 from torchlbfgs.direction import Direction, inv_hessian_product, uses_compact_form
 from torchlbfgs.history import (
@@ -27,6 +28,7 @@ from torchlbfgs.history import (
     push_curvature_pair,
 )
 from torchlbfgs.line_searches import LineSearch, check_line_search_options, search_along
+from torchlbfgs.line_searches.loop import exits_early
 from torchlbfgs.line_searches.result import FlatLineSearchResult
 from torchlbfgs.norms import max_abs
 from torchlbfgs.objective import flat_objective
@@ -56,6 +58,7 @@ def init(
     history_size: int = 10,
     direction: Direction = "two_loop",
     value_and_grad: bool = False,
+    check_finite: bool | None = None,
 ) -> LBFGSState:
     """Evaluate ``fun`` and its gradient at ``params`` and return the initial state.
 
@@ -69,10 +72,15 @@ def init(
             keeps the ``(m, m)`` products of the pairs). Both give the same direction up to
             rounding (:mod:`torchlbfgs.direction`); the choice is part of the state.
         value_and_grad: see ``fun``.
+        check_finite: raise ``ValueError`` when the value or gradient at ``params`` is NaN or
+            infinite. ``None`` (default) checks where reading it is free: eager CPU tensors
+            outside ``vmap`` and ``torch.compile``; ``True`` everywhere (a device sync on
+            GPUs); ``False`` never.
 
     Returns:
-        an :class:`~torchlbfgs.LBFGSState` with an empty history. Its status is
-        ``NON_FINITE`` if the value or gradient at ``params`` is not finite.
+        an :class:`~torchlbfgs.LBFGSState` with an empty history. When the start is not finite
+        and not checked (under ``vmap``, for instance), its status is ``NON_FINITE`` and
+        ``update`` leaves it as it is.
 
     Example:
         >>> import torch, torchlbfgs
@@ -83,6 +91,20 @@ def init(
     require_count("history_size", history_size, 1)
     x, unravel = ravel_pytree(params)
     value, grad = flat_objective(fun, unravel, value_and_grad=value_and_grad)(x)
+    checks = check_finite if check_finite is not None else (
+        exits_early(None, value) and not is_functorch_wrapped_tensor(value)
+    )  # fmt: skip
+    if checks:
+        value_finite, grad_finite = torch.stack(
+            (torch.isfinite(value), torch.isfinite(grad).all())
+        ).tolist()  # sync-ok: check_finite
+        if not (value_finite and grad_finite):
+            what = "value" if not value_finite else "gradient"
+            raise ValueError(
+                f"init: the {what} of fun at params is not finite (NaN or Inf); start from a point "
+                "where fun and its gradient are finite (or pass check_finite=False to get a state "
+                "with status NON_FINITE instead)"
+            )
     return initial_state(value.to(x.dtype), grad, history_size=history_size, direction=direction)
 
 
