@@ -120,3 +120,64 @@ def test_adapter_refuses_a_non_finite_start_and_changes_nothing() -> None:
         optimizer.step(closure)
     assert torch.equal(x.detach(), torch.tensor([0.0, 2.0], dtype=torch.float64))
     assert optimizer.state_dict()["state"] == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Zero gradients, constant functions, flat regions, directions that do not descend
+
+
+DEGENERATE = {
+    "constant": lambda x: torch.zeros((), dtype=x.dtype) + 5.0 + 0.0 * x.sum(),
+    "flat region": lambda x: torch.relu(x).sum(),  # zero value and gradient for x < 0
+    "zero gradient at the start": lambda x: ((x + 1.0) ** 2).sum(),  # minimum at the start
+}
+
+
+@pytest.mark.parametrize("line_search", ["strong_wolfe", "more_thuente", "backtracking", None])
+@pytest.mark.parametrize("name", sorted(DEGENERATE))
+def test_zero_gradient_stops_cleanly(name: str, line_search: str | None) -> None:
+    fun = DEGENERATE[name]
+    x0 = -torch.ones(3, dtype=torch.float64)
+    state = torchlbfgs.init(fun, x0)
+    x, state = torchlbfgs.update(fun, x0, state, line_search=line_search, tolerance_grad=0.0)
+    assert int(state.status) == StopReason.GRADIENT_TOLERANCE
+    assert torch.equal(x, x0)
+    assert all(bool(torch.isfinite(leaf).all()) for leaf in state if leaf.is_floating_point())
+
+    param = torch.nn.Parameter(x0.clone())
+    optimizer = torchlbfgs.LBFGS(
+        [param], line_search_fn="strong_wolfe" if line_search else None, tolerance_grad=0.0
+    )
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = fun(param)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)  # returns at once, as torch's does, without dividing by |g| = 0
+    assert torch.equal(param.detach(), x0)
+
+
+def test_ascent_direction_from_a_corrupted_history_stops_with_a_defined_reason() -> None:
+    """A memory whose pair has negative curvature (as round-off could leave it) makes H
+    indefinite: if the direction does not descend, update stops before searching."""
+    fun = lambda x: (x**2).sum()  # noqa: E731
+    x = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    state = torchlbfgs.init(fun, x, history_size=2)
+    s = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    y = torch.tensor([-100.0, -0.01], dtype=torch.float64)  # y's < 0: never accepted by the rules
+    corrupted = state._replace(
+        s_history=state.s_history.index_copy(0, torch.tensor([0]), s[None]),
+        y_history=state.y_history.index_copy(0, torch.tensor([0]), y[None]),
+        rho=state.rho.index_copy(0, torch.tensor([0]), (1.0 / (y @ s)).reshape(1)),
+        gamma=(y @ s) / (y @ y),
+        head=torch.tensor(1),
+        n_pairs=torch.tensor(1),
+    )
+    direction = -torchlbfgs.inv_hessian_product(corrupted, corrupted.grad)
+    assert float(corrupted.grad @ direction) > 0  # the premise: an ascent direction
+    new_x, new_state = torchlbfgs.update(fun, x, corrupted)
+    assert int(new_state.status) == StopReason.DIRECTIONAL_DERIVATIVE_TOLERANCE
+    assert torch.equal(new_x, x)
+    assert int(new_state.n_evals) == int(corrupted.n_evals)  # stopped before any evaluation
