@@ -170,11 +170,20 @@ def assert_same(a: dict[str, Any], b: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("target", sorted(TARGETS))
 @settings(max_examples=300, deadline=None, database=None)
-@given(broken=st.lists(breakages(), min_size=1, max_size=3))
-def test_generated_hostile_checkpoints_are_refused_and_change_nothing(target: str, broken: list[Any]) -> None:
+@given(
+    broken=st.lists(breakages(), min_size=1, max_size=3),
+    history_size=st.none() | st.integers(1, 50).filter(lambda m: m != HISTORY_SIZE),
+)
+def test_generated_hostile_checkpoints_are_refused_and_change_nothing(
+    target: str, broken: list[Any], history_size: int | None
+) -> None:
+    """Broken leaves, and sometimes also a checkpoint written with another history size."""
     state_dict = copy.deepcopy(GOOD)
     leaves = state_dict["state"][0]
     named = {apply(leaves, breakage) for breakage in broken} - {None}
+    if history_size is not None:
+        state_dict["param_groups"][0]["history_size"] = history_size
+        named.add("history_size")
     if not named:
         return  # every breakage was undone by an earlier one (e.g. renamed, then removed)
     optimizer = TARGETS[target]()

@@ -24,7 +24,10 @@ direction) and, when its last iteration evaluated the closure, one at its end (w
 finite?).
 
 Non-finite values: a ``step`` whose closure returns NaN or Inf at the current parameters
-raises ``ValueError`` and changes nothing. When the line search finds no point with a finite
+raises ``ValueError`` and changes nothing, except where the previous ``step`` ended with a
+fixed step it did not evaluate (torch's rule for the last iteration): then the parameters go
+back to that step's origin (up to the rounding of ``x + t d - t d``) and the step reports
+``NON_FINITE`` as below. When the line search finds no point with a finite
 loss and gradient along the direction, the parameters go back to the last finite point, the
 state records the stop reason ``NON_FINITE`` and a ``RuntimeWarning`` says so; the next
 ``step`` starts again from there. (``torch.optim.LBFGS`` moves to the non-finite point, or,
@@ -312,6 +315,11 @@ class LBFGS(Optimizer):
         grad_small, has_pending, start_finite = torch.stack(
             (grad.abs().amax() <= tolerance_grad, stored.has_pending, finite)
         ).tolist()
+        if not start_finite and has_pending:
+            # The last step of the previous call moved without evaluating the closure (torch's
+            # fixed-step rule) and landed where the loss is not finite: go back to its origin.
+            self._write_params(torch.addcmul(x, stored.pending_direction, stored.pending_step, value=-1))
+            return orig_loss, self._failed_non_finite(core, counts_iteration=False)  # counted before
         if not start_finite:
             raise ValueError(
                 "torchlbfgs.LBFGS.step: the closure returned a non-finite loss or gradient at the current "
@@ -411,11 +419,20 @@ class LBFGS(Optimizer):
             core, x, proposal = next_core, x_new, next_proposal
         raise AssertionError("unreachable: the last iteration always stops")  # pragma: no cover
 
-    def _failed_non_finite(self, core: LBFGSState, x: torch.Tensor, evals: int) -> OptimizerState:
+    def _failed_non_finite(
+        self,
+        core: LBFGSState,
+        x: torch.Tensor | None = None,
+        evals: int = 0,
+        *,
+        counts_iteration: bool = True,
+    ) -> OptimizerState:
         """The line search found no point with a finite loss and gradient along the direction:
-        put the params back at ``x``, the last finite point, and report it (stop reason
-        ``NON_FINITE`` in the state, and a warning). The next ``step`` starts again from ``x``."""
-        self._write_params(x)
+        put the params back at ``x``, the last finite point (unless the caller did), and report
+        it (stop reason ``NON_FINITE`` in the state, and a warning). The next ``step`` starts
+        again from there."""
+        if x is not None:
+            self._write_params(x)
         warnings.warn(
             "torchlbfgs.LBFGS: the closure returned a non-finite loss or gradient at every point the "
             "line search tried; the parameters were left at the last finite point (stop reason "
@@ -424,13 +441,13 @@ class LBFGS(Optimizer):
             stacklevel=4,
         )
         failed = core._replace(
-            iteration=core.iteration + 1,
+            iteration=core.iteration + int(counts_iteration),
             n_evals=core.n_evals + evals,
             status=torch.full_like(core.status, StopReason.NON_FINITE.value),
         )
         no_step = torch.zeros_like(core.value)
         return OptimizerState(
-            failed, torch.zeros_like(x), no_step, torch.zeros_like(core.status, dtype=torch.bool)
+            failed, torch.zeros_like(core.grad), no_step, torch.zeros_like(core.status, dtype=torch.bool)
         )
 
     @staticmethod
