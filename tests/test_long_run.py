@@ -1,6 +1,7 @@
 """Long runs: 10,000 steps on a small problem and 1,000 with a wrapping history on a larger
-one. Memory does not grow (the resident set after a warm-up, and the number of live tensors),
-the counters count exactly, and the state's leaves keep their shapes and dtypes throughout.
+one. Memory does not grow (the number of live tensors and the bytes they hold, exactly, and the
+resident set, to allocator noise), the counters count exactly, and the state's leaves keep
+their shapes and dtypes throughout.
 """
 
 from __future__ import annotations
@@ -22,11 +23,14 @@ def resident_kib() -> int:
     pytest.skip("no /proc/self/status")
 
 
-def live_tensors() -> int:
+def live_tensors() -> tuple[int, int]:
+    """How many tensors are alive, and the bytes of their storages (each storage once)."""
     gc.collect()
     with warnings.catch_warnings():  # isinstance on some module objects warns of deprecations
         warnings.simplefilter("ignore")
-        return sum(1 for obj in gc.get_objects() if isinstance(obj, torch.Tensor))
+        tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return len(tensors), sum(storages.values())
 
 
 @pytest.mark.parametrize(
@@ -68,8 +72,8 @@ def test_long_run_keeps_memory_counters_and_shapes(
             rss_after_warmup, tensors_after_warmup = resident_kib(), live_tensors()
         elif step > warmup and step % (steps // 5) == 0:
             assert shapes() == expected_shapes, f"step {step}"
-    # No growth: live tensors exactly as after the warm-up; the resident set within 8 MiB
-    # (allocator noise) while the run went on for 90% of its steps.
+    # No growth: live tensors and their allocated bytes exactly as after the warm-up; the
+    # resident set within 8 MiB (allocator noise) while the run went on for 90% of its steps.
     assert live_tensors() == tensors_after_warmup
     assert resident_kib() - rss_after_warmup < 8 * 1024
     state = optimizer.state_dict()["state"][0]
