@@ -29,7 +29,13 @@ def live_tensors() -> tuple[int, int]:
     with warnings.catch_warnings():  # isinstance on some module objects warns of deprecations
         warnings.simplefilter("ignore")
         tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    storages = {}
+    for t in tensors:
+        try:
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        except (RuntimeError, NotImplementedError):
+            pass  # fake or functional tensors that other tests' compiles leave in caches hold no memory
     return len(tensors), sum(storages.values())
 
 
