@@ -53,6 +53,7 @@ __all__ = [
     "Direction",
     "inv_hessian_product",
     "newest_first_order",
+    "slots_newest_first",
     "stored_slots",
     "uses_compact_form",
 ]
@@ -74,13 +75,17 @@ def newest_first_order(head: torch.Tensor, history_size: int) -> torch.Tensor:
     return torch.remainder(head - offsets, history_size)
 
 
+def slots_newest_first(head: int, n_pairs: int, history_size: int) -> list[int]:
+    """The ring's slots that hold pairs, newest first, from its head and count read on the host."""
+    return [(head - 1 - k) % history_size for k in range(n_pairs)]
+
+
 def stored_slots(history: History, early_exit: bool | None) -> list[int] | None:
     """Slots holding pairs, newest first, when the host may read them; else ``None``."""
     if not exits_early(early_exit, history.head) or is_functorch_wrapped_tensor(history.head):
         return None
-    m = history.s_history.shape[0]
     head, n_pairs = torch.stack((history.head, history.n_pairs)).tolist()  # sync-ok: exits_early
-    return [(head - 1 - k) % m for k in range(n_pairs)]
+    return slots_newest_first(head, n_pairs, history.s_history.shape[0])
 
 
 def _rows_in_use(history: History, early_exit: bool | None) -> int:

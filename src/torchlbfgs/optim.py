@@ -52,6 +52,7 @@ from torchlbfgs.checkpoint import (
     state_to_leaves,
     state_to_torch_lbfgs,
 )
+from torchlbfgs.direction import slots_newest_first
 from torchlbfgs.line_searches import search_along
 from torchlbfgs.line_searches.result import FlatLineSearchResult
 from torchlbfgs.state import LBFGSState, StopReason
@@ -565,7 +566,7 @@ class _Ring(NamedTuple):
     @property
     def slots(self) -> list[int]:
         """Slots holding pairs, newest first."""
-        return [(self.head - 1 - k) % self.size for k in range(self.n_pairs)]
+        return slots_newest_first(self.head, self.n_pairs, self.size)
 
     def after_push(self) -> _Ring:
         """The ring after one more pair is written."""

@@ -94,18 +94,16 @@ def init(
     checks = check_finite if check_finite is not None else (
         exits_early(None, value) and not is_functorch_wrapped_tensor(value)
     )  # fmt: skip
-    if checks:
-        value_finite, grad_finite = torch.stack(
-            (torch.isfinite(value), torch.isfinite(grad).all())
-        ).tolist()  # sync-ok: check_finite
-        if not (value_finite and grad_finite):
-            what = "value" if not value_finite else "gradient"
-            raise ValueError(
-                f"init: the {what} of fun at params is not finite (NaN or Inf); start from a point "
-                "where fun and its gradient are finite (or pass check_finite=False to get a state "
-                "with status NON_FINITE instead)"
-            )
-    return initial_state(value.to(x.dtype), grad, history_size=history_size, direction=direction)
+    state = initial_state(value.to(x.dtype), grad, history_size=history_size, direction=direction)
+    # initial_state has already tested finiteness: its status is the one value to read
+    if checks and bool(state.status == StopReason.NON_FINITE.value):  # sync-ok: check_finite
+        what = "gradient" if bool(torch.isfinite(value)) else "value"  # sync-ok: the error path
+        raise ValueError(
+            f"init: the {what} of fun at params is not finite (NaN or Inf); start from a point "
+            "where fun and its gradient are finite (or pass check_finite=False to get a state "
+            "with status NON_FINITE instead)"
+        )
+    return state
 
 
 def initial_state(
