@@ -1,6 +1,6 @@
 """torchlbfgs: L-BFGS for PyTorch as pure functions over an immutable state pytree.
 
-Example:
+Examples:
     >>> import torch, torchlbfgs
     >>> fun = lambda p: (p["a"] - 1.0).pow(2).sum() + (p["b"] + 2.0).pow(2).sum()
     >>> params = {"a": torch.zeros(2), "b": torch.zeros(())}

@@ -115,7 +115,7 @@ def batched_minimize(
     Returns:
         a :class:`~torchlbfgs.Result` whose fields have a leading batch dimension.
 
-    Example:
+    Examples:
         >>> import torch, torchlbfgs
         >>> def loss(theta, t, y):  # fit y = a exp(-b t) for one signal
         ...     return ((theta[0] * torch.exp(-theta[1] * t) - y) ** 2).mean()

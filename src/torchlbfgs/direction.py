@@ -181,7 +181,7 @@ def inv_hessian_product(
     Returns:
         :math:`H_k v`, shape ``(n,)``.
 
-    Example:
+    Examples:
         >>> import torch, torchlbfgs
         >>> state = torchlbfgs.init(lambda x: (x ** 2).sum(), torch.ones(3, dtype=torch.float64))
         >>> torchlbfgs.inv_hessian_product(state, state.grad)  # empty history: H_0 = I

@@ -50,7 +50,7 @@ class Result(NamedTuple):
             the problem was still running after ``max_iter`` iterations. Turn it into text
             with :func:`~torchlbfgs.status_message`.
 
-    Example:
+    Examples:
         >>> import torch, torchlbfgs
         >>> result = torchlbfgs.minimize(lambda x: ((x - 3.0) ** 2).sum(), torch.zeros(2))
         >>> result.params, bool(result.converged), torchlbfgs.status_message(result.status)
@@ -84,7 +84,7 @@ class Progress(NamedTuple):
         n_iter: iterations completed so far.
         n_evals: evaluations so far, those of the line search under way included.
 
-    Example:
+    Examples:
         >>> import torch, torchlbfgs
         >>> seen = []
         >>> result = torchlbfgs.minimize(lambda x: ((x - 1) ** 2).sum(), torch.zeros(2),
@@ -107,7 +107,7 @@ def print_progress(progress: Progress) -> None:
     Args:
         progress: what :func:`minimize` hands its callback.
 
-    Example:
+    Examples:
         >>> import torch, torchlbfgs
         >>> result = torchlbfgs.minimize(
         ...     lambda x: ((x - 1) ** 4).sum(), torch.zeros(3), callback=torchlbfgs.print_progress,
@@ -245,7 +245,7 @@ def minimize(
     Returns:
         a :class:`Result`.
 
-    Example:
+    Examples:
         >>> import torch, torchlbfgs
         >>> from functools import partial
         >>> def loss(w, X, y):

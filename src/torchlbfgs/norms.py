@@ -10,7 +10,7 @@ __all__ = ["max_abs"]
 def max_abs(vector: torch.Tensor) -> torch.Tensor:
     """``vector.abs().amax()`` (NaN if any entry is NaN), without allocating ``abs(vector)``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> max_abs(torch.tensor([1.0, -3.0, 2.0]))
         tensor(3.)

@@ -101,7 +101,7 @@ class LBFGS(Optimizer):
         history_size: number of curvature pairs kept.
         line_search_fn: ``None`` (fixed step ``lr``) or ``"strong_wolfe"``.
 
-    Example:
+    Examples:
         >>> import torch, torchlbfgs
         >>> model = torch.nn.Linear(3, 1).double()
         >>> inputs, targets = torch.randn(50, 3).double(), torch.randn(50, 1).double()
@@ -634,7 +634,7 @@ def to_torch_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
     Returns:
         a state dict in torch's format (pairs as lists, oldest first).
 
-    Example:
+    Examples:
         >>> import torch, torchlbfgs
         >>> w = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
         >>> ours = torchlbfgs.LBFGS([w], history_size=5)

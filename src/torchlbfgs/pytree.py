@@ -7,7 +7,7 @@ is the only place that knows about that structure; everything else sees flat vec
 Complex leaves are stored as (real, imag) pairs, as ``torch.optim.LBFGS`` does, so the
 optimizer minimises over R^{2k} for a k-element complex tensor.
 
-Example:
+Examples:
     >>> import torch
     >>> from torchlbfgs.pytree import ravel_pytree
     >>> flat, unravel = ravel_pytree({"w": torch.ones(2, 2), "b": torch.zeros(3)})

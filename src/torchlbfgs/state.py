@@ -23,7 +23,7 @@ class StopReason(enum.IntEnum):
     ``RUNNING`` means the problem is still being optimized. Codes 1-4 are convergence (a
     tolerance was met), 5-6 are failures, 7-8 are exhausted budgets.
 
-    Example:
+    Examples:
         >>> import torch, torchlbfgs
         >>> from torchlbfgs import StopReason
         >>> result = torchlbfgs.minimize(lambda x: (x ** 2).sum(), torch.ones(2), max_iter=0)
@@ -74,7 +74,7 @@ def status_message(code: int | torch.Tensor) -> str:
     Returns:
         one line of text; ``ValueError`` for an unknown code.
 
-    Example:
+    Examples:
         >>> from torchlbfgs import StopReason, status_message
         >>> status_message(StopReason.GRADIENT_TOLERANCE)
         'converged: max|gradient| <= tolerance_grad'
@@ -119,7 +119,7 @@ class LBFGSState(NamedTuple):
         n_evals: ``()`` int64 - number of evaluations of ``fun`` (value and gradient) so far.
         status: ``()`` int64 - a :class:`StopReason` code; 0 while running.
 
-    Example:
+    Examples:
         >>> import torch, torchlbfgs
         >>> fun = lambda x: ((x - 1.0) ** 2).sum()
         >>> x = torch.zeros(4, dtype=torch.float64)

@@ -82,7 +82,7 @@ def init(
         and not checked (under ``vmap``, for instance), its status is ``NON_FINITE`` and
         ``update`` leaves it as it is.
 
-    Example:
+    Examples:
         >>> import torch, torchlbfgs
         >>> state = torchlbfgs.init(lambda p: (p["w"] ** 2).sum(), {"w": torch.ones(3)})
         >>> state.value, state.grad, state.s_history.shape
@@ -328,7 +328,7 @@ def update(
     Returns:
         ``(new_params, new_state)``; ``new_params`` has the structure and dtypes of ``params``.
 
-    Example:
+    Examples:
         >>> import torch, torchlbfgs
         >>> fun = lambda x: ((x - torch.arange(3.0, dtype=x.dtype)) ** 2).sum()
         >>> x = torch.zeros(3, dtype=torch.float64)

@@ -137,7 +137,7 @@ def line_search(
     Returns:
         a :class:`LineSearchResult`; failure is reported in ``success``, never raised.
 
-    Example:
+    Examples:
         >>> import torch, torchlbfgs
         >>> fun = lambda x: ((x - 3.0) ** 2).sum()
         >>> x = torch.zeros(2, dtype=torch.float64)

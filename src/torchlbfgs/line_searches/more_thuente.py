@@ -219,7 +219,7 @@ class MoreThuente(SearchLimits):
         tolerance_change: stop when the bracket times ``max|d|`` is below this.
         max_ls: at most ``max_ls + 1`` evaluations.
 
-    Example:
+    Examples:
         >>> import torch, torchlbfgs
         >>> fun = lambda x: ((x - 3.0) ** 2).sum()
         >>> x = torch.zeros(2, dtype=torch.float64)

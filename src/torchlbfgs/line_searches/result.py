@@ -31,7 +31,7 @@ class LineSearchResult(NamedTuple):
         success: ``()`` bool - the search's conditions hold at the accepted point (strong Wolfe,
             Armijo, or, for the fixed step, a finite value and gradient).
 
-    Example:
+    Examples:
         >>> import torch, torchlbfgs
         >>> fun = lambda p: ((p["x"] - 2.0) ** 2).sum()
         >>> params = {"x": torch.zeros(2, dtype=torch.float64)}
