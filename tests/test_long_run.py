@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import torchlbfgs
+from torchlbfgs import StopReason
 
 
 def resident_kib() -> int:
@@ -87,4 +88,6 @@ def test_long_run_keeps_memory_counters_and_shapes(
     assert int(state["iteration"]) == steps  # one iteration per step (max_iter=1)
     assert int(state["n_evals"]) == calls
     assert int(state["n_pairs"]) == history_size
-    assert int(state["status"]) == 0
+    # why the last step stopped: its one iteration (tolerances are 0, so none can be met
+    # unless a search returns a zero step)
+    assert int(state["status"]) in (StopReason.MAX_ITERATIONS, StopReason.STEP_TOLERANCE)

@@ -313,62 +313,68 @@ class ClosureError(RuntimeError):
 
 
 @pytest.mark.parametrize("line_search_fn", [None, "strong_wolfe"])
-def test_closure_raising_leaves_params_and_state_untouched(line_search_fn: str | None) -> None:
+def test_closure_raising_leaves_an_iteration_boundary_that_continues(line_search_fn: str | None) -> None:
+    """A closure that raises at its k-th call of a step: the parameters go back to the start of
+    the inner iteration that call belonged to (the first call: nothing changes), the stored
+    state describes exactly that point (its value and gradient are f and grad f there, nothing
+    pending, everything finite), and steps from there go on to the solution."""
     problem = classic_problems()[0]
-    x = torch.nn.Parameter(problem.x0.clone())
-    optimizer = torchlbfgs.LBFGS([x], lr=0.2 if line_search_fn is None else 1, history_size=3, max_iter=6,
-                                 line_search_fn=line_search_fn)  # fmt: skip
-    fail_at: int | None = None
-    calls = 0
+    options = {"lr": 0.2 if line_search_fn is None else 1, "history_size": 3, "max_iter": 6,
+               "line_search_fn": line_search_fn}  # fmt: skip
 
-    def closure() -> Tensor:
-        nonlocal calls
-        calls += 1
-        if calls == fail_at:
-            raise ClosureError
-        optimizer.zero_grad()
-        loss = problem.fun(x)
-        loss.backward()
-        return loss
+    def optimizer_after_two_steps() -> tuple[torchlbfgs.LBFGS, torch.nn.Parameter, list[Tensor], Any]:
+        x = torch.nn.Parameter(problem.x0.clone())
+        optimizer = torchlbfgs.LBFGS([x], **options)
+        seen: list[Tensor] = []  # the point of every closure call
+        fail_at: list[int | None] = [None]
 
-    optimizer.step(closure)
-    optimizer.step(closure)
-    snapshot = optimizer.state_dict()
-    leaves = {k: v.clone() if isinstance(v, Tensor) else v for k, v in snapshot["state"][0].items()}
-    x_before = x.detach().clone()
-    calls_before = calls
-    # A clean copy of the optimizer takes the next step, to know how many evaluations it makes.
-    x_copy = torch.nn.Parameter(x_before.clone())
-    copy = torchlbfgs.LBFGS([x_copy], lr=0.2 if line_search_fn is None else 1, history_size=3, max_iter=6,
-                            line_search_fn=line_search_fn)  # fmt: skip
-    copy.load_state_dict(snapshot)
-    copy_calls = 0
+        def closure() -> Tensor:
+            seen.append(x.detach().clone())
+            if len(seen) == fail_at[0]:
+                raise ClosureError
+            optimizer.zero_grad()
+            loss = problem.fun(x)
+            loss.backward()
+            return loss
 
-    def copy_closure() -> Tensor:
-        nonlocal copy_calls
-        copy_calls += 1
-        copy.zero_grad()
-        loss = problem.fun(x_copy)
-        loss.backward()
-        return loss
+        optimizer.step(closure)
+        optimizer.step(closure)
+        seen.clear()
+        closure.fail_at = fail_at  # type: ignore[attr-defined]
+        return optimizer, x, seen, closure
 
-    copy.step(copy_closure)
-    assert copy_calls > 2
-    for k in range(1, copy_calls + 1):
-        calls, fail_at = calls_before, calls_before + k
+    clean, _, clean_points, clean_closure = optimizer_after_two_steps()
+    clean.step(clean_closure)
+    calls = len(clean_points)
+    assert calls > 2
+    for k in range(1, calls + 1):
+        optimizer, x, points, closure = optimizer_after_two_steps()
+        before = {name: value.clone() for name, value in optimizer.state_dict()["state"][0].items()
+                  if isinstance(value, Tensor)}  # fmt: skip
+        x_before = x.detach().clone()
+        closure.fail_at[0] = k
         with pytest.raises(ClosureError):
             optimizer.step(closure)
-        assert torch.equal(x.detach(), x_before)
-        for name, value in optimizer.state_dict()["state"][0].items():
-            assert torch.equal(value, leaves[name]) if isinstance(value, Tensor) else value == leaves[name], (
-                name
-            )
-    # After the failures, a successful step is the step that would have been taken.
-    fail_at = None
-    optimizer.step(closure)
-    options = {"lr": 0.2 if line_search_fn is None else 1, "history_size": 3, "max_iter": 6}
-    clean = run_optimizer(torchlbfgs.LBFGS, problem, 3, line_search_fn=line_search_fn, **options)
-    assert torch.equal(x.detach(), clean[0][-1])
+        leaves = optimizer.state_dict()["state"][0]
+        if k == 1:  # the first call failed: nothing was changed
+            assert torch.equal(x.detach(), x_before)
+            assert all(torch.equal(leaves[name], value) for name, value in before.items())
+            continue
+        # the run evaluated the clean run's points up to the failure; it is back at one of them
+        assert any(torch.equal(x.detach(), point) for point in clean_points[: k - 1]), k
+        for name, value in leaves.items():
+            if isinstance(value, Tensor) and value.is_floating_point():
+                assert bool(torch.isfinite(value).all()), name
+        assert not bool(leaves["has_pending"])
+        here = x.detach().clone().requires_grad_(True)
+        value = problem.fun(here)
+        (grad,) = torch.autograd.grad(value, here)
+        assert torch.equal(leaves["value"], value.detach()) and torch.equal(leaves["grad"], grad), k
+        closure.fail_at[0] = None
+        for _ in range(30):
+            optimizer.step(closure)
+        assert problem.solution is not None
+        torch.testing.assert_close(x.detach(), problem.solution, rtol=0, atol=1e-4)
 
 
 # --- torch.optim machinery -----------------------------------------------------------------

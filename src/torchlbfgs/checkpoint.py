@@ -32,12 +32,17 @@ from torchlbfgs.update import initial_state
 __all__ = [
     "FORMAT_VERSION",
     "OptimizerState",
+    "blank_state",
+    "check_param_shapes",
+    "extended_state",
     "is_torch_lbfgs_state",
+    "param_shapes",
     "state_from_leaves",
     "state_from_torch_lbfgs",
     "state_from_trusted_leaves",
     "state_to_leaves",
     "state_to_torch_lbfgs",
+    "to_torch_state_dict",
 ]
 
 FORMAT_VERSION = 2
@@ -61,6 +66,63 @@ class OptimizerState(NamedTuple):
     pending_direction: torch.Tensor
     pending_step: torch.Tensor
     has_pending: torch.Tensor
+
+
+def blank_state(n: int, *, history_size: int, dtype: torch.dtype, device: torch.device) -> OptimizerState:
+    """The state before any step: no pair, nothing pending, no evaluation counted (a first
+    ``step`` overwrites its value and gradient)."""
+    zero = torch.zeros((), dtype=dtype, device=device)
+    core = initial_state(zero, torch.zeros(n, dtype=dtype, device=device), history_size=history_size)
+    return OptimizerState(
+        core._replace(n_evals=torch.zeros_like(core.n_evals)), torch.zeros_like(core.grad), zero,
+        torch.tensor(False, device=device),
+    )  # fmt: skip
+
+
+def extended_state(state: OptimizerState, n: int) -> OptimizerState:
+    """The state padded with zeros for parameters added after it was made (the pairs carry no
+    information about the new coordinates); a pending step's pair is dropped."""
+    core = state.core
+    pad = n - core.grad.numel()
+
+    def padded(tensor: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(tensor, (0, pad))
+
+    extended = core._replace(
+        grad=padded(core.grad), s_history=padded(core.s_history), y_history=padded(core.y_history)
+    )
+    return OptimizerState(
+        extended, padded(state.pending_direction), state.pending_step, torch.zeros_like(state.has_pending)
+    )
+
+
+# --- the parameters' shapes, recorded in each saved parameter group ---------------------------
+
+PARAM_SHAPES = "param_shapes"
+
+
+def param_shapes(params: list[torch.Tensor]) -> list[list[int]]:
+    """The shapes of a group's parameters, as saved in its ``param_shapes`` entry."""
+    return [list(p.shape) for p in params]
+
+
+def check_param_shapes(saved_group: Mapping[str, Any], params: list[torch.Tensor], index: int) -> None:
+    """Refuse a checkpoint whose group ``index`` was saved for parameters of other shapes (a
+    group saved without shapes, by torch or an older version, is not checked)."""
+    saved = saved_group.get(PARAM_SHAPES)
+    if saved is None:
+        return
+    if not isinstance(saved, list) or len(saved) != len(params):
+        raise ValueError(
+            f"param group {index} of the loaded state dict: {PARAM_SHAPES} should list {len(params)} "
+            f"shapes, found {saved!r}"
+        )
+    for position, (shape, param) in enumerate(zip(saved, params, strict=True)):
+        if list(shape) != list(param.shape):
+            raise ValueError(
+                f"param group {index}, parameter {position}: the checkpoint was saved for shape "
+                f"{tuple(shape)}, this optimizer's parameter has shape {tuple(param.shape)}"
+            )
 
 
 _FLOAT, _INT, _BOOL = "floating", "integer", "bool"
@@ -244,17 +306,9 @@ def state_from_torch_lbfgs(
         return torch.tensor(value, dtype=torch.int64, device=device)
 
     if "d" not in torch_state:  # torch has taken no iteration yet: no history, nothing pending
-        core = initial_state(
-            torch.zeros((), dtype=dtype, device=device), torch.zeros(n, dtype=dtype, device=device),
-            history_size=history_size, direction="two_loop",
-        )  # fmt: skip
-        core = core._replace(iteration=counter(n_iter), n_evals=counter(n_evals))
-        zero = torch.zeros((), dtype=dtype, device=device)
-        return state_to_leaves(
-            OptimizerState(
-                core, torch.zeros(n, dtype=dtype, device=device), zero, torch.tensor(False, device=device)
-            )
-        )
+        blank = blank_state(n, history_size=history_size, dtype=dtype, device=device)
+        core = blank.core._replace(iteration=counter(n_iter), n_evals=counter(n_evals))
+        return state_to_leaves(blank._replace(core=core))
 
     missing = sorted(_TORCH_KEYS - set(torch_state))
     if missing:
@@ -337,3 +391,46 @@ def state_to_torch_lbfgs(state: OptimizerState, *, history_size: int) -> dict[st
         al=[None] * history_size,
     )
     return converted
+
+
+def to_torch_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Convert a :class:`~torchlbfgs.LBFGS` state dict into ``torch.optim.LBFGS``'s format.
+
+    The result loads into a ``torch.optim.LBFGS`` over the same parameters (one group), which
+    then continues exactly as this optimizer would.
+
+    Args:
+        state_dict: what :meth:`LBFGS.state_dict <torchlbfgs.LBFGS.state_dict>` returned.
+
+    Returns:
+        a state dict in torch's format (pairs as lists, oldest first).
+
+    Examples:
+        >>> import torch, torchlbfgs
+        >>> w = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+        >>> ours = torchlbfgs.LBFGS([w], history_size=5)
+        >>> def closure():
+        ...     ours.zero_grad()
+        ...     loss = ((w - 1.0) ** 2).sum()
+        ...     loss.backward()
+        ...     return loss
+        >>> _ = ours.step(closure)
+        >>> theirs = torch.optim.LBFGS([w], history_size=5)
+        >>> theirs.load_state_dict(torchlbfgs.to_torch_state_dict(ours.state_dict()))
+        >>> sorted(theirs.state_dict()["state"][0])[:4]
+        ['H_diag', 'al', 'd', 'func_evals']
+    """
+    groups = state_dict["param_groups"]
+    history_size = groups[0]["history_size"]
+    converted_state: dict[Any, Any] = {}
+    for index, leaves in state_dict["state"].items():
+        if not isinstance(leaves, Mapping) or "grad" not in leaves:
+            converted_state[index] = leaves  # an entry of the user's, kept as torch keeps it
+            continue
+        grad = leaves["grad"]
+        state = state_from_leaves(
+            leaves, n=grad.numel(), history_size=history_size, dtype=grad.dtype, device=grad.device
+        )
+        converted_state[index] = state_to_torch_lbfgs(state, history_size=history_size)
+    torch_groups = [{k: v for k, v in group.items() if k != PARAM_SHAPES} for group in groups]
+    return {**state_dict, "state": converted_state, "param_groups": torch_groups}

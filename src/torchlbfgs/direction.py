@@ -106,6 +106,7 @@ def _two_loop(
         rows = list(range(len(order)))
     else:
         s, y, rho, rows = history.s_history, history.y_history, history.rho, slots
+    s_rows, y_rows, rho_rows = s.unbind(0), y.unbind(0), rho.unbind(0)  # views, made once
     # One working vector updated in place where that is allowed (eagerly, outside torch.func
     # transforms; compiled graphs reuse buffers themselves): a fresh length-n tensor per update
     # costs an allocation, and for large n the page faults cost more than the arithmetic.
@@ -113,14 +114,14 @@ def _two_loop(
     alpha = []
     q = vector.clone() if in_place else vector
     for i in rows:  # newest to oldest
-        a = torch.dot(s[i], q) * rho[i]
+        a = torch.dot(s_rows[i], q) * rho_rows[i]
         # q - a y, rounded once as torch.optim.LBFGS does
-        q = q.addcmul_(y[i], -a) if in_place else torch.addcmul(q, y[i], -a)
+        q = q.addcmul_(y_rows[i], a, value=-1) if in_place else torch.addcmul(q, y_rows[i], a, value=-1)
         alpha.append(a)
     r = q.mul_(history.gamma) if in_place else q * history.gamma
     for i, a in zip(reversed(rows), reversed(alpha), strict=True):  # oldest to newest
-        b = torch.dot(y[i], r) * rho[i]
-        r = r.addcmul_(s[i], a - b) if in_place else torch.addcmul(r, s[i], a - b)
+        b = torch.dot(y_rows[i], r) * rho_rows[i]
+        r = r.addcmul_(s_rows[i], a - b) if in_place else torch.addcmul(r, s_rows[i], a - b)
     return r
 
 

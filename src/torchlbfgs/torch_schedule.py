@@ -1,0 +1,324 @@
+"""``torch.optim.LBFGS``'s step schedule over the L-BFGS iteration, decided on the host.
+
+One ``step(closure)`` of torch's optimizer evaluates the closure once, returns at once if the
+gradient is already small, and otherwise runs up to ``max_iter`` iterations, each:
+
+1. the curvature pair of the previous iteration, :math:`s = t d`, :math:`y = g - g_{prev}`,
+   enters the memory if :math:`s^\\top y > 10^{-10}` (so the last iteration of a step is
+   *pending* until the next step has evaluated the closure at its end point);
+2. the direction :math:`d = -H g` (:func:`~torchlbfgs.direction.inv_hessian_product`, the
+   two-loop recursion rounded as torch's), and :math:`d = -g` on the very first iteration;
+3. the first trial step: :math:`\\min(1, 1/|g|_1)\\,\\mathrm{lr}` on the very first iteration,
+   ``lr`` after; stop if :math:`g^\\top d > -\\mathrm{tolerance\\_change}`;
+4. the strong-Wolfe search (:meth:`~torchlbfgs.line_searches.strong_wolfe.StrongWolfe.search_on_host`,
+   the functional core's decisions taken on Python numbers), or a fixed step that evaluates the
+   closure at the new point, except on the step's last iteration, where it moves without
+   evaluating;
+5. stop when ``max_iter`` iterations ran, the ``max_eval`` budget is used up (checked between
+   iterations), :math:`\\max|g| \\le` ``tolerance_grad``, :math:`\\max|t d| \\le`
+   ``tolerance_change`` or :math:`|f - f_{prev}| <` ``tolerance_change``.
+
+:func:`torch_step` runs one such step on the parameters behind a :class:`Parameters` and
+returns the new :class:`~torchlbfgs.checkpoint.OptimizerState`; the
+:class:`torchlbfgs.LBFGS` adapter around it is plumbing. The state's ``status`` tells why the
+step stopped (:class:`~torchlbfgs.StopReason`; convergence reasons first when several hold).
+
+What is read where torch reads it: the parameters are read after each closure call and moved
+from there (a closure that changes them in place, e.g. clamping, is honoured as torch honours
+it), and the strong-Wolfe search moves from the parameters as they are when it starts.
+
+Host reads (device syncs on a GPU, as torch's): one per closure evaluation (its value with
+``max|g|``, or with :math:`g^\\top d` in the search), one per iteration for the curvature test
+and one for :math:`g^\\top d` and :math:`\\max|d|`, one at the start of each step.
+
+Failures: a closure that raises leaves the parameters and the state at the start of the inner
+iteration it was called in (an iteration boundary, everything finite; the next ``step``
+continues from there). A search that finds no point with a finite loss and gradient leaves
+the parameters where it started and stops with ``NON_FINITE`` (and a warning); so does a fixed
+step that lands on a non-finite loss.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol
+
+import numpy
+import torch
+
+from torchlbfgs.checkpoint import OptimizerState
+from torchlbfgs.direction import inv_hessian_product, slots_newest_first
+from torchlbfgs.history import TORCH_CURVATURE_THRESHOLD, push_curvature_pair
+from torchlbfgs.line_searches.method import NO_BUDGET
+from torchlbfgs.line_searches.strong_wolfe import HostSearchResult, StrongWolfe
+from torchlbfgs.norms import max_abs
+from torchlbfgs.state import LBFGSState, StopReason
+
+__all__ = ["Parameters", "TorchOptions", "torch_step"]
+
+# torch.optim.LBFGS calls its strong-Wolfe search with its default constants, whatever the
+# optimizer's own tolerance_change.
+_TORCH_SEARCH = {"c1": 1e-4, "c2": 0.9, "tolerance_change": 1e-9}
+
+
+class Parameters(Protocol):
+    """The parameters as one flat real vector, and the closure that evaluates them."""
+
+    def evaluate(self) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """Call the closure: ``(loss as returned, value as a 0-d tensor, flat gradient)``; the
+        gradient is a new tensor that later calls do not change."""
+        ...
+
+    def read(self) -> torch.Tensor:
+        """A copy of the parameters, flat."""
+        ...
+
+    def write(self, flat: torch.Tensor) -> None:
+        """Set the parameters to ``flat``."""
+        ...
+
+    def write_step(self, x: torch.Tensor, direction: torch.Tensor, t: Any) -> None:
+        """Set the parameters to ``x + t * direction`` (rounded as torch's ``p.add_(d, alpha=t)``;
+        ``t`` is a host number)."""
+        ...
+
+
+@dataclass(frozen=True)
+class TorchOptions:
+    """``torch.optim.LBFGS``'s options, as the schedule uses them (validated by the adapter)."""
+
+    lr: float
+    max_iter: int
+    max_eval: int
+    tolerance_grad: float
+    tolerance_change: float
+    history_size: int
+    line_search_fn: str | None
+
+
+class _Ring(NamedTuple):
+    """The ring buffer's head and pair count, known on the host during a step."""
+
+    head: int
+    n_pairs: int
+    size: int
+
+    @property
+    def slots(self) -> list[int]:
+        return slots_newest_first(self.head, self.n_pairs, self.size)
+
+    def pushed(self) -> _Ring:
+        return _Ring((self.head + 1) % self.size, min(self.n_pairs + 1, self.size), self.size)
+
+
+def _read(*scalars: torch.Tensor) -> list[Any]:
+    """Several 0-d tensors in one host read, as host numbers that round as the tensors would
+    (:mod:`torchlbfgs.scalars`): numpy float32 for float32, Python floats otherwise."""
+    dtype = scalars[0].dtype
+    if scalars[0].device.type != "cpu":  # one device sync for all of them
+        return list(torch.stack([s if s.dtype == dtype else s.to(dtype) for s in scalars]).cpu().numpy())
+    if dtype == torch.float32:
+        return [numpy.float32(s.item()) for s in scalars]
+    return [s.item() for s in scalars]
+
+
+def _scalar(value: Any, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    return torch.full((), value.item() if hasattr(value, "item") else value, dtype=dtype or like.dtype,
+                      device=like.device)  # fmt: skip
+
+
+def _finite(*values: Any) -> bool:
+    return all(math.isfinite(value) for value in values)
+
+
+def _stop_reason(*, grad_small: bool, step_small: bool, value_small: bool, out_of_evals: bool,
+                 out_of_iterations: bool) -> StopReason:  # fmt: skip
+    """Why torch's step stops after an iteration (``RUNNING`` if it goes on). torch tests the
+    budgets first; the status names a met tolerance first, then the budgets in torch's order."""
+    for holds, reason in (
+        (grad_small, StopReason.GRADIENT_TOLERANCE),
+        (step_small, StopReason.STEP_TOLERANCE),
+        (value_small, StopReason.VALUE_CHANGE_TOLERANCE),
+        (out_of_iterations, StopReason.MAX_ITERATIONS),
+        (out_of_evals, StopReason.MAX_EVALS),
+    ):
+        if holds:
+            return reason
+    return StopReason.RUNNING
+
+
+def _warn_non_finite() -> None:
+    warnings.warn(
+        "torchlbfgs.LBFGS: the closure returned a non-finite loss or gradient at every point the "
+        "line search tried; the parameters were left at the last finite point (stop reason "
+        "NON_FINITE). A smaller lr or a line search (line_search_fn='strong_wolfe') may help.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def torch_step(
+    params: Parameters,
+    stored: OptimizerState,
+    options: TorchOptions,
+    *,
+    keep: Callable[[OptimizerState], None],
+) -> Any:
+    """Run one ``torch.optim.LBFGS.step`` from ``stored``; return the closure's first loss.
+
+    The new state is handed to ``keep`` (the state's buffers are updated in place, so
+    ``stored`` must not be used afterwards). When the closure raises, the parameters go back
+    to the start of the inner iteration it was called in, ``keep`` receives the state there,
+    and the exception propagates.
+    """
+    loss, value, grad = params.evaluate()
+    core = stored.core
+    m = core.history_size
+    f, grad_max, head, n_pairs, fresh, pending = _read(
+        value, max_abs(grad), core.head, core.n_pairs, core.iteration == 0, stored.has_pending
+    )
+    evals = 1
+    if not _finite(f, grad_max):
+        if not pending:
+            raise ValueError(
+                "torchlbfgs.LBFGS.step: the closure returned a non-finite loss or gradient at the current "
+                "parameters (NaN or Inf); nothing was changed. Check the model and data, or restart "
+                "from finite parameters."
+            )
+        # The previous step's last move was not evaluated (torch's fixed-step rule) and landed
+        # where the loss is not finite: go back to where it started (up to rounding).
+        params.write(torch.addcmul(params.read(), stored.pending_direction, stored.pending_step, value=-1))
+        _warn_non_finite()
+        keep(_ended(core, 0, evals, status=StopReason.NON_FINITE, pending=None))
+        return loss
+    if grad_max <= options.tolerance_grad:  # torch returns before touching its state
+        keep(stored._replace(core=_counted(core, StopReason.GRADIENT_TOLERANCE, 0, evals)))
+        return loss
+
+    if options.max_iter == 0:  # torch evaluates, and does nothing else
+        keep(stored._replace(core=_counted(core, StopReason.MAX_ITERATIONS, 0, evals)))
+        return loss
+
+    ring = _Ring(int(head), int(n_pairs), m)
+    direction: torch.Tensor = stored.pending_direction
+    t: Any = stored.pending_step
+    x = params.read()  # after the closure: a change it made to the parameters counts
+    iterations, current_evals = 0, 1
+    # where a closure that raises sends everything back: (state, or what makes it; params)
+    start_of_iteration: tuple[OptimizerState | tuple[LBFGSState, int, int], torch.Tensor] = (stored, x)
+    try:
+        for n_iter in range(1, options.max_iter + 1):
+            iterations += 1
+            if pending and not fresh:  # the previous iteration's curvature pair
+                s, y = torch.mul(direction, t), torch.sub(grad, core.grad)
+                ys = torch.dot(y, s)
+                if _read(ys)[0] > TORCH_CURVATURE_THRESHOLD:
+                    pushed = push_curvature_pair(core.history, s, y, ys, accept=True, host_slot=ring.head)
+                    core, ring = core._replace(**pushed._asdict()), ring.pushed()
+            core = core._replace(value=value, grad=grad)
+            start_of_iteration = ((core, iterations - 1, evals), x)
+            # steepest descent on the very first iteration
+            direction = grad.neg() if fresh else inv_hessian_product(core, grad, slots=ring.slots).neg_()
+            pending = True
+            t = options.lr
+            if fresh:
+                t = min(1.0, _read(torch.reciprocal(grad.abs().sum()))[0]) * options.lr
+            fresh = False
+            gtd, direction_max = _read(torch.dot(grad, direction), max_abs(direction))
+            status = StopReason.RUNNING
+            if gtd > -options.tolerance_change:  # no descent left: torch stops before moving
+                status = StopReason.DIRECTIONAL_DERIVATIVE_TOLERANCE
+                break
+
+            evaluated = True
+            if options.line_search_fn == "strong_wolfe":
+                found = _strong_wolfe(
+                    params, x, direction, f, grad, gtd, direction_max, t, options.max_eval - current_evals
+                )
+                t, f_new, new_grad, search_evals = found.step_size, found.value, found.grad, found.n_evals
+                params.write_step(x, direction, t)  # torch moves from where the search started
+                (new_grad_max,) = _read(max_abs(new_grad))
+                new_value = value if new_grad is grad else _scalar(f_new, value)
+            elif n_iter < options.max_iter:
+                params.write_step(x, direction, t)
+                _, new_value, new_grad = params.evaluate()
+                search_evals = 1
+                f_new, new_grad_max = _read(new_value, max_abs(new_grad))
+            else:  # torch's last fixed step moves without evaluating the closure
+                params.write_step(x, direction, t)
+                evaluated, search_evals = False, 0
+                f_new, new_grad_max = f, math.inf
+            evals += search_evals
+            current_evals += search_evals
+            if evaluated and not _finite(f_new, new_grad_max):
+                params.write(x)  # back to the last finite point
+                _warn_non_finite()
+                keep(_ended(core, iterations, evals, status=StopReason.NON_FINITE, pending=None))
+                return loss
+            status = _stop_reason(
+                grad_small=evaluated and new_grad_max <= options.tolerance_grad,
+                step_small=abs(t) * direction_max <= options.tolerance_change,
+                value_small=evaluated and abs(float(f_new) - float(f)) < options.tolerance_change,
+                out_of_evals=current_evals >= options.max_eval,
+                out_of_iterations=n_iter == options.max_iter,
+            )
+            if status != StopReason.RUNNING:
+                break
+            f, value, grad = f_new, new_value, new_grad
+            x = params.read()
+    except BaseException:
+        state, point = start_of_iteration
+        params.write(point)
+        keep(
+            state
+            if isinstance(state, OptimizerState)
+            else _ended(*state, status=StopReason.RUNNING, pending=None)
+        )
+        raise
+    keep(_ended(core, iterations, evals, status=status, pending=(direction, t)))
+    return loss
+
+
+def _strong_wolfe(
+    params: Parameters, x: torch.Tensor, direction: torch.Tensor, value: Any, grad: torch.Tensor,
+    gtd: Any, direction_max: Any, t: Any, max_ls: int,
+) -> HostSearchResult:  # fmt: skip
+    """torch's ``_strong_wolfe`` from ``x`` along ``direction`` (its ``max_ls`` is what is
+    left of the step's evaluation budget), with the functional core's decisions."""
+
+    def evaluate(step: Any) -> tuple[Any, torch.Tensor, Any]:
+        params.write_step(x, direction, step)
+        _, trial_value, trial_grad = params.evaluate()
+        trial_f, trial_gtd = _read(trial_value, torch.dot(trial_grad, direction))
+        return trial_f, trial_grad, trial_gtd
+
+    search = StrongWolfe(max_ls=max(max_ls, 0), **_TORCH_SEARCH)
+    return search.search_on_host(evaluate, value, grad, gtd, direction_max, t, NO_BUDGET)
+
+
+def _counted(core: LBFGSState, status: StopReason, iterations: int, evals: int) -> LBFGSState:
+    return core._replace(
+        iteration=core.iteration + iterations,
+        n_evals=core.n_evals + evals,
+        status=_scalar(status.value, core.status),
+    )
+
+
+def _ended(
+    core: LBFGSState, iterations: int, evals: int, *, status: StopReason,
+    pending: tuple[torch.Tensor, Any] | None,
+) -> OptimizerState:  # fmt: skip
+    """The state after a step (or at an iteration boundary), with its last iteration pending
+    (``(direction, t)``) or not."""
+    counted = _counted(core, status, iterations, evals)
+    if pending is None:
+        no_step = torch.zeros_like(core.value)
+        return OptimizerState(
+            counted, torch.zeros_like(core.grad), no_step, _scalar(False, no_step, torch.bool)
+        )
+    direction, t = pending
+    step = t if isinstance(t, torch.Tensor) else _scalar(t, core.value)
+    return OptimizerState(counted, direction, step, _scalar(True, step, torch.bool))
