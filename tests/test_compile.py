@@ -27,12 +27,14 @@ def _data(batch: int, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor,
 
 
 def test_vmapped_solve_compiles_without_graph_breaks() -> None:
+    """The whole solve, rounds unrolled (max_iter * (max_ls + 1) of them, each tracing the same
+    round): two iterations, the second along a direction from a curvature pair, in four rounds."""
     features, labels = _data(3)
 
     def solve(features: torch.Tensor, labels: torch.Tensor) -> torchlbfgs.Result:
         start = torch.zeros(3, 3, dtype=torch.float64)
         return torchlbfgs.batched_minimize(
-            _logistic, start, features, labels, max_iter=3, max_ls=2, history_size=2
+            _logistic, start, features, labels, max_iter=2, max_ls=1, history_size=2
         )
 
     torch._dynamo.reset()
@@ -41,6 +43,7 @@ def test_vmapped_solve_compiles_without_graph_breaks() -> None:
     torch.testing.assert_close(compiled.params, eager.params, rtol=1e-12, atol=1e-12)
     assert torch.equal(compiled.status, eager.status)
     assert torch.equal(compiled.n_evals, eager.n_evals)
+    assert compiled.n_iter.tolist() == eager.n_iter.tolist() == [2, 2, 2]
 
 
 @pytest.mark.parametrize("direction", ["two_loop", "compact"])

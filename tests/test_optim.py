@@ -348,7 +348,7 @@ def test_closure_raising_leaves_an_iteration_boundary_that_continues(line_search
     calls = len(clean_points)
     assert calls > 2
     for k in range(1, calls + 1):
-        optimizer, x, points, closure = optimizer_after_two_steps()
+        optimizer, x, _, closure = optimizer_after_two_steps()
         before = {name: value.clone() for name, value in optimizer.state_dict()["state"][0].items()
                   if isinstance(value, Tensor)}  # fmt: skip
         x_before = x.detach().clone()
@@ -369,7 +369,8 @@ def test_closure_raising_leaves_an_iteration_boundary_that_continues(line_search
         here = x.detach().clone().requires_grad_(True)
         value = problem.fun(here)
         (grad,) = torch.autograd.grad(value, here)
-        assert torch.equal(leaves["value"], value.detach()) and torch.equal(leaves["grad"], grad), k
+        assert torch.equal(leaves["value"], value.detach()), k
+        assert torch.equal(leaves["grad"], grad), k
         closure.fail_at[0] = None
         for _ in range(30):
             optimizer.step(closure)
