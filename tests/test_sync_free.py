@@ -133,6 +133,10 @@ def test_adapter_reads_the_host_as_its_schedule_says(
     one by one, which costs no sync). The strong-Wolfe search's square roots are taken on a
     tensor made on the host for the purpose (to round as torch's), which is no device read."""
     monkeypatch.setattr(torchlbfgs.scalars.Numbers, "sqrt", staticmethod(lambda a: a**0.5))
+    # what a GPU gets: the two-loop recursion on the device (on CPUs it reads its inner products)
+    monkeypatch.setattr(
+        torchlbfgs.torch_schedule, "_two_loop_scalars", lambda device: torchlbfgs.scalars.TENSORS
+    )
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double()
     inputs, targets = torch.randn(40, 6, dtype=torch.float64), torch.randn(40, 1, dtype=torch.float64)

@@ -46,6 +46,7 @@ from torch._C._functorch import is_functorch_wrapped_tensor
 
 from torchlbfgs.history import History, add_buffer_rows, buffer_dot, has_products
 from torchlbfgs.line_searches.loop import batch_view, exits_early
+from torchlbfgs.scalars import TENSORS, Scalars
 from torchlbfgs.state import LBFGSState
 
 __all__ = [
@@ -98,7 +99,7 @@ def _rows_in_use(history: History, early_exit: bool | None) -> int:
 
 
 def _two_loop(
-    history: History, vector: torch.Tensor, slots: list[int] | None, rows_in_use: int
+    history: History, vector: torch.Tensor, slots: list[int] | None, rows_in_use: int, ops: Scalars
 ) -> torch.Tensor:
     if slots is None:  # per-problem heads (vmap) or no host reads: gather newest-first rows
         order = newest_first_order(history.head, history.s_history.shape[0])[:rows_in_use]
@@ -106,7 +107,7 @@ def _two_loop(
         rows = list(range(len(order)))
     else:
         s, y, rho, rows = history.s_history, history.y_history, history.rho, slots
-    s_rows, y_rows, rho_rows = s.unbind(0), y.unbind(0), rho.unbind(0)  # views, made once
+    s_rows, y_rows, rho_values = s.unbind(0), y.unbind(0), ops.values(rho)  # made once
     # One working vector updated in place where that is allowed (eagerly, outside torch.func
     # transforms; compiled graphs reuse buffers themselves): a fresh length-n tensor per update
     # costs an allocation, and for large n the page faults cost more than the arithmetic.
@@ -114,14 +115,13 @@ def _two_loop(
     alpha = []
     q = vector.clone() if in_place else vector
     for i in rows:  # newest to oldest
-        a = torch.dot(s_rows[i], q) * rho_rows[i]
-        # q - a y, rounded once as torch.optim.LBFGS does
-        q = q.addcmul_(y_rows[i], a, value=-1) if in_place else torch.addcmul(q, y_rows[i], a, value=-1)
+        a = ops.dot(s_rows[i], q) * rho_values[i]
+        q = ops.sub_scaled(q, y_rows[i], a, in_place=in_place)  # rounded once, as torch's
         alpha.append(a)
     r = q.mul_(history.gamma) if in_place else q * history.gamma
     for i, a in zip(reversed(rows), reversed(alpha), strict=True):  # oldest to newest
-        b = torch.dot(y_rows[i], r) * rho_rows[i]
-        r = r.addcmul_(s_rows[i], a - b) if in_place else torch.addcmul(r, s_rows[i], a - b)
+        b = ops.dot(y_rows[i], r) * rho_values[i]
+        r = ops.add_scaled(r, s_rows[i], a - b, in_place=in_place)
     return r
 
 
@@ -161,6 +161,7 @@ def inv_hessian_product(
     *,
     early_exit: bool | None = None,
     slots: Sequence[int] | None = None,
+    ops: Scalars = TENSORS,
 ) -> torch.Tensor:
     r"""Apply the L-BFGS inverse-Hessian approximation :math:`H_k` to a flat vector.
 
@@ -178,6 +179,10 @@ def inv_hessian_product(
         slots: the slots holding pairs, newest first, when the caller already knows them on
             the host (as :class:`torchlbfgs.LBFGS` does); then nothing is read. Only the
             two-loop recursion uses them.
+        ops: the kind of the recursion's scalars (:mod:`torchlbfgs.scalars`): 0-d tensors
+            (no host read), or host numbers (``NUMBERS``: each inner product read, as
+            ``torch.optim.LBFGS`` reads them; fewer, cheaper kernels where a read costs
+            nothing, on CPUs). The same result, bit for bit.
 
     Returns:
         :math:`H_k v`, shape ``(n,)``.
@@ -196,4 +201,4 @@ def inv_hessian_product(
         return _compact_form(state_history, vector)
     slots = stored_slots(state_history, early_exit) if slots is None else list(slots)
     rows_in_use = len(slots) if slots is not None else _rows_in_use(state_history, early_exit)
-    return _two_loop(state_history, vector, slots, rows_in_use)
+    return _two_loop(state_history, vector, slots, rows_in_use, ops)

@@ -101,18 +101,21 @@ def accept_curvature_pair(
     raise ValueError(f"curvature_rule must be one of {CURVATURE_RULES}, got {rule!r}")
 
 
-def _push_decided(history: History, s: torch.Tensor, y: torch.Tensor, ys: torch.Tensor, slot: int) -> History:
+def _push_decided(
+    history: History, s: torch.Tensor, y: torch.Tensor, ys: torch.Tensor, slot: int, n_pairs: int
+) -> History:
     """The accepted pair written into row ``slot`` in place (see :func:`push_curvature_pair`)."""
     if has_products(history):
         raise ValueError("push_curvature_pair: host-decided pushes keep no inner products")
     m = history.s_history.shape[0]
     history.s_history[slot].copy_(s)
     history.y_history[slot].copy_(y)
-    history.rho[slot] = 1.0 / ys
+    torch.reciprocal(ys, out=history.rho[slot])  # 1 / ys, as torch's `1.0 / ys` rounds it
+    count = min(n_pairs + 1, m)
     return history._replace(
         gamma=ys / torch.dot(y, y),
-        head=torch.remainder(history.head + 1, m),
-        n_pairs=torch.clamp(history.n_pairs + 1, max=m),
+        head=torch.full_like(history.head, (slot + 1) % m),
+        n_pairs=torch.full_like(history.n_pairs, count),
     )
 
 
@@ -125,6 +128,7 @@ def push_curvature_pair(
     *,
     in_place: bool = False,
     host_slot: int | None = None,
+    host_count: int | None = None,
 ) -> History:
     r"""Write ``(s, y)`` into the slot ``head`` when ``accept`` is true; otherwise change nothing.
 
@@ -137,16 +141,17 @@ def push_curvature_pair(
     memory keeps inner products, their new column is computed from the updated buffers (the
     small ``(m, m)`` matrices are always new tensors).
 
-    ``accept`` may also be a Python bool decided on the host, with ``host_slot`` the host's copy of
-    ``head`` (as the :class:`torchlbfgs.LBFGS` adapter knows them): the rows are then written
-    in place, unselected, and a refused pair changes nothing.
+    ``accept`` may also be a Python bool decided on the host, with ``host_slot`` and
+    ``host_count`` the host's copies of ``head`` and ``n_pairs`` (as the
+    :class:`torchlbfgs.LBFGS` adapter knows them): the rows are then written in place,
+    unselected, and a refused pair changes nothing.
     """
     if isinstance(accept, bool):
-        if host_slot is None:
-            raise ValueError("push_curvature_pair: a host-decided accept needs host_slot")
+        if host_slot is None or host_count is None:
+            raise ValueError("push_curvature_pair: a host-decided accept needs host_slot and host_count")
         if not accept:
             return history
-        return _push_decided(history, s, y, ys, host_slot)
+        return _push_decided(history, s, y, ys, host_slot, host_count)
     m = history.s_history.shape[0]
     one = torch.ones((), dtype=ys.dtype, device=ys.device)
     safe_ys = torch.where(accept, ys, one)  # keep 1/ys finite in the branch not taken

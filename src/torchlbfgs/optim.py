@@ -119,6 +119,12 @@ class _ModelParameters:
         return loss, value, self._flat_grad()
 
     def _flat_grad(self) -> torch.Tensor:
+        if (
+            len(self._params) == 1
+            and self._params[0].grad is not None
+            and self._params[0].grad.layout == torch.strided
+        ):
+            return _real_view(self._params[0].grad).reshape(-1).clone()  # one parameter: one copy
         pieces = []
         for p, view in zip(self._params, self._views, strict=True):
             if p.grad is None:
@@ -250,6 +256,11 @@ class LBFGS(Optimizer):
             )
         return state_from_trusted_leaves(leaves, dtype=dtype, device=device)
 
+    def _take_state(self, params: list[torch.Tensor], history_size: int) -> OptimizerState:
+        state = self._stored_state(params, history_size)
+        self.state.pop(params[0], None)
+        return state
+
     def _store(self, state: OptimizerState) -> None:
         params = self._params
         for p in params[1:]:
@@ -296,9 +307,16 @@ class LBFGS(Optimizer):
             raise ValueError(
                 "torchlbfgs.LBFGS.step needs a closure that re-evaluates the model and returns the loss"
             )
-        stored = self._stored_state(params, options.history_size)
         model = _ModelParameters(params, torch.enable_grad()(closure))
-        return torch_step(model, stored, options, keep=self._store)
+        had_state = bool(self.state.get(params[0]))
+
+        def keep(state: OptimizerState, *, unchanged: bool) -> None:
+            if had_state or not unchanged:  # an optimizer without state stays without
+                self._store(state)
+
+        # The step owns the state while it runs (and hands it back through `keep` on every way
+        # out): what it no longer needs is freed as it goes, as torch's step frees it.
+        return torch_step(model, self._take_state(params, options.history_size), options, keep=keep)
 
     def _all_grads_zero(self) -> bool:
         return all(p.grad is not None and not bool(p.grad.any()) for p in self._params)

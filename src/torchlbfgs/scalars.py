@@ -41,7 +41,7 @@ from typing import Any
 import numpy
 import torch
 
-__all__ = ["NUMBERS", "TENSORS", "Numbers", "Scalars", "Tensors", "quiet_overflow"]
+__all__ = ["NUMBERS", "TENSORS", "Numbers", "Scalars", "Tensors", "host_number", "quiet_overflow"]
 
 
 class Tensors:
@@ -87,6 +87,26 @@ class Tensors:
     def pair(first: Any, second: Any) -> Any:
         """Two values (or vectors) as one, indexable by 0 and 1: a stacked tensor."""
         return torch.stack((first, second))
+
+    @staticmethod
+    def dot(u: torch.Tensor, v: torch.Tensor) -> Any:
+        """``u'v`` as a scalar of this kind."""
+        return torch.dot(u, v)
+
+    @staticmethod
+    def values(vector: torch.Tensor) -> Any:
+        """The entries of a short vector as scalars of this kind (views, here)."""
+        return vector.unbind(0)
+
+    @staticmethod
+    def add_scaled(q: torch.Tensor, v: torch.Tensor, c: Any, *, in_place: bool) -> torch.Tensor:
+        """``q + c v``, rounded once (as ``torch.optim.LBFGS``'s ``q.add_(v, alpha=c)``)."""
+        return q.addcmul_(v, c) if in_place else torch.addcmul(q, v, c)
+
+    @staticmethod
+    def sub_scaled(q: torch.Tensor, v: torch.Tensor, c: Any, *, in_place: bool) -> torch.Tensor:
+        """``q - c v``, rounded once."""
+        return q.addcmul_(v, c, value=-1) if in_place else torch.addcmul(q, v, c, value=-1)
 
 
 class Numbers:
@@ -143,6 +163,34 @@ class Numbers:
     def pair(first: Any, second: Any) -> Any:
         """Two values (or vectors) as one, indexable by 0 and 1: a tuple of references."""
         return (first, second)
+
+    @staticmethod
+    def dot(u: torch.Tensor, v: torch.Tensor) -> Any:
+        """``u'v`` read as a host number (a device sync off the CPU)."""
+        return host_number(torch.dot(u, v))
+
+    @staticmethod
+    def values(vector: torch.Tensor) -> Any:
+        """The entries of a short vector as host numbers (one read)."""
+        entries = vector.tolist()
+        return [numpy.float32(e) for e in entries] if vector.dtype == torch.float32 else entries
+
+    @staticmethod
+    def add_scaled(q: torch.Tensor, v: torch.Tensor, c: Any, *, in_place: bool) -> torch.Tensor:
+        """``q + c v``, rounded once (as ``torch.optim.LBFGS``'s ``q.add_(v, alpha=c)``)."""
+        return q.add_(v, alpha=float(c)) if in_place else torch.add(q, v, alpha=float(c))
+
+    @staticmethod
+    def sub_scaled(q: torch.Tensor, v: torch.Tensor, c: Any, *, in_place: bool) -> torch.Tensor:
+        """``q - c v``, rounded once."""
+        return q.add_(v, alpha=-float(c)) if in_place else torch.add(q, v, alpha=-float(c))
+
+
+def host_number(scalar: torch.Tensor) -> Any:
+    """A 0-d tensor read as a host number that rounds as the tensor would (numpy float32 for
+    float32, a Python float or int otherwise)."""
+    value = scalar.item()
+    return numpy.float32(value) if scalar.dtype == torch.float32 else value
 
 
 Scalars = Tensors | Numbers

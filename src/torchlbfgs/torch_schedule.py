@@ -55,6 +55,7 @@ from torchlbfgs.history import TORCH_CURVATURE_THRESHOLD, push_curvature_pair
 from torchlbfgs.line_searches.method import NO_BUDGET
 from torchlbfgs.line_searches.strong_wolfe import HostSearchResult, StrongWolfe
 from torchlbfgs.norms import max_abs
+from torchlbfgs.scalars import NUMBERS, TENSORS, Scalars
 from torchlbfgs.state import LBFGSState, StopReason
 
 __all__ = ["Parameters", "TorchOptions", "torch_step"]
@@ -125,6 +126,12 @@ def _read(*scalars: torch.Tensor) -> list[Any]:
     return [s.item() for s in scalars]
 
 
+def _two_loop_scalars(device: torch.device) -> Scalars:
+    """The two-loop recursion's inner products are read as torch reads them where that is
+    free (CPU: fewer, cheaper kernels); elsewhere they stay on the device (no sync)."""
+    return NUMBERS if device.type == "cpu" else TENSORS
+
+
 def _scalar(value: Any, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     return torch.full((), value.item() if hasattr(value, "item") else value, dtype=dtype or like.dtype,
                       device=like.device)  # fmt: skip
@@ -160,20 +167,54 @@ def _warn_non_finite() -> None:
     )
 
 
+class _Rollback:
+    """Where a closure that raises sends everything back: the state at the start of the inner
+    iteration it was called in (or what makes it), and the parameters there (``None``: as they
+    are, nothing was moved yet)."""
+
+    def __init__(self, state: OptimizerState) -> None:
+        self.saved: OptimizerState | tuple[LBFGSState, int, int] = state
+        self.point: torch.Tensor | None = None
+
+    def state(self) -> OptimizerState:
+        if isinstance(self.saved, OptimizerState):
+            return self.saved
+        return _ended(*self.saved, status=StopReason.RUNNING, pending=None)
+
+
 def torch_step(
     params: Parameters,
     stored: OptimizerState,
     options: TorchOptions,
     *,
-    keep: Callable[[OptimizerState], None],
+    keep: Callable[..., None],
 ) -> Any:
     """Run one ``torch.optim.LBFGS.step`` from ``stored``; return the closure's first loss.
 
-    The new state is handed to ``keep`` (the state's buffers are updated in place, so
-    ``stored`` must not be used afterwards). When the closure raises, the parameters go back
-    to the start of the inner iteration it was called in, ``keep`` receives the state there,
-    and the exception propagates.
+    The new state is handed to ``keep(state, unchanged=...)`` on every way out (``unchanged``:
+    the step failed before it changed anything, and ``state`` is ``stored`` itself). The
+    state's buffers are updated in place, so the caller holds no other reference to ``stored``
+    (the step frees what it no longer needs as it goes, as torch's does). When the closure
+    raises, the parameters go back to the start of the inner iteration it was called in,
+    ``keep`` receives the state there, and the exception propagates.
     """
+    rollback = _Rollback(stored)
+    del stored  # from here on only the rollback (and the step) hold it
+    try:
+        loss, state = _step(params, rollback, options)
+    except BaseException:
+        if rollback.point is None:  # nothing was moved or changed yet
+            keep(rollback.state(), unchanged=True)
+        else:
+            params.write(rollback.point)
+            keep(rollback.state(), unchanged=False)
+        raise
+    keep(state, unchanged=False)
+    return loss
+
+
+def _step(params: Parameters, rollback: _Rollback, options: TorchOptions) -> tuple[Any, OptimizerState]:
+    stored = rollback.state()
     loss, value, grad = params.evaluate()
     core = stored.core
     m = core.history_size
@@ -192,94 +233,83 @@ def torch_step(
         # where the loss is not finite: go back to where it started (up to rounding).
         params.write(torch.addcmul(params.read(), stored.pending_direction, stored.pending_step, value=-1))
         _warn_non_finite()
-        keep(_ended(core, 0, evals, status=StopReason.NON_FINITE, pending=None))
-        return loss
+        return loss, _ended(core, 0, evals, status=StopReason.NON_FINITE, pending=None)
     if grad_max <= options.tolerance_grad:  # torch returns before touching its state
-        keep(stored._replace(core=_counted(core, StopReason.GRADIENT_TOLERANCE, 0, evals)))
-        return loss
+        return loss, stored._replace(core=_counted(core, StopReason.GRADIENT_TOLERANCE, 0, evals))
 
     if options.max_iter == 0:  # torch evaluates, and does nothing else
-        keep(stored._replace(core=_counted(core, StopReason.MAX_ITERATIONS, 0, evals)))
-        return loss
+        return loss, stored._replace(core=_counted(core, StopReason.MAX_ITERATIONS, 0, evals))
 
     ring = _Ring(int(head), int(n_pairs), m)
+    ops = _two_loop_scalars(grad.device)
     direction: torch.Tensor = stored.pending_direction
     t: Any = stored.pending_step
+    del stored  # its gradient and direction go as soon as the iteration no longer needs them
     x = params.read()  # after the closure: a change it made to the parameters counts
     iterations, current_evals = 0, 1
-    # where a closure that raises sends everything back: (state, or what makes it; params)
-    start_of_iteration: tuple[OptimizerState | tuple[LBFGSState, int, int], torch.Tensor] = (stored, x)
-    try:
-        for n_iter in range(1, options.max_iter + 1):
-            iterations += 1
-            if pending and not fresh:  # the previous iteration's curvature pair
-                s, y = torch.mul(direction, t), torch.sub(grad, core.grad)
-                ys = torch.dot(y, s)
-                if _read(ys)[0] > TORCH_CURVATURE_THRESHOLD:
-                    pushed = push_curvature_pair(core.history, s, y, ys, accept=True, host_slot=ring.head)
-                    core, ring = core._replace(**pushed._asdict()), ring.pushed()
-            core = core._replace(value=value, grad=grad)
-            start_of_iteration = ((core, iterations - 1, evals), x)
-            # steepest descent on the very first iteration
-            direction = grad.neg() if fresh else inv_hessian_product(core, grad, slots=ring.slots).neg_()
-            pending = True
-            t = options.lr
-            if fresh:
-                t = min(1.0, _read(torch.reciprocal(grad.abs().sum()))[0]) * options.lr
-            fresh = False
-            gtd, direction_max = _read(torch.dot(grad, direction), max_abs(direction))
-            status = StopReason.RUNNING
-            if gtd > -options.tolerance_change:  # no descent left: torch stops before moving
-                status = StopReason.DIRECTIONAL_DERIVATIVE_TOLERANCE
-                break
-
-            evaluated = True
-            if options.line_search_fn == "strong_wolfe":
-                found = _strong_wolfe(
-                    params, x, direction, f, grad, gtd, direction_max, t, options.max_eval - current_evals
+    rollback.point = x
+    for n_iter in range(1, options.max_iter + 1):
+        iterations += 1
+        if pending and not fresh:  # the previous iteration's curvature pair
+            s, y = torch.mul(direction, t), torch.sub(grad, core.grad)
+            ys = torch.dot(y, s)
+            if _read(ys)[0] > TORCH_CURVATURE_THRESHOLD:
+                pushed = push_curvature_pair(
+                    core.history, s, y, ys, accept=True, host_slot=ring.head, host_count=ring.n_pairs
                 )
-                t, f_new, new_grad, search_evals = found.step_size, found.value, found.grad, found.n_evals
-                params.write_step(x, direction, t)  # torch moves from where the search started
-                (new_grad_max,) = _read(max_abs(new_grad))
-                new_value = value if new_grad is grad else _scalar(f_new, value)
-            elif n_iter < options.max_iter:
-                params.write_step(x, direction, t)
-                _, new_value, new_grad = params.evaluate()
-                search_evals = 1
-                f_new, new_grad_max = _read(new_value, max_abs(new_grad))
-            else:  # torch's last fixed step moves without evaluating the closure
-                params.write_step(x, direction, t)
-                evaluated, search_evals = False, 0
-                f_new, new_grad_max = f, math.inf
-            evals += search_evals
-            current_evals += search_evals
-            if evaluated and not _finite(f_new, new_grad_max):
-                params.write(x)  # back to the last finite point
-                _warn_non_finite()
-                keep(_ended(core, iterations, evals, status=StopReason.NON_FINITE, pending=None))
-                return loss
-            status = _stop_reason(
-                grad_small=evaluated and new_grad_max <= options.tolerance_grad,
-                step_small=abs(t) * direction_max <= options.tolerance_change,
-                value_small=evaluated and abs(float(f_new) - float(f)) < options.tolerance_change,
-                out_of_evals=current_evals >= options.max_eval,
-                out_of_iterations=n_iter == options.max_iter,
+                core, ring = core._replace(**pushed._asdict()), ring.pushed()
+            del s, y  # copied into the memory: not kept through the two-loop recursion
+        core = core._replace(value=value, grad=grad)
+        rollback.saved, rollback.point = (core, iterations - 1, evals), x
+        # steepest descent on the very first iteration
+        direction = grad.neg() if fresh else inv_hessian_product(core, grad, slots=ring.slots, ops=ops).neg_()
+        pending = True
+        t = options.lr
+        if fresh:
+            t = min(1.0, _read(torch.reciprocal(grad.abs().sum()))[0]) * options.lr
+        fresh = False
+        gtd, direction_max = _read(torch.dot(grad, direction), max_abs(direction))
+        status = StopReason.RUNNING
+        if gtd > -options.tolerance_change:  # no descent left: torch stops before moving
+            status = StopReason.DIRECTIONAL_DERIVATIVE_TOLERANCE
+            break
+
+        evaluated = True
+        if options.line_search_fn == "strong_wolfe":
+            found = _strong_wolfe(
+                params, x, direction, f, grad, gtd, direction_max, t, options.max_eval - current_evals
             )
-            if status != StopReason.RUNNING:
-                break
-            f, value, grad = f_new, new_value, new_grad
-            x = params.read()
-    except BaseException:
-        state, point = start_of_iteration
-        params.write(point)
-        keep(
-            state
-            if isinstance(state, OptimizerState)
-            else _ended(*state, status=StopReason.RUNNING, pending=None)
+            t, f_new, new_grad, search_evals = found.step_size, found.value, found.grad, found.n_evals
+            params.write_step(x, direction, t)  # torch moves from where the search started
+            (new_grad_max,) = _read(max_abs(new_grad))
+            new_value = value if new_grad is grad else _scalar(f_new, value)
+        elif n_iter < options.max_iter:
+            params.write_step(x, direction, t)
+            _, new_value, new_grad = params.evaluate()
+            search_evals = 1
+            f_new, new_grad_max = _read(new_value, max_abs(new_grad))
+        else:  # torch's last fixed step moves without evaluating the closure
+            params.write_step(x, direction, t)
+            evaluated, search_evals = False, 0
+            f_new, new_grad_max = f, math.inf
+        evals += search_evals
+        current_evals += search_evals
+        if evaluated and not _finite(f_new, new_grad_max):
+            params.write(x)  # back to the last finite point
+            _warn_non_finite()
+            return loss, _ended(core, iterations, evals, status=StopReason.NON_FINITE, pending=None)
+        status = _stop_reason(
+            grad_small=evaluated and new_grad_max <= options.tolerance_grad,
+            step_small=abs(t) * direction_max <= options.tolerance_change,
+            value_small=evaluated and abs(float(f_new) - float(f)) < options.tolerance_change,
+            out_of_evals=current_evals >= options.max_eval,
+            out_of_iterations=n_iter == options.max_iter,
         )
-        raise
-    keep(_ended(core, iterations, evals, status=status, pending=(direction, t)))
-    return loss
+        if status != StopReason.RUNNING:
+            break
+        f, value, grad = f_new, new_value, new_grad
+        x = params.read()
+    return loss, _ended(core, iterations, evals, status=status, pending=(direction, t))
 
 
 def _strong_wolfe(
