@@ -99,8 +99,9 @@ def _rows_in_use(history: History, early_exit: bool | None) -> int:
 
 
 def _two_loop(
-    history: History, vector: torch.Tensor, slots: list[int] | None, rows_in_use: int, ops: Scalars
-) -> torch.Tensor:
+    history: History, vector: torch.Tensor, slots: list[int] | None, rows_in_use: int, ops: Scalars,
+    overwrite: bool,
+) -> torch.Tensor:  # fmt: skip
     if slots is None:  # per-problem heads (vmap) or no host reads: gather newest-first rows
         order = newest_first_order(history.head, history.s_history.shape[0])[:rows_in_use]
         s, y, rho = history.s_history[order], history.y_history[order], history.rho[order]
@@ -113,7 +114,7 @@ def _two_loop(
     # costs an allocation, and for large n the page faults cost more than the arithmetic.
     in_place = not torch.compiler.is_compiling() and not is_functorch_wrapped_tensor(vector)
     alpha = []
-    q = vector.clone() if in_place else vector
+    q = vector if overwrite or not in_place else vector.clone()
     for i in rows:  # newest to oldest
         a = ops.dot(s_rows[i], q) * rho_values[i]
         q = ops.sub_scaled(q, y_rows[i], a, in_place=in_place)  # rounded once, as torch's
@@ -162,6 +163,7 @@ def inv_hessian_product(
     early_exit: bool | None = None,
     slots: Sequence[int] | None = None,
     ops: Scalars = TENSORS,
+    overwrite: bool = False,
 ) -> torch.Tensor:
     r"""Apply the L-BFGS inverse-Hessian approximation :math:`H_k` to a flat vector.
 
@@ -183,6 +185,8 @@ def inv_hessian_product(
             (no host read), or host numbers (``NUMBERS``: each inner product read, as
             ``torch.optim.LBFGS`` reads them; fewer, cheaper kernels where a read costs
             nothing, on CPUs). The same result, bit for bit.
+        overwrite: the two-loop recursion may work in ``vector`` itself (a temporary of the
+            caller's, e.g. ``-g``) instead of a copy, where in-place updates are allowed.
 
     Returns:
         :math:`H_k v`, shape ``(n,)``.
@@ -201,4 +205,4 @@ def inv_hessian_product(
         return _compact_form(state_history, vector)
     slots = stored_slots(state_history, early_exit) if slots is None else list(slots)
     rows_in_use = len(slots) if slots is not None else _rows_in_use(state_history, early_exit)
-    return _two_loop(state_history, vector, slots, rows_in_use, ops)
+    return _two_loop(state_history, vector, slots, rows_in_use, ops, overwrite)

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy
@@ -46,6 +46,12 @@ __all__ = ["NUMBERS", "TENSORS", "Numbers", "Scalars", "Tensors", "host_number",
 
 class Tensors:
     """0-d (or batched) tensors: branch-free selections with ``torch.where``."""
+
+    @staticmethod
+    def when(condition: Any, compute: Callable[[], Any], otherwise: Any) -> Any:
+        """A value that is only used where ``condition`` holds: computed for every problem
+        (the callers' selections mask it), since nothing may branch on a tensor."""
+        return compute()
 
     @staticmethod
     def where(condition: Any, if_true: Any, if_false: Any) -> Any:
@@ -112,6 +118,11 @@ class Tensors:
 class Numbers:
     """Host numbers (numpy scalars, Python floats, ints and bools): selections decided on the
     host, returning references. Run the arithmetic under :func:`quiet_overflow`."""
+
+    @staticmethod
+    def when(condition: Any, compute: Callable[[], Any], otherwise: Any) -> Any:
+        """A value that is only used where ``condition`` holds: computed only then."""
+        return compute() if condition else otherwise
 
     @staticmethod
     def where(condition: Any, if_true: Any, if_false: Any) -> Any:

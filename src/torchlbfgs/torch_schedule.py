@@ -261,8 +261,9 @@ def _step(params: Parameters, rollback: _Rollback, options: TorchOptions) -> tup
             del s, y  # copied into the memory: not kept through the two-loop recursion
         core = core._replace(value=value, grad=grad)
         rollback.saved, rollback.point = (core, iterations - 1, evals), x
-        # steepest descent on the very first iteration
-        direction = grad.neg() if fresh else inv_hessian_product(core, grad, slots=ring.slots, ops=ops).neg_()
+        direction = grad.neg()  # steepest descent on the very first iteration, else -H g:
+        if not fresh:  # the two-loop recursion from -g in place, as torch's
+            direction = inv_hessian_product(core, direction, slots=ring.slots, ops=ops, overwrite=True)
         pending = True
         t = options.lr
         if fresh:

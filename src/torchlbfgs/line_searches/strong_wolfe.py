@@ -207,10 +207,10 @@ class StrongWolfe(SearchLimits):
         enter_zoom = ops.both(not_wolfe, ops.either(armijo_fails, gtd_new >= 0))
         extrapolate = ops.both(not_wolfe, ops.negate(enter_zoom))
         gave_up_bracketing = ops.both(in_bracketing, out_of_iterations)
-        t_extrapolated = cubic_minimizer(
+        t_extrapolated = ops.when(extrapolate, lambda: cubic_minimizer(
             s.t_prev, s.f_prev, s.gtd_prev, s.t, f_new, gtd_new,
             lower=s.t + 0.01 * (s.t - s.t_prev), upper=s.t * 10, ops=ops,
-        )  # fmt: skip
+        ), s.t)  # fmt: skip
 
         # Zoom phase (N&W Algorithm 3.6), updating the bracket with the point just evaluated.
         in_zoom = ops.both(running, s.phase == _ZOOM)
@@ -249,9 +249,9 @@ class StrongWolfe(SearchLimits):
         interval_too_small = abs(bracket_t[1] - bracket_t[0]) * d_norm < tolerance_change
         zoom_stops = ops.both(zooming, ops.either(ls_iter >= max_ls, interval_too_small))
         zoom_continues = ops.both(zooming, ops.negate(zoom_stops))
-        t_zoom = cubic_minimizer(
+        t_zoom = ops.when(zooming, lambda: cubic_minimizer(
             bracket_t[0], bracket_f[0], bracket_gtd[0], bracket_t[1], bracket_f[1], bracket_gtd[1], ops=ops
-        )
+        ), s.t)  # fmt: skip
         t_max, t_min = ops.maximum(bracket_t[0], bracket_t[1]), ops.minimum(bracket_t[0], bracket_t[1])
         margin = 0.1 * (t_max - t_min)
         near_end = ops.minimum(t_max - t_zoom, t_zoom - t_min) < margin
