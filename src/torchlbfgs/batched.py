@@ -26,10 +26,10 @@ from torchlbfgs.minimize import (
     stop_check_interval,
 )
 from torchlbfgs.objective import FlatObjective, flat_objective
+from torchlbfgs.options import require_count
 from torchlbfgs.pytree import Unravel, ravel_pytree
 from torchlbfgs.rounds import RoundState, Settings, advance, max_rounds, start
 from torchlbfgs.state import StopReason
-from torchlbfgs.update import require_count
 
 __all__ = ["batched_minimize"]
 

@@ -46,6 +46,7 @@ from torch._C._functorch import is_functorch_wrapped_tensor
 
 from torchlbfgs.history import History, add_buffer_rows, buffer_dot, has_products
 from torchlbfgs.line_searches.loop import batch_view, exits_early
+from torchlbfgs.options import require_choice
 from torchlbfgs.scalars import TENSORS, Scalars
 from torchlbfgs.state import LBFGSState
 
@@ -65,8 +66,7 @@ DIRECTIONS: tuple[Direction, ...] = ("two_loop", "compact")
 
 def uses_compact_form(direction: Direction) -> bool:
     """Whether a state for ``direction`` keeps the pairs' products (the compact representation)."""
-    if direction not in DIRECTIONS:
-        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    require_choice("direction", direction, DIRECTIONS)
     return direction == "compact"
 
 

@@ -25,6 +25,8 @@ from typing import Literal, NamedTuple
 
 import torch
 
+from torchlbfgs.options import require_choice
+
 __all__ = [
     "CurvatureRule",
     "History",
@@ -95,10 +97,9 @@ def accept_curvature_pair(
     ys = torch.dot(y, s)
     if rule == "absolute":
         return ys, ys > TORCH_CURVATURE_THRESHOLD
-    if rule == "relative":
-        eps = torch.finfo(s.dtype).eps
-        return ys, ys > eps * -torch.dot(s, grad)
-    raise ValueError(f"curvature_rule must be one of {CURVATURE_RULES}, got {rule!r}")
+    require_choice("curvature_rule", rule, CURVATURE_RULES)
+    eps = torch.finfo(s.dtype).eps
+    return ys, ys > eps * -torch.dot(s, grad)
 
 
 def _push_decided(

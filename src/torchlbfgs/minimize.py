@@ -25,10 +25,10 @@ from torchlbfgs.line_searches import LineSearch
 from torchlbfgs.line_searches.loop import batch_view, exits_early
 from torchlbfgs.norms import max_abs
 from torchlbfgs.objective import flat_objective
+from torchlbfgs.options import require_count
 from torchlbfgs.pytree import Unravel, ravel_pytree
 from torchlbfgs.rounds import RoundState, Settings, advance, max_rounds, start
 from torchlbfgs.state import StopReason
-from torchlbfgs.update import require_count
 
 __all__ = ["Progress", "Result", "minimize", "print_progress"]
 

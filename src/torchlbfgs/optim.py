@@ -39,8 +39,9 @@ from torchlbfgs.checkpoint import (
     state_to_leaves,
     to_torch_state_dict,
 )
-from torchlbfgs.state import StopReason
-from torchlbfgs.torch_schedule import TorchOptions, torch_step
+from torchlbfgs.options import TorchOptions
+from torchlbfgs.state import CONVERGED, StopReason
+from torchlbfgs.torch_schedule import torch_step
 
 __all__ = ["LBFGS", "to_torch_state_dict"]
 
@@ -53,12 +54,6 @@ _SHARED_OPTIONS = (
     "history_size",
     "line_search_fn",
 )
-_CONVERGED = {
-    StopReason.GRADIENT_TOLERANCE,
-    StopReason.VALUE_CHANGE_TOLERANCE,
-    StopReason.STEP_TOLERANCE,
-    StopReason.DIRECTIONAL_DERIVATIVE_TOLERANCE,
-}
 _NOT_OPTIONS = ("params", PARAM_SHAPES)  # what a saved group holds besides its options
 # torch's names for two of our leaves, readable (as ints) from the optimizer's state
 _TORCH_COUNTERS = {"n_iter": "iteration", "func_evals": "n_evals"}
@@ -212,7 +207,7 @@ class LBFGS(Optimizer):
             "history_size": history_size,
             "line_search_fn": line_search_fn,
         }
-        _options_of(defaults, "")  # the same checks as each step makes
+        TorchOptions.of(defaults)  # the same checks as each step makes
         super().__init__(params, defaults)
 
     # --- parameter groups ---------------------------------------------------------------------
@@ -226,7 +221,7 @@ class LBFGS(Optimizer):
         """
         super().add_param_group(param_group)  # torch's own checks first
         try:
-            _options_of(self.param_groups[-1], f"param group {len(self.param_groups) - 1}: ")
+            TorchOptions.of(self.param_groups[-1], f"param group {len(self.param_groups) - 1}: ")
             _check_options_agree(self.param_groups)
         except (ValueError, TypeError):
             self.param_groups.pop()  # never a half-added group
@@ -279,7 +274,7 @@ class LBFGS(Optimizer):
     @property
     def converged(self) -> bool:
         """Whether the last ``step`` stopped because it met a tolerance (see :attr:`stop_reason`)."""
-        return self.stop_reason in _CONVERGED
+        return self.stop_reason in CONVERGED
 
     # --- the step ------------------------------------------------------------------------------
 
@@ -446,29 +441,6 @@ def _same(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
-def _options_of(group: Mapping[str, Any], where: str) -> TorchOptions:
-    """A group's options, checked as torch checks them, plus what torch leaves unchecked."""
-    lr = group["lr"]
-    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-        raise ValueError(f"{where}Tensor lr must be 1-element")
-    if not lr >= 0.0:
-        raise ValueError(f"{where}Invalid learning rate: {lr}")
-    for name, minimum in (("max_iter", 0), ("max_eval", 0), ("history_size", 1)):
-        value = group[name]
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            kind = "positive" if minimum == 1 else "non-negative"
-            raise ValueError(f"{where}{name} must be a {kind} int, got {value!r}")
-    if group["line_search_fn"] not in (None, "strong_wolfe"):
-        raise ValueError(
-            f"{where}line_search_fn must be None or 'strong_wolfe', got {group['line_search_fn']!r}"
-        )
-    return TorchOptions(
-        lr=float(lr), max_iter=group["max_iter"], max_eval=group["max_eval"],
-        tolerance_grad=group["tolerance_grad"], tolerance_change=group["tolerance_change"],
-        history_size=group["history_size"], line_search_fn=group["line_search_fn"],
-    )  # fmt: skip
-
-
 def _check_options_agree(groups: list[dict[str, Any]]) -> TorchOptions:
     """All groups form one problem with one line search, so their options must agree; returns them."""
     first = groups[0]
@@ -480,4 +452,4 @@ def _check_options_agree(groups: list[dict[str, Any]]) -> TorchOptions:
                     f"{option}={first[option]!r}: torchlbfgs.LBFGS optimizes all groups jointly, "
                     f"so {option!r} must be the same in every group"
                 )
-    return _options_of(first, "")
+    return TorchOptions.of(first)

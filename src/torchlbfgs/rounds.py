@@ -32,8 +32,9 @@ from torchlbfgs.line_searches import LineSearch, check_line_search_options, sear
 from torchlbfgs.line_searches.loop import trial_point
 from torchlbfgs.line_searches.method import SearchMethod, SearchOrigin, evaluation_budget
 from torchlbfgs.objective import FlatObjective
+from torchlbfgs.options import require_choice, require_count
 from torchlbfgs.state import LBFGSState, StopReason
-from torchlbfgs.update import Proposal, accept, initial_state, propose, require_count
+from torchlbfgs.update import Proposal, accept, initial_state, propose
 
 __all__ = ["RoundState", "Settings", "advance", "max_rounds", "start"]
 
@@ -63,10 +64,8 @@ class Settings:
         if self.max_evals is not None:
             require_count("max_evals", self.max_evals, 0)
         check_line_search_options(self.line_search, self.c1, self.c2, self.max_ls)
-        if self.direction not in DIRECTIONS:
-            raise ValueError(f"direction must be one of {DIRECTIONS}, got {self.direction!r}")
-        if self.curvature_rule not in CURVATURE_RULES:
-            raise ValueError(f"curvature_rule must be one of {CURVATURE_RULES}, got {self.curvature_rule!r}")
+        require_choice("direction", self.direction, DIRECTIONS)
+        require_choice("curvature_rule", self.curvature_rule, CURVATURE_RULES)
 
     @property
     def search(self) -> SearchMethod[Any]:

@@ -14,7 +14,7 @@ import torch
 
 from torchlbfgs.history import History
 
-__all__ = ["LBFGSState", "StopReason", "status_message"]
+__all__ = ["CONVERGED", "FAILED", "LBFGSState", "StopReason", "status_message"]
 
 
 class StopReason(enum.IntEnum):
@@ -48,6 +48,22 @@ class StopReason(enum.IntEnum):
     """The evaluation budget ``max_evals`` was used up."""
     MAX_ITERATIONS = 8
     """:func:`torchlbfgs.minimize` ran ``max_iter`` iterations without meeting a tolerance."""
+
+
+CONVERGED = frozenset({
+    StopReason.GRADIENT_TOLERANCE, StopReason.VALUE_CHANGE_TOLERANCE, StopReason.STEP_TOLERANCE,
+    StopReason.DIRECTIONAL_DERIVATIVE_TOLERANCE,
+})  # fmt: skip
+"""The reasons that mean a convergence tolerance was met."""
+FAILED = frozenset({StopReason.LINE_SEARCH_FAILED, StopReason.NON_FINITE})
+"""The reasons that mean the problem could not go on."""
+
+
+def _is_one_of(status: torch.Tensor, reasons: frozenset[StopReason]) -> torch.Tensor:
+    found = torch.zeros_like(status, dtype=torch.bool)
+    for reason in sorted(reasons):
+        found = found | (status == reason.value)
+    return found
 
 
 _MESSAGES = {
@@ -164,14 +180,10 @@ class LBFGSState(NamedTuple):
 
     @property
     def converged(self) -> torch.Tensor:
-        """Boolean tensor: a convergence tolerance was met (codes 1-4)."""
-        return (self.status >= StopReason.GRADIENT_TOLERANCE.value) & (
-            self.status <= StopReason.DIRECTIONAL_DERIVATIVE_TOLERANCE.value
-        )
+        """Boolean tensor: a convergence tolerance was met (a reason in :data:`CONVERGED`)."""
+        return _is_one_of(self.status, CONVERGED)
 
     @property
     def failed(self) -> torch.Tensor:
-        """Boolean tensor: the line search failed or a non-finite value was met (codes 5-6)."""
-        return (self.status == StopReason.LINE_SEARCH_FAILED.value) | (
-            self.status == StopReason.NON_FINITE.value
-        )
+        """Boolean tensor: the line search failed or a non-finite value was met (:data:`FAILED`)."""
+        return _is_one_of(self.status, FAILED)

@@ -43,7 +43,6 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
 import numpy
@@ -55,8 +54,10 @@ from torchlbfgs.history import TORCH_CURVATURE_THRESHOLD, push_curvature_pair
 from torchlbfgs.line_searches.method import NO_BUDGET
 from torchlbfgs.line_searches.strong_wolfe import HostSearchResult, StrongWolfe
 from torchlbfgs.norms import max_abs
+from torchlbfgs.options import TorchOptions
 from torchlbfgs.scalars import NUMBERS, TENSORS, Scalars
 from torchlbfgs.state import LBFGSState, StopReason
+from torchlbfgs.stopping import stop_reason
 
 __all__ = ["Parameters", "TorchOptions", "torch_step"]
 
@@ -85,19 +86,6 @@ class Parameters(Protocol):
         """Set the parameters to ``x + t * direction`` (rounded as torch's ``p.add_(d, alpha=t)``;
         ``t`` is a host number)."""
         ...
-
-
-@dataclass(frozen=True)
-class TorchOptions:
-    """``torch.optim.LBFGS``'s options, as the schedule uses them (validated by the adapter)."""
-
-    lr: float
-    max_iter: int
-    max_eval: int
-    tolerance_grad: float
-    tolerance_change: float
-    history_size: int
-    line_search_fn: str | None
 
 
 class _Ring(NamedTuple):
@@ -139,22 +127,6 @@ def _scalar(value: Any, like: torch.Tensor, dtype: torch.dtype | None = None) ->
 
 def _finite(*values: Any) -> bool:
     return all(math.isfinite(value) for value in values)
-
-
-def _stop_reason(*, grad_small: bool, step_small: bool, value_small: bool, out_of_evals: bool,
-                 out_of_iterations: bool) -> StopReason:  # fmt: skip
-    """Why torch's step stops after an iteration (``RUNNING`` if it goes on). torch tests the
-    budgets first; the status names a met tolerance first, then the budgets in torch's order."""
-    for holds, reason in (
-        (grad_small, StopReason.GRADIENT_TOLERANCE),
-        (step_small, StopReason.STEP_TOLERANCE),
-        (value_small, StopReason.VALUE_CHANGE_TOLERANCE),
-        (out_of_iterations, StopReason.MAX_ITERATIONS),
-        (out_of_evals, StopReason.MAX_EVALS),
-    ):
-        if holds:
-            return reason
-    return StopReason.RUNNING
 
 
 def _warn_non_finite() -> None:
@@ -299,7 +271,8 @@ def _step(params: Parameters, rollback: _Rollback, options: TorchOptions) -> tup
             params.write(x)  # back to the last finite point
             _warn_non_finite()
             return loss, _ended(core, iterations, evals, status=StopReason.NON_FINITE, pending=None)
-        status = _stop_reason(
+        status = stop_reason(
+            NUMBERS,
             grad_small=evaluated and new_grad_max <= options.tolerance_grad,
             step_small=abs(t) * direction_max <= options.tolerance_change,
             value_small=evaluated and abs(float(f_new) - float(f)) < options.tolerance_change,

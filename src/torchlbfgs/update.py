@@ -32,8 +32,11 @@ from torchlbfgs.line_searches.loop import exits_early
 from torchlbfgs.line_searches.result import FlatLineSearchResult
 from torchlbfgs.norms import max_abs
 from torchlbfgs.objective import flat_objective
+from torchlbfgs.options import require_choice, require_count
 from torchlbfgs.pytree import ravel_pytree
+from torchlbfgs.scalars import TENSORS
 from torchlbfgs.state import LBFGSState, StopReason
+from torchlbfgs.stopping import stop_reason
 
 __all__ = ["Proposal", "accept", "init", "initial_state", "propose", "update"]
 
@@ -42,13 +45,6 @@ PyTree = Any
 
 def _status(code: StopReason, like: torch.Tensor) -> torch.Tensor:
     return torch.full((), code.value, dtype=torch.int64, device=like.device)
-
-
-def require_count(name: str, value: object, minimum: int) -> None:
-    """Raise ``ValueError`` unless ``value`` is an int (not a bool) of at least ``minimum`` (0 or 1)."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        kind = "positive" if minimum == 1 else "non-negative"
-        raise ValueError(f"{name} must be a {kind} int, got {value!r}")
 
 
 def init(
@@ -255,19 +251,16 @@ def accept(
     n_evals = state.n_evals + found.n_evals
     out_of_evals = torch.zeros_like(taken) if max_evals is None else n_evals >= max_evals
 
-    # Stop reasons after the step, in torch's order of tests; the first that holds is reported.
-    stop = StopReason
-    status = proposal.status
-    for condition, code in reversed((
-        (searching & ~finite & (found.n_evals > 0), stop.NON_FINITE),
-        (searching & ~taken & out_of_evals, stop.MAX_EVALS),
-        (searching & ~taken, stop.LINE_SEARCH_FAILED),
-        (taken & (max_abs(new_grad) <= tolerance_grad), stop.GRADIENT_TOLERANCE),
-        (taken & ((max_abs(step) <= tolerance_change) | stalled), stop.STEP_TOLERANCE),
-        (taken & ((new_value - value).abs() < tolerance_change), stop.VALUE_CHANGE_TOLERANCE),
-        (taken & out_of_evals, stop.MAX_EVALS),
-    )):  # fmt: skip
-        status = torch.where(condition, _status(code, x), status)
+    status = stop_reason(
+        TENSORS, proposal.status,
+        non_finite=searching & ~finite & (found.n_evals > 0),
+        failed_out_of_evals=searching & ~taken & out_of_evals,
+        search_failed=searching & ~taken,
+        grad_small=taken & (max_abs(new_grad) <= tolerance_grad),
+        step_small=taken & ((max_abs(step) <= tolerance_change) | stalled),
+        value_small=taken & ((new_value - value).abs() < tolerance_change),
+        out_of_evals=taken & out_of_evals,
+    )  # fmt: skip
 
     new_state = LBFGSState(
         value=torch.where(taken, new_value, value),
@@ -341,8 +334,7 @@ def update(
         'converged: max|gradient| <= tolerance_grad'
     """
     check_line_search_options(line_search, c1, c2, max_ls)
-    if curvature_rule not in CURVATURE_RULES:
-        raise ValueError(f"curvature_rule must be one of {CURVATURE_RULES}, got {curvature_rule!r}")
+    require_choice("curvature_rule", curvature_rule, CURVATURE_RULES)
     x, unravel = ravel_pytree(params)
     _check_state(state, x)
     objective = flat_objective(fun, unravel, value_and_grad=value_and_grad)

@@ -18,6 +18,7 @@ from torchlbfgs.line_searches.more_thuente import MoreThuente
 from torchlbfgs.line_searches.result import FlatLineSearchResult, LineSearchResult
 from torchlbfgs.line_searches.strong_wolfe import StrongWolfe
 from torchlbfgs.objective import FlatObjective, flat_objective
+from torchlbfgs.options import require_line_search
 from torchlbfgs.pytree import ravel_pytree
 
 __all__ = [
@@ -74,13 +75,8 @@ def search_along(
 
 
 def check_line_search_options(method: LineSearch, c1: float, c2: float, max_ls: int) -> None:
-    """Raise ``ValueError`` for options no line search can honour."""
-    if method not in LINE_SEARCHES:
-        raise ValueError(f"line_search must be one of {LINE_SEARCHES}, got {method!r}")
-    if not 0 < c1 < c2 < 1:
-        raise ValueError(f"line-search constants need 0 < c1 < c2 < 1; got c1={c1}, c2={c2}")
-    if max_ls < 0:
-        raise ValueError(f"max_ls must be >= 0, got {max_ls}")
+    """Raise ``ValueError`` for options no line search can honour (see :mod:`torchlbfgs.options`)."""
+    require_line_search(method, c1, c2, max_ls, LINE_SEARCHES)
 
 
 def line_search(

@@ -1,0 +1,52 @@
+"""Why an iteration stops: one table of stop reasons, in priority order, for every driver.
+
+:func:`torchlbfgs.update.accept` (the functional core, on tensors) and torch's step schedule
+(:mod:`torchlbfgs.torch_schedule`, on host numbers) name the conditions that hold after a step
+and get the reason from :func:`stop_reason`: the first condition of the table that holds
+wins. A failure is reported before a met tolerance, a met tolerance before a used-up budget
+(the budgets in torch's order of tests). A new criterion is one more row here.
+
+Examples:
+    >>> from torchlbfgs.scalars import NUMBERS
+    >>> from torchlbfgs.stopping import stop_reason
+    >>> stop_reason(NUMBERS, grad_small=True, out_of_iterations=True).name
+    'GRADIENT_TOLERANCE'
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torchlbfgs.scalars import NUMBERS, Scalars
+from torchlbfgs.state import StopReason
+
+__all__ = ["STOP_CONDITIONS", "stop_reason"]
+
+STOP_CONDITIONS: tuple[tuple[str, StopReason], ...] = (
+    ("non_finite", StopReason.NON_FINITE),  # the value or gradient at the new point
+    ("failed_out_of_evals", StopReason.MAX_EVALS),  # no acceptable step, and no budget left
+    ("search_failed", StopReason.LINE_SEARCH_FAILED),  # no acceptable step
+    ("grad_small", StopReason.GRADIENT_TOLERANCE),
+    ("step_small", StopReason.STEP_TOLERANCE),
+    ("value_small", StopReason.VALUE_CHANGE_TOLERANCE),
+    ("out_of_iterations", StopReason.MAX_ITERATIONS),
+    ("out_of_evals", StopReason.MAX_EVALS),
+)
+_NAMES = {name for name, _ in STOP_CONDITIONS}
+
+
+def stop_reason(ops: Scalars, otherwise: Any = StopReason.RUNNING, **conditions: Any) -> Any:
+    """The reason of the first condition of :data:`STOP_CONDITIONS` that holds, else ``otherwise``.
+
+    Conditions are booleans of ``ops``' kind (:mod:`torchlbfgs.scalars`); those not given do
+    not hold. With tensors the result is an int64 tensor of codes (branch-free); with host
+    numbers a :class:`~torchlbfgs.StopReason`.
+    """
+    unknown = set(conditions) - _NAMES
+    if unknown:
+        raise TypeError(f"stop_reason: unknown conditions {sorted(unknown)}; known: {sorted(_NAMES)}")
+    status = otherwise
+    for name, reason in reversed(STOP_CONDITIONS):
+        if name in conditions:
+            status = ops.where(conditions[name], reason.value, status)
+    return StopReason(status) if ops is NUMBERS else status
