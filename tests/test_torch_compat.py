@@ -379,3 +379,25 @@ def test_a_checkpoint_for_other_shapes_with_as_many_values_is_refused(
     assert all(
         torch.equal(after["state"][0][k], v) for k, v in before["state"][0].items() if isinstance(v, Tensor)
     )
+
+
+# --- bit for bit --------------------------------------------------------------------------------
+
+
+def test_float64_iterates_are_bit_for_bit_torchs() -> None:
+    """The same kernels in the same order as torch's step (the two-loop recursion from -g with
+    its inner products read as torch reads them, the pair, the update) and the same decisions:
+    float64 iterates, losses and closure counts equal torch's bit for bit on every classic
+    problem and setting of the parity tests."""
+    from problems import classic_problems
+    from test_optim import SETTINGS, run_optimizer
+
+    for problem in classic_problems():
+        for setting in SETTINGS:
+            options = setting.values[0]
+            theirs = run_optimizer(torch.optim.LBFGS, problem, 6, **options)
+            ours = run_optimizer(torchlbfgs.LBFGS, problem, 6, **options)
+            what = f"{problem.name}, {setting.id}"
+            assert ours[1] == theirs[1], what
+            assert ours[2] == theirs[2], what
+            assert all(torch.equal(a, b) for a, b in zip(ours[0], theirs[0], strict=True)), what
