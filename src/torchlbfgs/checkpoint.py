@@ -26,16 +26,19 @@ from typing import Any, NamedTuple
 import torch
 
 from torchlbfgs.history import History
+from torchlbfgs.options import TORCH_OPTION_NAMES, TorchOptions
 from torchlbfgs.state import LBFGSState, StopReason
 from torchlbfgs.update import initial_state
 
 __all__ = [
     "FORMAT_VERSION",
+    "LoadedStateDict",
     "OptimizerState",
     "blank_state",
     "check_param_shapes",
     "extended_state",
     "is_torch_lbfgs_state",
+    "load_state_dict_checked",
     "param_shapes",
     "state_from_leaves",
     "state_from_torch_lbfgs",
@@ -434,3 +437,87 @@ def to_torch_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
         converted_state[index] = state_to_torch_lbfgs(state, history_size=history_size)
     torch_groups = [{k: v for k, v in group.items() if k != PARAM_SHAPES} for group in groups]
     return {**state_dict, "state": converted_state, "param_groups": torch_groups}
+
+
+class LoadedStateDict(NamedTuple):
+    """A state dict checked against an optimizer: what to assign, once nothing was refused.
+
+    Attributes:
+        groups: the saved groups' options (without ``params`` and ``param_shapes``), one per
+            parameter group.
+        state: the validated state, or ``None`` if the state dict holds none.
+        other_entries: ``state`` entries that belong to no parameter (a user's), as saved.
+    """
+
+    groups: list[dict[str, Any]]
+    state: OptimizerState | None
+    other_entries: dict[Any, Any]
+
+
+def load_state_dict_checked(
+    state_dict: Any, groups: list[dict[str, Any]], *, dtype: torch.dtype, device: torch.device, n: int
+) -> LoadedStateDict:
+    """Check a whole state dict (ours or ``torch.optim.LBFGS``'s) against the optimizer's
+    parameter ``groups`` (``n`` real values in all) and convert it; nothing is assigned here.
+
+    Raises:
+        ValueError: the groups or a leaf do not fit, naming which and why.
+        TypeError: an entry has the wrong type.
+    """
+    if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
+        found = sorted(map(str, state_dict)) if isinstance(state_dict, Mapping) else type(state_dict).__name__
+        raise ValueError(f"expected a state dict with keys 'param_groups' and 'state', found {found}")
+    saved_groups = state_dict["param_groups"]
+    if not isinstance(saved_groups, list) or len(saved_groups) != len(groups):
+        raise ValueError(
+            f"loaded state dict has {len(saved_groups) if isinstance(saved_groups, list) else '?'} "
+            f"parameter groups; this optimizer has {len(groups)}"
+        )
+    for index, (saved, group) in enumerate(zip(saved_groups, groups, strict=True)):
+        if not isinstance(saved, dict) or not isinstance(saved.get("params"), list):
+            raise ValueError(f"param group {index} of the loaded state dict has no 'params' list")
+        if len(saved["params"]) != len(group["params"]):
+            raise ValueError(
+                f"param group {index} of the loaded state dict has {len(saved['params'])} parameters; "
+                f"this optimizer's has {len(group['params'])}"
+            )
+        missing = [option for option in TORCH_OPTION_NAMES if option not in saved]
+        if missing:
+            raise ValueError(
+                f"param group {index} of the loaded state dict has no {missing}: it was not written by "
+                f"an L-BFGS optimizer (its options are {sorted(k for k in saved if k != 'params')})"
+            )
+        check_param_shapes(saved, group["params"], index)
+    history_size = TorchOptions.of_groups(saved_groups).history_size
+    if history_size != groups[0]["history_size"]:
+        raise ValueError(
+            f"history_size: the checkpoint has {history_size}, this optimizer has "
+            f"{groups[0]['history_size']}; create the optimizer with the same history_size"
+        )
+
+    saved_state = state_dict["state"]
+    if not isinstance(saved_state, dict):
+        raise TypeError(f"state_dict['state'] must be a dict, found {type(saved_state).__name__}")
+    saved_ids = [index for saved in saved_groups for index in saved["params"]]
+    index_of_first = saved_ids[0]
+    other_params = sorted((set(saved_state) & set(saved_ids)) - {index_of_first}, key=str)
+    if other_params:
+        raise ValueError(
+            f"state_dict['state'] has entries for parameters {other_params}; L-BFGS keeps its whole "
+            f"state under the first parameter ({index_of_first!r})"
+        )
+    validated: OptimizerState | None = None
+    if index_of_first in saved_state:
+        leaves = saved_state[index_of_first]
+        if not isinstance(leaves, Mapping):
+            raise TypeError(f"optimizer state must be a dict of named leaves, found {type(leaves).__name__}")
+        if is_torch_lbfgs_state(leaves):
+            leaves = state_from_torch_lbfgs(
+                leaves, n=n, history_size=history_size, dtype=dtype, device=device
+            )
+        validated = state_from_leaves(leaves, n=n, history_size=history_size, dtype=dtype, device=device)
+    options = [
+        {k: v for k, v in saved.items() if k not in ("params", PARAM_SHAPES)} for saved in saved_groups
+    ]
+    others = {key: value for key, value in saved_state.items() if key not in saved_ids}
+    return LoadedStateDict(options, validated, others)

@@ -29,12 +29,9 @@ from torchlbfgs.checkpoint import (
     PARAM_SHAPES,
     OptimizerState,
     blank_state,
-    check_param_shapes,
     extended_state,
-    is_torch_lbfgs_state,
+    load_state_dict_checked,
     param_shapes,
-    state_from_leaves,
-    state_from_torch_lbfgs,
     state_from_trusted_leaves,
     state_to_leaves,
     to_torch_state_dict,
@@ -45,16 +42,6 @@ from torchlbfgs.torch_schedule import torch_step
 
 __all__ = ["LBFGS", "to_torch_state_dict"]
 
-_SHARED_OPTIONS = (
-    "lr",
-    "max_iter",
-    "max_eval",
-    "tolerance_grad",
-    "tolerance_change",
-    "history_size",
-    "line_search_fn",
-)
-_NOT_OPTIONS = ("params", PARAM_SHAPES)  # what a saved group holds besides its options
 # torch's names for two of our leaves, readable (as ints) from the optimizer's state
 _TORCH_COUNTERS = {"n_iter": "iteration", "func_evals": "n_evals"}
 
@@ -222,7 +209,7 @@ class LBFGS(Optimizer):
         super().add_param_group(param_group)  # torch's own checks first
         try:
             TorchOptions.of(self.param_groups[-1], f"param group {len(self.param_groups) - 1}: ")
-            _check_options_agree(self.param_groups)
+            TorchOptions.of_groups(self.param_groups)
         except (ValueError, TypeError):
             self.param_groups.pop()  # never a half-added group
             raise
@@ -294,7 +281,7 @@ class LBFGS(Optimizer):
         exactly as a first step). Any other call without a closure raises ``ValueError``.
         """
         params = self._params
-        options = _check_options_agree(self.param_groups)
+        options = TorchOptions.of_groups(self.param_groups)
         if closure is None and not self.state.get(params[0]) and self._all_grads_zero():
             self._store(self._stored_state(params, options.history_size))
             return None
@@ -346,84 +333,24 @@ class LBFGS(Optimizer):
             replaced = pre_hook(self, state_dict)
             if replaced is not None:
                 state_dict = replaced
-        if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
-            found = (
-                sorted(map(str, state_dict)) if isinstance(state_dict, Mapping) else type(state_dict).__name__
-            )
-            raise ValueError(f"expected a state dict with keys 'param_groups' and 'state', found {found}")
-        saved_groups = state_dict["param_groups"]
-        if not isinstance(saved_groups, list) or len(saved_groups) != len(self.param_groups):
-            raise ValueError(
-                f"loaded state dict has {len(saved_groups) if isinstance(saved_groups, list) else '?'} "
-                f"parameter groups; this optimizer has {len(self.param_groups)}"
-            )
-        for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
-            if not isinstance(saved, dict) or not isinstance(saved.get("params"), list):
-                raise ValueError(f"param group {index} of the loaded state dict has no 'params' list")
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError(
-                    f"param group {index} of the loaded state dict has {len(saved['params'])} parameters; "
-                    f"this optimizer's has {len(group['params'])}"
-                )
-            missing = [option for option in _SHARED_OPTIONS if option not in saved]
-            if missing:
-                raise ValueError(
-                    f"param group {index} of the loaded state dict has no {missing}: it was not written by "
-                    f"an L-BFGS optimizer (its options are {sorted(k for k in saved if k != 'params')})"
-                )
-            check_param_shapes(saved, group["params"], index)
-        options = _check_options_agree(saved_groups)
-        if options.history_size != self.param_groups[0]["history_size"]:
-            raise ValueError(
-                f"history_size: the checkpoint has {options.history_size}, this optimizer has "
-                f"{self.param_groups[0]['history_size']}; create the optimizer with the same history_size"
-            )
-
         params = self._params
-        saved_state = state_dict["state"]
-        if not isinstance(saved_state, dict):
-            raise TypeError(f"state_dict['state'] must be a dict, found {type(saved_state).__name__}")
-        saved_ids = [index for saved in saved_groups for index in saved["params"]]
-        index_of_first = saved_ids[0]
-        other_params = sorted((set(saved_state) & set(saved_ids)) - {index_of_first}, key=str)
-        if other_params:
-            raise ValueError(
-                f"state_dict['state'] has entries for parameters {other_params}; L-BFGS keeps its whole "
-                f"state under the first parameter ({index_of_first!r})"
-            )
-        validated: OptimizerState | None = None
-        if index_of_first in saved_state:
-            leaves = saved_state[index_of_first]
-            if not isinstance(leaves, Mapping):
-                raise TypeError(
-                    f"optimizer state must be a dict of named leaves, found {type(leaves).__name__}"
-                )
-            n = sum(_real_numel(p) for p in params)
-            dtype, device = _real_view(params[0].detach()).dtype, params[0].device
-            if is_torch_lbfgs_state(leaves):
-                leaves = state_from_torch_lbfgs(
-                    leaves, n=n, history_size=options.history_size, dtype=dtype, device=device
-                )
-            validated = state_from_leaves(
-                leaves, n=n, history_size=options.history_size, dtype=dtype, device=device
-            )
+        loaded = load_state_dict_checked(
+            state_dict, self.param_groups, dtype=_real_view(params[0].detach()).dtype,
+            device=params[0].device, n=sum(_real_numel(p) for p in params),
+        )  # fmt: skip
 
         # Everything is checked: assign (the groups' options as torch does, then the state).
-        for group, saved in zip(self.param_groups, saved_groups, strict=True):
-            loaded = {
-                key: deepcopy(value) for key, value in saved.items() if key not in ("params", PARAM_SHAPES)
-            }
-            if "param_names" in group and "param_names" not in loaded:
-                loaded["param_names"] = group["param_names"]
-            loaded["params"] = group["params"]
+        for group, options in zip(self.param_groups, loaded.groups, strict=True):
+            kept = {"params": group["params"]}
+            if "param_names" in group and "param_names" not in options:
+                kept["param_names"] = group["param_names"]
             group.clear()
-            group.update(loaded)
+            group.update(deepcopy(options), **kept)
         self.state = defaultdict(dict)
-        for key, value in saved_state.items():
-            if key not in saved_ids:
-                self.state[key] = deepcopy(value)  # the user's own entry, kept as torch keeps it
-        if validated is not None:
-            self._store(validated)
+        for key, value in loaded.other_entries.items():
+            self.state[key] = deepcopy(value)  # the user's own entry, kept as torch keeps it
+        if loaded.state is not None:
+            self._store(loaded.state)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -433,23 +360,3 @@ def _copied(entry: Any) -> Any:
     if isinstance(entry, Mapping):
         return {name: _copied(leaf) for name, leaf in entry.items()}
     return entry.clone() if isinstance(entry, torch.Tensor) else entry
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return bool(torch.as_tensor(a) == torch.as_tensor(b))
-    return bool(a == b)
-
-
-def _check_options_agree(groups: list[dict[str, Any]]) -> TorchOptions:
-    """All groups form one problem with one line search, so their options must agree; returns them."""
-    first = groups[0]
-    for index, group in enumerate(groups[1:], start=1):
-        for option in _SHARED_OPTIONS:
-            if option in group and option in first and not _same(group[option], first[option]):
-                raise ValueError(
-                    f"param group {index} has {option}={group[option]!r} but group 0 has "
-                    f"{option}={first[option]!r}: torchlbfgs.LBFGS optimizes all groups jointly, "
-                    f"so {option!r} must be the same in every group"
-                )
-    return TorchOptions.of(first)

@@ -22,7 +22,18 @@ from typing import Any
 
 import torch
 
-__all__ = ["TorchOptions", "require_choice", "require_count", "require_line_search"]
+__all__ = ["TORCH_OPTION_NAMES", "TorchOptions", "require_choice", "require_count", "require_line_search"]
+
+TORCH_OPTION_NAMES = (
+    "lr",
+    "max_iter",
+    "max_eval",
+    "tolerance_grad",
+    "tolerance_change",
+    "history_size",
+    "line_search_fn",
+)
+"""``torch.optim.LBFGS``'s options, the keys of every parameter group it (and ours) saves."""
 
 
 def require_count(name: str, value: object, minimum: int) -> None:
@@ -76,7 +87,28 @@ class TorchOptions:
         require_count(f"{where}history_size", group["history_size"], 1)
         require_choice(f"{where}line_search_fn", group["line_search_fn"], (None, "strong_wolfe"))
         return cls(
-            lr=float(lr), max_iter=group["max_iter"], max_eval=group["max_eval"],
+            lr=float(lr), max_iter=group["max_iter"], max_eval=group["max_eval"],  # sync-ok: torch's lr read
             tolerance_grad=group["tolerance_grad"], tolerance_change=group["tolerance_change"],
             history_size=group["history_size"], line_search_fn=group["line_search_fn"],
         )  # fmt: skip
+
+    @classmethod
+    def of_groups(cls, groups: list[dict[str, Any]]) -> TorchOptions:
+        """The options of groups that form one problem: they must agree (one line search, one
+        memory); then the first group's, checked."""
+        first = groups[0]
+        for index, group in enumerate(groups[1:], start=1):
+            for option in TORCH_OPTION_NAMES:
+                if option in group and option in first and not _same(group[option], first[option]):
+                    raise ValueError(
+                        f"param group {index} has {option}={group[option]!r} but group 0 has "
+                        f"{option}={first[option]!r}: torchlbfgs.LBFGS optimizes all groups jointly, "
+                        f"so {option!r} must be the same in every group"
+                    )
+        return cls.of(first)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return bool(torch.as_tensor(a) == torch.as_tensor(b))
+    return bool(a == b)
