@@ -27,9 +27,12 @@ What is read where torch reads it: the parameters are read after each closure ca
 from there (a closure that changes them in place, e.g. clamping, is honoured as torch honours
 it), and the strong-Wolfe search moves from the parameters as they are when it starts.
 
-Host reads (device syncs on a GPU, as torch's): one per closure evaluation (its value with
-``max|g|``, or with :math:`g^\\top d` in the search), one per iteration for the curvature test
-and one for :math:`g^\\top d` and :math:`\\max|d|`, one at the start of each step.
+Host reads (device syncs on a GPU, fewer than torch's): one per closure evaluation (its
+value with ``max|g|``, or with :math:`g^\top d` in the search), one per iteration for the
+curvature test and one for :math:`g^\top d` and :math:`\max|d|`, one after each search for
+:math:`\max|g|`, one at the start of each step. On a CPU, where a read costs no sync, the
+two-loop recursion also reads its inner products, as torch's does (fewer, cheaper kernels;
+the same bits); on a GPU they stay on the device.
 
 Failures: a closure that raises leaves the parameters and the state at the start of the inner
 iteration it was called in (an iteration boundary, everything finite; the next ``step``
