@@ -8,13 +8,15 @@ code runs
 * on **0-d tensors** (:data:`TENSORS`): every selection is a ``torch.where`` that computes
   both sides, nothing branches on a value, and the search batches under ``vmap`` and
   compiles whole; this is what the functional core uses;
-* on **host numbers** (:data:`NUMBERS`): numpy scalars of the tensors' dtype, read from the
-  device, mixed with Python floats and bools; selections are decided on the host and return
+* on **host numbers** (:data:`NUMBERS`): numpy scalars of the tensors' dtype where torch's
+  own code holds tensors (read from the device), Python floats where it holds Python numbers,
+  and bools; selections are decided on the host and return
   the chosen object itself (a reference, not a copy, for vectors), as ``torch.optim.LBFGS``
   decides; this is what the :class:`torchlbfgs.LBFGS` adapter uses, one host read per
   evaluation. numpy's promotion rules for a Python float meeting a float32 scalar (NEP 50:
-  the result stays float32) are torch's for a Python float meeting a float32 tensor, so the
-  two kinds round alike in float32 as in float64.
+  the result stays float32) are torch's for a Python float meeting a float32 tensor, and
+  :meth:`Numbers.divide` rounds a Python number over a tensor as torch does, so the two kinds
+  round alike in float32 as in float64.
 
 Arithmetic operators (``+``, ``*``, ``<``, ``abs``) are shared by both kinds and used as they
 are; only what differs is here. On Python floats, a selection's discarded side is still
@@ -93,6 +95,10 @@ class Tensors:
     def pair(first: Any, second: Any) -> Any:
         """Two values (or vectors) as one, indexable by 0 and 1: a stacked tensor."""
         return torch.stack((first, second))
+
+    @staticmethod
+    def divide(a: Any, b: Any) -> Any:
+        return a / b
 
     @staticmethod
     def dot(u: torch.Tensor, v: torch.Tensor) -> Any:
@@ -174,6 +180,14 @@ class Numbers:
     def pair(first: Any, second: Any) -> Any:
         """Two values (or vectors) as one, indexable by 0 and 1: a tuple of references."""
         return (first, second)
+
+    @staticmethod
+    def divide(a: Any, b: Any) -> Any:
+        """``a / b``, rounded as torch rounds it when ``a`` is a Python number and ``b`` a
+        tensor (here: a numpy scalar): ``reciprocal(b) * a``, not a true division."""
+        if isinstance(b, numpy.floating) and not isinstance(a, numpy.floating):
+            return numpy.reciprocal(b) * a
+        return a / b
 
     @staticmethod
     def dot(u: torch.Tensor, v: torch.Tensor) -> Any:

@@ -28,9 +28,9 @@ from there (a closure that changes them in place, e.g. clamping, is honoured as 
 it), and the strong-Wolfe search moves from the parameters as they are when it starts.
 
 Host reads (device syncs on a GPU, fewer than torch's): one per closure evaluation (its
-value with ``max|g|``, or with :math:`g^\top d` in the search), one per iteration for the
-curvature test and one for :math:`g^\top d` and :math:`\max|d|`, one after each search for
-:math:`\max|g|`, one at the start of each step. On a CPU, where a read costs no sync, the
+value with ``max|g|``, or with :math:`g^\\top d` in the search), one per iteration for the
+curvature test and one for :math:`g^\\top d` and :math:`\\max|d|`, one after each search for
+:math:`\\max|g|`, one at the start of each step. On a CPU, where a read costs no sync, the
 two-loop recursion also reads its inner products, as torch's does (fewer, cheaper kernels;
 the same bits); on a GPU they stay on the device.
 
@@ -108,13 +108,12 @@ class _Ring(NamedTuple):
 
 def _read(*scalars: torch.Tensor) -> list[Any]:
     """Several 0-d tensors in one host read, as host numbers that round as the tensors would
-    (:mod:`torchlbfgs.scalars`): numpy float32 for float32, Python floats otherwise."""
+    (:mod:`torchlbfgs.scalars`): numpy scalars of their precision (float32 or float64)."""
     dtype = scalars[0].dtype
     if scalars[0].device.type != "cpu":  # one device sync for all of them
         return list(torch.stack([s if s.dtype == dtype else s.to(dtype) for s in scalars]).cpu().numpy())
-    if dtype == torch.float32:
-        return [numpy.float32(s.item()) for s in scalars]
-    return [s.item() for s in scalars]
+    kind = numpy.float32 if dtype == torch.float32 else numpy.float64
+    return [kind(s.item()) for s in scalars]
 
 
 def _two_loop_scalars(device: torch.device) -> Scalars:
@@ -300,10 +299,12 @@ def _strong_wolfe(
         params.write_step(x, direction, step)
         _, trial_value, trial_grad = params.evaluate()
         trial_f, trial_gtd = _read(trial_value, torch.dot(trial_grad, direction))
-        return trial_f, trial_grad, trial_gtd
+        return float(trial_f), trial_grad, trial_gtd
 
+    # Values as Python floats, derivatives in the gradient's precision: torch's search mixes
+    # them so (`float(closure())` against `g.dot(d)`), and so do we, to round as it rounds.
     search = StrongWolfe(max_ls=max(max_ls, 0), **_TORCH_SEARCH)
-    return search.search_on_host(evaluate, value, grad, gtd, direction_max, t, NO_BUDGET)
+    return search.search_on_host(evaluate, float(value), grad, gtd, direction_max, t, NO_BUDGET)
 
 
 def _counted(core: LBFGSState, status: StopReason, iterations: int, evals: int) -> LBFGSState:

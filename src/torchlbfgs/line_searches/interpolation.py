@@ -38,7 +38,7 @@ def cubic_minimizer(
     # divisions below use safe denominators there, so that the branch not taken stays finite
     # and reverse-mode gradients through torch.where are not poisoned by 0 * NaN.
     distinct = t1 != t2
-    d1 = g1 + g2 - 3 * (f1 - f2) / _nonzero(t1 - t2, distinct, ops)
+    d1 = g1 + g2 - ops.divide(3 * (f1 - f2), _nonzero(t1 - t2, distinct, ops))
     d2_square = ops.square(d1) - g1 * g2
     has_root = d2_square > 0
     d2 = ops.where(has_root, ops.sqrt(ops.where(has_root, d2_square, 1.0)), 0 * d2_square)
