@@ -53,7 +53,7 @@ import torch
 
 from torchlbfgs.checkpoint import OptimizerState
 from torchlbfgs.direction import inv_hessian_product, slots_newest_first
-from torchlbfgs.history import TORCH_CURVATURE_THRESHOLD, push_curvature_pair
+from torchlbfgs.history import accept_curvature_pair, push_curvature_pair
 from torchlbfgs.line_searches.method import NO_BUDGET
 from torchlbfgs.line_searches.strong_wolfe import HostSearchResult, StrongWolfe
 from torchlbfgs.norms import max_abs
@@ -226,8 +226,8 @@ def _step(params: Parameters, rollback: _Rollback, options: TorchOptions) -> tup
         iterations += 1
         if pending and not fresh:  # the previous iteration's curvature pair
             s, y = torch.mul(direction, t), torch.sub(grad, core.grad)
-            ys = torch.dot(y, s)
-            if _read(ys)[0] > TORCH_CURVATURE_THRESHOLD:
+            ys, curvature_ok = accept_curvature_pair(s, y, core.grad, "absolute")  # torch's s'y > 1e-10
+            if _read(curvature_ok)[0]:
                 pushed = push_curvature_pair(
                     core.history, s, y, ys, accept=True, host_slot=ring.head, host_count=ring.n_pairs
                 )
