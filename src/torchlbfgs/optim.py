@@ -90,7 +90,9 @@ class _ModelParameters:
                     f"tensor or a number); it returned a tensor of shape {tuple(loss.shape)}. Reduce it, "
                     "e.g. with .sum() or .mean(), before backward()."
                 )
-            value = loss.detach().reshape(()).to(dtype=reference.dtype, device=reference.device)
+            value = loss.detach()
+            if value.dim() != 0 or value.dtype != reference.dtype or value.device != reference.device:
+                value = value.reshape(()).to(dtype=reference.dtype, device=reference.device)
         elif isinstance(loss, (int, float)) and not isinstance(loss, bool):
             value = torch.full((), loss, dtype=reference.dtype, device=reference.device)
         else:

@@ -45,8 +45,11 @@ def stop_reason(ops: Scalars, otherwise: Any = StopReason.RUNNING, **conditions:
     unknown = set(conditions) - _NAMES
     if unknown:
         raise TypeError(f"stop_reason: unknown conditions {sorted(unknown)}; known: {sorted(_NAMES)}")
+    if ops is NUMBERS:  # decided on the host: the first that holds
+        held = (reason for name, reason in STOP_CONDITIONS if conditions.get(name, False))
+        return next(held, StopReason(otherwise))
     status = otherwise
     for name, reason in reversed(STOP_CONDITIONS):
         if name in conditions:
             status = ops.where(conditions[name], reason.value, status)
-    return StopReason(status) if ops is NUMBERS else status
+    return status

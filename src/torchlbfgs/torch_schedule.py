@@ -116,6 +116,14 @@ def _read(*scalars: torch.Tensor) -> list[Any]:
     return [kind(s.item()) for s in scalars]
 
 
+def _read_with_max_abs(scalar: torch.Tensor | None, vector: torch.Tensor) -> list[Any]:
+    """``scalar`` (if any) and ``max|vector|`` (NaN if any entry is) in one host read: the
+    vector's extremes are read and the larger magnitude taken on the host."""
+    low, high = torch.aminmax(vector)
+    *read, low, high = _read(*((scalar,) if scalar is not None else ()), low, high)
+    return [*read, NUMBERS.maximum(-low, high)]
+
+
 def _two_loop_scalars(device: torch.device) -> Scalars:
     """The two-loop recursion's inner products are read as torch reads them where that is
     free (CPU: fewer, cheaper kernels); elsewhere they stay on the device (no sync)."""
@@ -194,7 +202,7 @@ def _step(params: Parameters, rollback: _Rollback, options: TorchOptions) -> tup
     m = core.history_size
     f, grad_max, head, n_pairs, fresh, pending = _read(
         value, max_abs(grad), core.head, core.n_pairs, core.iteration == 0, stored.has_pending
-    )
+    )  # once per step
     evals = 1
     if not _finite(f, grad_max):
         if not pending:
@@ -243,7 +251,7 @@ def _step(params: Parameters, rollback: _Rollback, options: TorchOptions) -> tup
         if fresh:
             t = min(1.0, _read(torch.reciprocal(grad.abs().sum()))[0]) * options.lr
         fresh = False
-        gtd, direction_max = _read(torch.dot(grad, direction), max_abs(direction))
+        gtd, direction_max = _read_with_max_abs(torch.dot(grad, direction), direction)
         status = StopReason.RUNNING
         if gtd > -options.tolerance_change:  # no descent left: torch stops before moving
             status = StopReason.DIRECTIONAL_DERIVATIVE_TOLERANCE
@@ -256,13 +264,13 @@ def _step(params: Parameters, rollback: _Rollback, options: TorchOptions) -> tup
             )
             t, f_new, new_grad, search_evals = found.step_size, found.value, found.grad, found.n_evals
             params.write_step(x, direction, t)  # torch moves from where the search started
-            (new_grad_max,) = _read(max_abs(new_grad))
+            (new_grad_max,) = _read_with_max_abs(None, new_grad)
             new_value = value if new_grad is grad else _scalar(f_new, value)
         elif n_iter < options.max_iter:
             params.write_step(x, direction, t)
             _, new_value, new_grad = params.evaluate()
             search_evals = 1
-            f_new, new_grad_max = _read(new_value, max_abs(new_grad))
+            f_new, new_grad_max = _read_with_max_abs(new_value, new_grad)
         else:  # torch's last fixed step moves without evaluating the closure
             params.write_step(x, direction, t)
             evaluated, search_evals = False, 0
