@@ -1,5 +1,6 @@
-"""One rank of the data-parallel test (``test_data_parallel.py`` starts two; ``torchrun
---nproc-per-node 2 tests/data_parallel_worker.py OUT`` does the same).
+"""One rank of the data-parallel test (:func:`run_two_ranks` starts two for
+``test_data_parallel.py``; ``torchrun --nproc-per-node 2 tests/data_parallel_worker.py OUT`` does
+the same).
 
 Each rank holds a shard of the samples. The closure protocol that keeps every rank in step:
 compute the shard's *summed* loss, backward, then all-reduce (sum) the loss and every
@@ -10,7 +11,11 @@ number of closure calls, and the collectives inside the closure never mismatch.
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -57,6 +62,24 @@ def train(rank: int, world_size: int, steps: int = 4) -> dict[str, object]:
 
     losses = [float(optimizer.step(closure)) for _ in range(steps)]
     return {"params": [p.detach().clone() for p in net.parameters()], "calls": calls, "losses": losses}
+
+
+def run_two_ranks(out: Path) -> list[tuple[int, str]]:
+    """Two ranks of this script on loopback, each saving its result to ``{out}.rank{rank}``; the
+    exit status and output of each."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    processes = []
+    for rank in range(2):
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+               "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}  # fmt: skip
+        command = [sys.executable, __file__, str(out)]
+        processes.append(
+            subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
+    outputs = [process.communicate(timeout=240)[0] for process in processes]
+    return [(process.returncode, output) for process, output in zip(processes, outputs, strict=True)]
 
 
 def main() -> None:

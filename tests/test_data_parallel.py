@@ -8,34 +8,21 @@ L-BFGS under DDP), and the result must equal one process training on all the dat
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
 from data_parallel_worker import train
 
-WORKER = Path(__file__).with_name("data_parallel_worker.py")
 
-
-def test_two_ranks_step_identically_and_match_full_batch(tmp_path: Path) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    out = tmp_path / "result"
-    processes = []
-    for rank in range(2):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-               "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}  # fmt: skip
-        command = [sys.executable, str(WORKER), str(out)]
-        processes.append(
-            subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        )
-    for process in processes:
-        output, _ = process.communicate(timeout=240)
-        assert process.returncode == 0, output[-3000:]
+def test_two_ranks_step_identically_and_match_full_batch(
+    data_parallel_run: tuple[Path, Future[list[tuple[int, str]]]],
+) -> None:
+    """The two ranks run in the background from the start of the session (``data_parallel_run``
+    in conftest.py, which calls ``data_parallel_worker.run_two_ranks``); this waits for them."""
+    out, ranks_run = data_parallel_run
+    for returncode, output in ranks_run.result():
+        assert returncode == 0, output[-3000:]
     ranks = [torch.load(f"{out}.rank{rank}", weights_only=True) for rank in range(2)]
     # identical steps and closure calls on every rank
     assert ranks[0]["calls"] == ranks[1]["calls"]
