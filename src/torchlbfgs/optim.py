@@ -23,6 +23,7 @@ from copy import deepcopy
 from typing import Any
 
 import torch
+from torch._compile import _disable_dynamo
 from torch.optim import Optimizer
 
 from torchlbfgs.checkpoint import (
@@ -267,9 +268,11 @@ class LBFGS(Optimizer):
 
     # --- the step ------------------------------------------------------------------------------
 
-    @torch.compiler.disable  # type: ignore[untyped-decorator]  # eager inside compiled code, as torch's
+    # Eager inside compiled code, as torch's LBFGS.step; torch.compiler.disable would import
+    # torch._dynamo with torchlbfgs (over a second), this imports it at the first step.
+    @_disable_dynamo
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any]) -> Any:
+    def step(self, closure: Callable[[], Any]) -> Any:  # type: ignore[override]
         """Run up to ``max_iter`` L-BFGS iterations; return the closure's first loss.
 
         Args:
