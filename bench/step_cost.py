@@ -1,8 +1,9 @@
 """Per-iteration cost of torchlbfgs.LBFGS against torch.optim.LBFGS, same closure, same run.
 
 A diagonal quadratic f(x) = 1/2 sum(c_i x_i^2) with c spread over [1, 100], float32, history 10,
-one thread. Each optimizer takes ``--steps`` steps of ``max_iter`` iterations; the table reports
-milliseconds per inner iteration (closure calls included), the bare closure time, and the ratio
+one thread. Each optimizer takes ``--steps`` steps of up to ``max_iter`` iterations, the two
+optimizers' steps interleaved; the table reports milliseconds per inner iteration (the median
+over steps, closure calls included), the bare closure time, and the ratio
 ours/torch measured in this process. The "floor" is the time this machine needs to read the
 history as any L-BFGS direction must (the ``2m`` stored vectors twice, streamed by BLAS); the
 "overhead/floor" columns divide each optimizer's time beyond its closure calls by it. Both
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -43,38 +45,59 @@ def closure_factory(optimizer: torch.optim.Optimizer, x: torch.Tensor, scales: t
     return closure
 
 
-def time_optimizer(
-    optimizer_class, n: int, line_search: str | None, steps: int, max_iter: int, device: str = "cpu"
-) -> dict:
-    generator = torch.Generator().manual_seed(0)
-    scales = torch.logspace(0, 2, n, device=device)
-    x = torch.nn.Parameter(torch.randn(n, generator=generator).to(device))
-    lr = 1.0 if line_search else 0.01
-    optimizer = optimizer_class([x], lr=lr, history_size=10, max_iter=max_iter, line_search_fn=line_search,
-                                tolerance_grad=0.0, tolerance_change=0.0)  # fmt: skip
-    counted = closure_factory(optimizer, x, scales)
-    calls = 0
+class _Timed:
+    """One optimizer on its own copy of the problem, timing its steps."""
 
-    def closure() -> torch.Tensor:
-        nonlocal calls
-        calls += 1
-        return counted()
+    def __init__(self, optimizer_class, n: int, line_search: str | None, max_iter: int, device: str) -> None:
+        generator = torch.Generator().manual_seed(0)
+        scales = torch.logspace(0, 2, n, device=device)
+        self.x = torch.nn.Parameter(torch.randn(n, generator=generator).to(device))
+        lr = 1.0 if line_search else 0.01
+        self.optimizer = optimizer_class([self.x], lr=lr, history_size=10, max_iter=max_iter,
+                                         line_search_fn=line_search, tolerance_grad=0.0,
+                                         tolerance_change=0.0)  # fmt: skip
+        self.counted = closure_factory(self.optimizer, self.x, scales)
+        self.calls, self.device, self.seconds = 0, device, []
 
-    optimizer.step(closure)  # warm-up, and fills part of the history
-    synchronize(device)
-    calls = 0
-    start = time.perf_counter()
+    def closure(self) -> torch.Tensor:
+        self.calls += 1
+        return self.counted()
+
+    def iterations(self) -> int:
+        state = self.optimizer.state.get(self.x)
+        return state["n_iter"] if state else 0  # ours reads its "iteration" leaf under torch's name
+
+    def step(self) -> None:
+        """One step; its time per iteration taken (a step that stops early has fewer)."""
+        before = self.iterations()
+        synchronize(self.device)
+        start = time.perf_counter()
+        self.optimizer.step(self.closure)
+        synchronize(self.device)
+        self.seconds.append((time.perf_counter() - start) / max(self.iterations() - before, 1))
+
+
+def time_optimizers(
+    n: int, line_search: str | None, steps: int, max_iter: int, device: str = "cpu"
+) -> tuple[dict, dict]:
+    """torch's and ours on the same problem, their steps interleaved (so that the machine's
+    drift hits both alike), after a warm-up step that fills part of the history: the median
+    over steps of the time per iteration, and the closure calls per iteration."""
+    runs = [_Timed(cls, n, line_search, max_iter, device) for cls in (torch.optim.LBFGS, torchlbfgs.LBFGS)]
+    for run in runs:
+        run.step()  # warm-up
+        run.seconds, run.calls, run.start = [], 0, run.iterations()
     for _ in range(steps):
-        optimizer.step(closure)
-    synchronize(device)
-    elapsed = time.perf_counter() - start
-    state = optimizer.state[x]
-    iterations = state["n_iter"] if "n_iter" in state else int(state["iteration"])
-    timed_iterations = max(iterations - max_iter, 1)  # less the warm-up step's
-    return {
-        "ms_per_iteration": 1e3 * elapsed / timed_iterations,
-        "evals_per_iteration": calls / timed_iterations,
-    }
+        for run in runs:
+            run.step()
+    results = []
+    for run in runs:
+        iterations = run.iterations() - run.start
+        results.append({
+            "ms_per_iteration": 1e3 * statistics.median(run.seconds),
+            "evals_per_iteration": run.calls / iterations,
+        })  # fmt: skip
+    return results[0], results[1]
 
 
 def closure_time(n: int, repeats: int = 20, device: str = "cpu") -> float:
@@ -154,7 +177,7 @@ def device_name(device: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=float, nargs="+", default=[1e3, 1e5])
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--max-iter", type=int, default=10)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "step_cost.json")
@@ -170,8 +193,7 @@ def main() -> None:
         floor = traffic_floor(n, device=args.device)
         kernels = parity_kernels_ms(n, device=args.device)
         for line_search in (None, "strong_wolfe"):
-            theirs = time_optimizer(torch.optim.LBFGS, n, line_search, args.steps, args.max_iter, args.device)
-            ours = time_optimizer(torchlbfgs.LBFGS, n, line_search, args.steps, args.max_iter, args.device)
+            theirs, ours = time_optimizers(n, line_search, args.steps, args.max_iter, args.device)
             ratio = ours["ms_per_iteration"] / theirs["ms_per_iteration"]
             # overhead: an iteration's time beyond its closure calls (one per iteration here,
             # more with a line search), against the traffic floor of the direction
