@@ -169,7 +169,8 @@ class Numbers:
         single = isinstance(a, numpy.float32)
         if not a >= 0:
             return numpy.float32(math.nan) if single else math.nan
-        root = torch.tensor(float(a), dtype=torch.float32 if single else torch.float64).sqrt_().item()
+        on_host = torch.tensor(float(a), dtype=torch.float32 if single else torch.float64)
+        root = on_host.sqrt_().item()  # sync-ok: a CPU tensor made here
         return numpy.float32(root) if single else root
 
     @staticmethod
@@ -197,7 +198,7 @@ class Numbers:
     @staticmethod
     def values(vector: torch.Tensor) -> Any:
         """The entries of a short vector as host numbers (one read)."""
-        entries = vector.tolist()
+        entries = vector.tolist()  # sync-ok: host numbers are this kind's point (the adapter)
         return [numpy.float32(e) for e in entries] if vector.dtype == torch.float32 else entries
 
     @staticmethod
@@ -214,7 +215,7 @@ class Numbers:
 def host_number(scalar: torch.Tensor) -> Any:
     """A 0-d tensor read as a host number that rounds as the tensor would (numpy float32 for
     float32, a Python float or int otherwise)."""
-    value = scalar.item()
+    value = scalar.item()  # sync-ok: host numbers are this kind's point (the adapter)
     return numpy.float32(value) if scalar.dtype == torch.float32 else value
 
 

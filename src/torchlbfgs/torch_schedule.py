@@ -111,9 +111,10 @@ def _read(*scalars: torch.Tensor) -> list[Any]:
     (:mod:`torchlbfgs.scalars`): numpy scalars of their precision (float32 or float64)."""
     dtype = scalars[0].dtype
     if scalars[0].device.type != "cpu":  # one device sync for all of them
-        return list(torch.stack([s if s.dtype == dtype else s.to(dtype) for s in scalars]).cpu().numpy())
+        stacked = torch.stack([s if s.dtype == dtype else s.to(dtype) for s in scalars])
+        return list(stacked.cpu().numpy())  # sync-ok: the adapter decides on the host, as torch's
     kind = numpy.float32 if dtype == torch.float32 else numpy.float64
-    return [kind(s.item()) for s in scalars]
+    return [kind(s.item()) for s in scalars]  # sync-ok: on the CPU a read is no sync
 
 
 def _read_with_max_abs(scalar: torch.Tensor | None, vector: torch.Tensor) -> list[Any]:
@@ -131,8 +132,8 @@ def _two_loop_scalars(device: torch.device) -> Scalars:
 
 
 def _scalar(value: Any, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    return torch.full((), value.item() if hasattr(value, "item") else value, dtype=dtype or like.dtype,
-                      device=like.device)  # fmt: skip
+    number = value.item() if isinstance(value, numpy.generic) else value  # sync-ok: numpy, no tensor
+    return torch.full((), number, dtype=dtype or like.dtype, device=like.device)
 
 
 def _finite(*values: Any) -> bool:
