@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy
 import pytest
 import torch
 from problems import beale, powell_singular, rosenbrock, spd_quadratic, wood
@@ -116,3 +117,41 @@ def test_evaluation_budget_is_honoured() -> None:
         assert int(result.n_evals) == budget
         assert float(result.value) <= float(fun(x))
         assert float(fun(x + result.step_size * d)) == pytest.approx(float(result.value), rel=1e-12)
+
+
+def host_search(fun: Callable[[Tensor], Tensor], x: Tensor, d: Tensor, t0: float, max_ls: int = 25):
+    """The same search with its decisions on host numbers, as the drop-in runs it: values as
+    Python floats, what torch holds as tensors (directional derivatives) as numpy scalars."""
+    from torchlbfgs.line_searches.method import NO_BUDGET
+    from torchlbfgs.line_searches.strong_wolfe import StrongWolfe
+
+    def evaluate(t: float) -> tuple[float, Tensor, float]:
+        point = x.clone().add_(d, alpha=float(t))
+        grad = torch.func.grad(fun)(point)
+        return float(fun(point)), grad, numpy.float64(grad.dot(d).item())
+
+    g = torch.func.grad(fun)(x)
+    search = StrongWolfe(max_ls=max_ls)
+    return search.search_on_host(
+        evaluate,
+        float(fun(x)),
+        g,
+        numpy.float64(g.dot(d).item()),
+        numpy.float64(d.abs().max().item()),
+        t0,
+        NO_BUDGET,
+    )
+
+
+@pytest.mark.parametrize("name", sorted(ONE_D))
+@pytest.mark.parametrize("t0", STEPS)
+def test_host_decided_search_is_torchs_search_bit_for_bit(name: str, t0: float) -> None:
+    """One decision logic, two kinds of scalars: on host numbers the search evaluates torch's
+    points and returns torch's step, value and gradient exactly (float64)."""
+    fun, x, d = ONE_D[name], torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    f_ref, g_ref, t_ref, evals_ref = torch_reference(fun, x, d, t0, 25)
+    found = host_search(fun, x, d, t0)
+    assert found.n_evals == evals_ref
+    assert float(found.step_size) == t_ref
+    assert float(found.value) == f_ref
+    assert torch.equal(found.grad, g_ref)
