@@ -441,7 +441,7 @@ def assert_evaluated_at(fun: Callable[[Tensor], Tensor], x: Tensor, d: Tensor, r
     assert bitwise_equal(result.grad, grad)
 
 
-SEARCH_SETTINGS = settings(max_examples=150, deadline=None, database=None)  # ~4 s for the two tests
+SEARCH_SETTINGS = settings(max_examples=150, deadline=None, database=None)  # ~3 s for the two tests
 
 
 @SEARCH_SETTINGS
