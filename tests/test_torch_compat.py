@@ -384,13 +384,21 @@ def test_a_checkpoint_for_other_shapes_with_as_many_values_is_refused(
 # --- bit for bit --------------------------------------------------------------------------------
 
 
-def test_float64_iterates_are_bit_for_bit_torchs() -> None:
-    """The same kernels in the same order as torch's step (the two-loop recursion from -g with
-    its inner products read as torch reads them, the pair, the update) and the same decisions:
-    float64 iterates, losses and closure counts equal torch's bit for bit on every classic
-    problem and setting of the parity tests."""
+@pytest.mark.parametrize("two_loop", ["host numbers", "on the device"])
+def test_float64_iterates_are_bit_for_bit_torchs(two_loop: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same kernels in the same order as torch's step (the two-loop recursion from -g, the
+    pair, the update) and the same decisions: float64 iterates, losses and closure counts equal
+    torch's bit for bit on every classic problem and setting of the parity tests, whether the
+    two-loop recursion reads its inner products (CPUs) or keeps them on the device (GPUs)."""
     from problems import classic_problems
     from test_optim import SETTINGS, run_optimizer
+
+    import torchlbfgs.scalars
+    import torchlbfgs.torch_schedule
+
+    if two_loop == "on the device":
+        tensors = torchlbfgs.scalars.TENSORS
+        monkeypatch.setattr(torchlbfgs.torch_schedule, "_two_loop_scalars", lambda device: tensors)
 
     for problem in classic_problems():
         for setting in SETTINGS:
