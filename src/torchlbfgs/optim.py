@@ -51,8 +51,10 @@ def _real_view(tensor: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(tensor) if tensor.is_complex() else tensor
 
 
-def _real_numel(param: torch.Tensor) -> int:
-    return 2 * param.numel() if param.is_complex() else param.numel()
+def _flat_layout(params: list[torch.Tensor]) -> tuple[int, torch.dtype, torch.device]:
+    """The flat real vector the parameters form: its length, dtype and device."""
+    n = sum(2 * p.numel() if p.is_complex() else p.numel() for p in params)
+    return n, _real_view(params[0].detach()).dtype, params[0].device
 
 
 class _Leaves(dict[str, Any]):
@@ -220,7 +222,7 @@ class LBFGS(Optimizer):
         if leaves:
             grad = leaves["grad"]
             stored = state_from_trusted_leaves(leaves, dtype=grad.dtype, device=grad.device)
-            self._store(extended_state(stored, sum(_real_numel(p) for p in self._params)))
+            self._store(extended_state(stored, _flat_layout(self._params)[0]))
 
     @property
     def _params(self) -> list[torch.Tensor]:
@@ -229,8 +231,7 @@ class LBFGS(Optimizer):
     # --- state ---------------------------------------------------------------------------------
 
     def _stored_state(self, params: list[torch.Tensor], history_size: int) -> OptimizerState:
-        n = sum(_real_numel(p) for p in params)
-        dtype, device = _real_view(params[0].detach()).dtype, params[0].device
+        n, dtype, device = _flat_layout(params)
         leaves = self.state.get(params[0])
         if not leaves:
             return blank_state(n, history_size=history_size, dtype=dtype, device=device)
@@ -339,10 +340,8 @@ class LBFGS(Optimizer):
             if replaced is not None:
                 state_dict = replaced
         params = self._params
-        loaded = load_state_dict_checked(
-            state_dict, self.param_groups, dtype=_real_view(params[0].detach()).dtype,
-            device=params[0].device, n=sum(_real_numel(p) for p in params),
-        )  # fmt: skip
+        n, dtype, device = _flat_layout(params)
+        loaded = load_state_dict_checked(state_dict, self.param_groups, dtype=dtype, device=device, n=n)
 
         # Everything is checked: assign (the groups' options as torch does, then the state).
         for group, options in zip(self.param_groups, loaded.groups, strict=True):

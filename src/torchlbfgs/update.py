@@ -14,7 +14,7 @@ The first trial step is ``learning_rate``, except on the very first iteration wh
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -179,16 +179,14 @@ def propose(
     tolerance_grad: float,
     tolerance_change: float,
     early_exit: bool | None = None,
-    slots: Sequence[int] | None = None,
 ) -> Proposal:
     """Direction and first trial step from the current state (steps 1-2 of an iteration).
 
-    ``early_exit`` and ``slots`` are passed to
-    :func:`~torchlbfgs.direction.inv_hessian_product`.
+    ``early_exit`` is passed to :func:`~torchlbfgs.direction.inv_hessian_product`.
     """
     grad = state.grad
     running = state.status == StopReason.RUNNING.value
-    direction = -inv_hessian_product(state, grad, early_exit=early_exit, slots=slots)
+    direction = -inv_hessian_product(state, grad, early_exit=early_exit)
     grad_small = max_abs(grad) <= tolerance_grad
     no_descent = torch.dot(grad, direction) > -tolerance_change
     first_step = torch.clamp(torch.reciprocal(grad.abs().sum()), max=1.0)
@@ -222,19 +220,16 @@ def accept(
     tolerance_change: float,
     curvature_rule: CurvatureRule,
     max_evals: int | None = None,
-    in_place: bool = False,
-    stop_when_stalled: bool = True,
 ) -> tuple[torch.Tensor, LBFGSState]:
     """Take the step the line search found, update the memory and decide whether to stop.
 
     The step is taken when it is finite and either meets the line search's conditions or
     lowers the value (``line_search=None`` always takes a finite step, as torch does);
     otherwise the problem stops with ``LINE_SEARCH_FAILED`` (or ``NON_FINITE``) and stays put.
-    ``in_place`` writes the new pair into ``state``'s buffers (see
-    :func:`~torchlbfgs.history.push_curvature_pair`). ``stop_when_stalled`` stops with
-    ``STEP_TOLERANCE`` when the step changed no coordinate of ``x`` (it fell below the spacing
-    of floating-point numbers); ``torch.optim.LBFGS`` has no such test, so its adapter turns it
-    off. Returns the new flat params and state.
+    A step that changed no coordinate of ``x`` (it fell below the spacing of floating-point
+    numbers) stops with ``STEP_TOLERANCE``; ``torch.optim.LBFGS`` has no such test, and its
+    schedule (:mod:`torchlbfgs.torch_schedule`) has none either. Returns the new flat params
+    and state.
     """
     value, grad, searching = state.value, state.grad, proposal.searching
     t, new_value, new_grad = found.step_size, found.value.to(x.dtype), found.grad
@@ -245,9 +240,9 @@ def accept(
     step = t * proposal.direction
     y = new_grad - grad
     ys, curvature_ok = accept_curvature_pair(step, y, grad, curvature_rule)
-    history = push_curvature_pair(state.history, step, y, ys, taken & curvature_ok, in_place=in_place)
+    history = push_curvature_pair(state.history, step, y, ys, taken & curvature_ok)
     new_x = torch.where(taken, torch.addcmul(x, proposal.direction, t), x)
-    stalled = (new_x == x).all() if stop_when_stalled else torch.zeros_like(taken)
+    stalled = (new_x == x).all()
     n_evals = state.n_evals + found.n_evals
     out_of_evals = torch.zeros_like(taken) if max_evals is None else n_evals >= max_evals
 
