@@ -409,3 +409,22 @@ def test_float64_iterates_are_bit_for_bit_torchs(two_loop: str, monkeypatch: pyt
             assert ours[1] == theirs[1], what
             assert ours[2] == theirs[2], what
             assert all(torch.equal(a, b) for a, b in zip(ours[0], theirs[0], strict=True)), what
+
+
+@pytest.mark.parametrize("junk", [7, [["a", 3]], [[2, 3, 1.5]], [[2, 3], [1]]], ids=repr)
+def test_malformed_recorded_shapes_are_refused(junk: Any) -> None:
+    w = torch.nn.Parameter(torch.ones(2, 3, dtype=torch.float64))
+    optimizer = torchlbfgs.LBFGS([w])
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = (w**2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    saved = optimizer.state_dict()
+    broken = {**saved, "param_groups": [{**saved["param_groups"][0], "param_shapes": junk}]}
+    with pytest.raises(ValueError, match="param_shapes"):
+        optimizer.load_state_dict(broken)
+    assert torch.equal(optimizer.state_dict()["state"][0]["grad"], saved["state"][0]["grad"])

@@ -121,6 +121,11 @@ def check_param_shapes(saved_group: Mapping[str, Any], params: list[torch.Tensor
             f"shapes, found {saved!r}"
         )
     for position, (shape, param) in enumerate(zip(saved, params, strict=True)):
+        if not isinstance(shape, (list, tuple)) or not all(type(size) is int for size in shape):
+            raise ValueError(
+                f"param group {index}, parameter {position}: {PARAM_SHAPES} should hold a list of ints, "
+                f"found {shape!r}"
+            )
         if list(shape) != list(param.shape):
             raise ValueError(
                 f"param group {index}, parameter {position}: the checkpoint was saved for shape "
