@@ -9,14 +9,16 @@ run with every host-reading method of ``torch.Tensor`` made to raise.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any
 
 import pytest
 import torch
 from problems import rosenbrock
 
 import torchlbfgs
+import torchlbfgs.history
 import torchlbfgs.scalars
 import torchlbfgs.torch_schedule
 from torchlbfgs.objective import flat_objective
@@ -129,8 +131,9 @@ def test_adapter_reads_the_host_as_its_schedule_says(
     at the start of a step, once per closure evaluation, and per iteration once for the
     curvature test and once for g'd and max|d| (plus, after a search, once for max|g|). Every
     host-reading Tensor method is counted: none is called outside the schedule's reading
-    function, whose calls are one device sync each on a GPU (on the CPU it reads the scalars
-    one by one, which costs no sync). The strong-Wolfe search's square roots are taken on a
+    function and the curvature test's read of s'y (``scalars.host_number``), whose calls are
+    one device sync each on a GPU (on the CPU the schedule reads its scalars one by one, which
+    costs no sync). The strong-Wolfe search's square roots are taken on a
     tensor made on the host for the purpose (to round as torch's), which is no device read."""
     monkeypatch.setattr(torchlbfgs.scalars.Numbers, "sqrt", staticmethod(lambda a: a**0.5))
     # what a GPU gets: the two-loop recursion on the device (on CPUs it reads its inner products)
@@ -167,18 +170,21 @@ def test_adapter_reads_the_host_as_its_schedule_says(
             return _original(*args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, counted)
-    read = torchlbfgs.torch_schedule._read
 
-    def counted_read(*scalars: torch.Tensor) -> list[object]:
-        nonlocal read_groups, inside_read
-        read_groups += 1
-        inside_read = True
-        try:
-            return read(*scalars)
-        finally:
-            inside_read = False
+    def counted_group(reader: Callable[..., Any]) -> Callable[..., Any]:
+        def reading(*scalars: torch.Tensor) -> Any:
+            nonlocal read_groups, inside_read
+            read_groups += 1
+            inside_read = True
+            try:
+                return reader(*scalars)
+            finally:
+                inside_read = False
 
-    monkeypatch.setattr(torchlbfgs.torch_schedule, "_read", counted_read)
+        return reading
+
+    monkeypatch.setattr(torchlbfgs.torch_schedule, "_read", counted_group(torchlbfgs.torch_schedule._read))
+    monkeypatch.setattr(torchlbfgs.history, "host_number", counted_group(torchlbfgs.history.host_number))
     for step in range(3):  # the history (3 pairs) fills and wraps
         reads, read_groups, evaluations = 0, 0, 0
         optimizer.step(closure)

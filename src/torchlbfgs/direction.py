@@ -39,7 +39,7 @@ bit for bit, without the wasted work.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch._C._functorch import is_functorch_wrapped_tensor
@@ -57,6 +57,7 @@ __all__ = [
     "newest_first_order",
     "slots_newest_first",
     "stored_slots",
+    "two_loop_recursion",
     "uses_compact_form",
 ]
 
@@ -108,7 +109,19 @@ def _two_loop(
         rows = list(range(len(order)))
     else:
         s, y, rho, rows = history.s_history, history.y_history, history.rho, slots
-    s_rows, y_rows, rho_values = s.unbind(0), y.unbind(0), ops.values(rho)  # made once
+    return two_loop_recursion(
+        s.unbind(0), y.unbind(0), ops.values(rho), history.gamma, vector, rows, ops=ops, overwrite=overwrite
+    )
+
+
+def two_loop_recursion(
+    s_rows: Sequence[torch.Tensor], y_rows: Sequence[torch.Tensor], rho: Sequence[Any], gamma: Any,
+    vector: torch.Tensor, rows: Sequence[int], *, ops: Scalars = TENSORS, overwrite: bool = False,
+) -> torch.Tensor:  # fmt: skip
+    """:math:`H v` by the two-loop recursion over the pairs ``rows`` (newest first) of the
+    memory given as its rows (``s_rows[i]``, ``y_rows[i]``, ``rho[i]`` scalars of kind ``ops``),
+    rounded as ``torch.optim.LBFGS`` rounds it. :func:`inv_hessian_product` calls it; a caller
+    that keeps the rows between calls (the :class:`torchlbfgs.LBFGS` adapter) calls it directly."""
     # One working vector updated in place where that is allowed (eagerly, outside torch.func
     # transforms; compiled graphs reuse buffers themselves): a fresh length-n tensor per update
     # costs an allocation, and for large n the page faults cost more than the arithmetic.
@@ -116,12 +129,12 @@ def _two_loop(
     alpha = []
     q = vector if overwrite or not in_place else vector.clone()
     for i in rows:  # newest to oldest
-        a = ops.dot(s_rows[i], q) * rho_values[i]
+        a = ops.dot(s_rows[i], q) * rho[i]
         q = ops.sub_scaled(q, y_rows[i], a, in_place=in_place)  # rounded once, as torch's
         alpha.append(a)
-    r = q.mul_(history.gamma) if in_place else q * history.gamma
+    r = q.mul_(gamma) if in_place else q * gamma
     for i, a in zip(reversed(rows), reversed(alpha), strict=True):  # oldest to newest
-        b = ops.dot(y_rows[i], r) * rho_values[i]
+        b = ops.dot(y_rows[i], r) * rho[i]
         r = ops.add_scaled(r, s_rows[i], a - b, in_place=in_place)
     return r
 

@@ -21,11 +21,12 @@ matrices (the two-loop recursion does not need them).
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 
 from torchlbfgs.options import require_choice
+from torchlbfgs.scalars import TENSORS, Scalars, host_number
 
 __all__ = [
     "CurvatureRule",
@@ -91,15 +92,18 @@ def _with_new_column(products: torch.Tensor, column: torch.Tensor, slot: torch.T
 
 
 def accept_curvature_pair(
-    s: torch.Tensor, y: torch.Tensor, grad: torch.Tensor, rule: CurvatureRule
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(s'y, accept)`` for the pair ``(s, y)`` of a step taken from gradient ``grad``."""
+    s: torch.Tensor, y: torch.Tensor, grad: torch.Tensor, rule: CurvatureRule, ops: Scalars = TENSORS
+) -> tuple[torch.Tensor, Any]:
+    """Return ``(s'y, accept)`` for the pair ``(s, y)`` of a step taken from gradient ``grad``:
+    ``s'y`` as a 0-d tensor, ``accept`` of the kind ``ops`` (a bool tensor, or a host bool
+    decided on ``s'y`` read once)."""
     ys = torch.dot(y, s)
+    ys_scalar = ys if ops is TENSORS else host_number(ys)
     if rule == "absolute":
-        return ys, ys > TORCH_CURVATURE_THRESHOLD
+        return ys, ys_scalar > TORCH_CURVATURE_THRESHOLD
     require_choice("curvature_rule", rule, CURVATURE_RULES)
     eps = torch.finfo(s.dtype).eps
-    return ys, ys > eps * -torch.dot(s, grad)
+    return ys, ys_scalar > eps * -ops.dot(s, grad)
 
 
 def _push_decided(

@@ -193,7 +193,8 @@ class Numbers:
     @staticmethod
     def dot(u: torch.Tensor, v: torch.Tensor) -> Any:
         """``u'v`` read as a host number (a device sync off the CPU)."""
-        return host_number(torch.dot(u, v))
+        value = torch.dot(u, v).item()  # sync-ok: host numbers are this kind's point (the adapter)
+        return _SINGLE(value) if u.dtype is _FLOAT32 else value
 
     @staticmethod
     def values(vector: torch.Tensor) -> Any:
@@ -218,6 +219,8 @@ def host_number(scalar: torch.Tensor) -> Any:
     value = scalar.item()  # sync-ok: host numbers are this kind's point (the adapter)
     return numpy.float32(value) if scalar.dtype == torch.float32 else value
 
+
+_SINGLE, _FLOAT32 = numpy.float32, torch.float32
 
 Scalars = Tensors | Numbers
 TENSORS = Tensors()

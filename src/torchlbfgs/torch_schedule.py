@@ -46,14 +46,14 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 import numpy
 import torch
 
 from torchlbfgs.checkpoint import OptimizerState
-from torchlbfgs.direction import inv_hessian_product, slots_newest_first
-from torchlbfgs.history import accept_curvature_pair, push_curvature_pair
+from torchlbfgs.direction import slots_newest_first, two_loop_recursion
+from torchlbfgs.history import History, accept_curvature_pair, push_curvature_pair
 from torchlbfgs.line_searches.method import NO_BUDGET
 from torchlbfgs.line_searches.strong_wolfe import HostSearchResult, StrongWolfe
 from torchlbfgs.norms import max_abs
@@ -91,19 +91,32 @@ class Parameters(Protocol):
         ...
 
 
-class _Ring(NamedTuple):
-    """The ring buffer's head and pair count, known on the host during a step."""
+class _Memory:
+    """The curvature memory as the step uses it: the ring's head and pair count known on the
+    host, and the buffers' rows (views) and ``rho`` as the two-loop recursion reads them, made
+    once per step (the buffers are written in place, row by row)."""
 
-    head: int
-    n_pairs: int
-    size: int
+    def __init__(self, history: History, head: int, n_pairs: int, ops: Scalars) -> None:
+        self.head, self.n_pairs, self.size, self.ops = head, n_pairs, history.s_history.shape[0], ops
+        self.s_rows, self.y_rows = history.s_history.unbind(0), history.y_history.unbind(0)
+        self.rho = list(ops.values(history.rho))
 
     @property
     def slots(self) -> list[int]:
         return slots_newest_first(self.head, self.n_pairs, self.size)
 
-    def pushed(self) -> _Ring:
-        return _Ring((self.head + 1) % self.size, min(self.n_pairs + 1, self.size), self.size)
+    def push(self, history: History, s: torch.Tensor, y: torch.Tensor, ys: torch.Tensor) -> History:
+        """Write an accepted pair into the head row (see :func:`push_curvature_pair`)."""
+        slot = self.head
+        pushed = push_curvature_pair(history, s, y, ys, accept=True, host_slot=slot, host_count=self.n_pairs)
+        self.rho[slot] = self.ops.values(pushed.rho[slot : slot + 1])[0]
+        self.head, self.n_pairs = (slot + 1) % self.size, min(self.n_pairs + 1, self.size)
+        return pushed
+
+    def direction(self, history: History, negative_grad: torch.Tensor) -> torch.Tensor:
+        """:math:`-H g` from ``-g`` (worked on in place), the two-loop recursion as torch's."""
+        rows, rho, gamma = (self.s_rows, self.y_rows), self.rho, history.gamma
+        return two_loop_recursion(*rows, rho, gamma, negative_grad, self.slots, ops=self.ops, overwrite=True)
 
 
 def _read(*scalars: torch.Tensor) -> list[Any]:
@@ -200,7 +213,6 @@ def _step(params: Parameters, rollback: _Rollback, options: TorchOptions) -> tup
     stored = rollback.state()
     loss, value, grad = params.evaluate()
     core = stored.core
-    m = core.history_size
     f, grad_max, head, n_pairs, fresh, pending = _read(
         value, max_abs(grad), core.head, core.n_pairs, core.iteration == 0, stored.has_pending
     )  # once per step
@@ -223,8 +235,7 @@ def _step(params: Parameters, rollback: _Rollback, options: TorchOptions) -> tup
     if options.max_iter == 0:  # torch evaluates, and does nothing else
         return loss, stored._replace(core=_counted(core, StopReason.MAX_ITERATIONS, 0, evals))
 
-    ring = _Ring(int(head), int(n_pairs), m)
-    ops = _two_loop_scalars(grad.device)
+    memory = _Memory(core.history, int(head), int(n_pairs), _two_loop_scalars(grad.device))
     direction: torch.Tensor = stored.pending_direction
     t: Any = stored.pending_step
     del stored  # its gradient and direction go as soon as the iteration no longer needs them
@@ -235,18 +246,15 @@ def _step(params: Parameters, rollback: _Rollback, options: TorchOptions) -> tup
         iterations += 1
         if pending and not fresh:  # the previous iteration's curvature pair
             s, y = torch.mul(direction, t), torch.sub(grad, core.grad)
-            ys, curvature_ok = accept_curvature_pair(s, y, core.grad, "absolute")  # torch's s'y > 1e-10
-            if _read(curvature_ok)[0]:
-                pushed = push_curvature_pair(
-                    core.history, s, y, ys, accept=True, host_slot=ring.head, host_count=ring.n_pairs
-                )
-                core, ring = core._replace(**pushed._asdict()), ring.pushed()
+            ys, curvature_ok = accept_curvature_pair(s, y, core.grad, "absolute", NUMBERS)
+            if curvature_ok:  # torch's s'y > 1e-10
+                core = core._replace(**memory.push(core.history, s, y, ys)._asdict())
             del s, y  # copied into the memory: not kept through the two-loop recursion
         core = core._replace(value=value, grad=grad)
         rollback.saved, rollback.point = (core, iterations - 1, evals), x
         direction = grad.neg()  # steepest descent on the very first iteration, else -H g:
         if not fresh:  # the two-loop recursion from -g in place, as torch's
-            direction = inv_hessian_product(core, direction, slots=ring.slots, ops=ops, overwrite=True)
+            direction = memory.direction(core.history, direction)
         pending = True
         t = options.lr
         if fresh:
