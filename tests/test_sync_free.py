@@ -18,7 +18,6 @@ import torch
 from problems import rosenbrock
 
 import torchlbfgs
-import torchlbfgs.history
 import torchlbfgs.scalars
 import torchlbfgs.torch_schedule
 from torchlbfgs.objective import flat_objective
@@ -131,7 +130,7 @@ def test_adapter_reads_the_host_as_its_schedule_says(
     at the start of a step, once per closure evaluation, and per iteration once for the
     curvature test and once for g'd and max|d| (plus, after a search, once for max|g|). Every
     host-reading Tensor method is counted: none is called outside the schedule's reading
-    function and the curvature test's read of s'y (``scalars.host_number``), whose calls are
+    function and the curvature test's read of s'y (``Numbers.value``), whose calls are
     one device sync each on a GPU (on the CPU the schedule reads its scalars one by one, which
     costs no sync). The strong-Wolfe search's square roots are taken on a
     tensor made on the host for the purpose (to round as torch's), which is no device read."""
@@ -184,7 +183,8 @@ def test_adapter_reads_the_host_as_its_schedule_says(
         return reading
 
     monkeypatch.setattr(torchlbfgs.torch_schedule, "_read", counted_group(torchlbfgs.torch_schedule._read))
-    monkeypatch.setattr(torchlbfgs.history, "host_number", counted_group(torchlbfgs.history.host_number))
+    read_one = staticmethod(counted_group(torchlbfgs.scalars.Numbers.value))
+    monkeypatch.setattr(torchlbfgs.scalars.Numbers, "value", read_one)
     for step in range(3):  # the history (3 pairs) fills and wraps
         reads, read_groups, evaluations = 0, 0, 0
         optimizer.step(closure)

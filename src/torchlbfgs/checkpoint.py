@@ -252,7 +252,10 @@ def state_from_trusted_leaves(
 
     def moved(name: str) -> torch.Tensor:
         leaf: torch.Tensor = leaves[name]
-        return leaf.to(device=device, dtype=dtype) if leaf.is_floating_point() else leaf.to(device=device)
+        floating = leaf.is_floating_point()
+        if leaf.device == device and (leaf.dtype == dtype or not floating):
+            return leaf  # as every step finds them: no call into torch
+        return leaf.to(device=device, dtype=dtype) if floating else leaf.to(device=device)
 
     core = LBFGSState(**{field: moved(field) for field in LBFGSState._fields})
     return OptimizerState(core, moved("pending_direction"), moved("pending_step"), moved("has_pending"))

@@ -26,7 +26,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 
 from torchlbfgs.options import require_choice
-from torchlbfgs.scalars import TENSORS, Scalars, host_number
+from torchlbfgs.scalars import TENSORS, Scalars
 
 __all__ = [
     "CurvatureRule",
@@ -36,6 +36,7 @@ __all__ = [
     "buffer_dot",
     "has_products",
     "push_curvature_pair",
+    "write_pair",
 ]
 
 CurvatureRule = Literal["relative", "absolute"]
@@ -98,7 +99,7 @@ def accept_curvature_pair(
     ``s'y`` as a 0-d tensor, ``accept`` of the kind ``ops`` (a bool tensor, or a host bool
     decided on ``s'y`` read once)."""
     ys = torch.dot(y, s)
-    ys_scalar = ys if ops is TENSORS else host_number(ys)
+    ys_scalar = ops.value(ys)
     if rule == "absolute":
         return ys, ys_scalar > TORCH_CURVATURE_THRESHOLD
     require_choice("curvature_rule", rule, CURVATURE_RULES)
@@ -106,22 +107,16 @@ def accept_curvature_pair(
     return ys, ys_scalar > eps * -ops.dot(s, grad)
 
 
-def _push_decided(
-    history: History, s: torch.Tensor, y: torch.Tensor, ys: torch.Tensor, slot: int, n_pairs: int
-) -> History:
-    """The accepted pair written into row ``slot`` in place (see :func:`push_curvature_pair`)."""
+def write_pair(history: History, s: torch.Tensor, y: torch.Tensor, ys: torch.Tensor, slot: int) -> History:
+    """An accepted pair written into row ``slot`` of the buffers in place, for an owner that
+    tracks the ring's head and count on the host (the :class:`torchlbfgs.LBFGS` adapter): the
+    rows, ``rho`` and :math:`\\gamma` are updated, ``head`` and ``n_pairs`` are left to it."""
     if has_products(history):
-        raise ValueError("push_curvature_pair: host-decided pushes keep no inner products")
-    m = history.s_history.shape[0]
+        raise ValueError("write_pair: pairs written in place keep no inner products")
     history.s_history[slot].copy_(s)
     history.y_history[slot].copy_(y)
     torch.reciprocal(ys, out=history.rho[slot])  # 1 / ys, as torch's `1.0 / ys` rounds it
-    count = min(n_pairs + 1, m)
-    return history._replace(
-        gamma=ys / torch.dot(y, y),
-        head=torch.full_like(history.head, (slot + 1) % m),
-        n_pairs=torch.full_like(history.n_pairs, count),
-    )
+    return history._replace(gamma=ys / torch.dot(y, y))
 
 
 def push_curvature_pair(
@@ -129,11 +124,9 @@ def push_curvature_pair(
     s: torch.Tensor,
     y: torch.Tensor,
     ys: torch.Tensor,
-    accept: torch.Tensor | bool,
+    accept: torch.Tensor,
     *,
     in_place: bool = False,
-    host_slot: int | None = None,
-    host_count: int | None = None,
 ) -> History:
     r"""Write ``(s, y)`` into the slot ``head`` when ``accept`` is true; otherwise change nothing.
 
@@ -144,19 +137,9 @@ def push_curvature_pair(
     (O(n)); only an owner of the state that no one else reads, such as the
     :class:`torchlbfgs.LBFGS` adapter, may ask for it. Both give the same values. When the
     memory keeps inner products, their new column is computed from the updated buffers (the
-    small ``(m, m)`` matrices are always new tensors).
-
-    ``accept`` may also be a Python bool decided on the host, with ``host_slot`` and
-    ``host_count`` the host's copies of ``head`` and ``n_pairs`` (as the
-    :class:`torchlbfgs.LBFGS` adapter knows them): the rows are then written in place,
-    unselected, and a refused pair changes nothing.
+    small ``(m, m)`` matrices are always new tensors). An owner that decides on the host and
+    tracks the ring there writes accepted pairs with :func:`write_pair` instead.
     """
-    if isinstance(accept, bool):
-        if host_slot is None or host_count is None:
-            raise ValueError("push_curvature_pair: a host-decided accept needs host_slot and host_count")
-        if not accept:
-            return history
-        return _push_decided(history, s, y, ys, host_slot, host_count)
     m = history.s_history.shape[0]
     one = torch.ones((), dtype=ys.dtype, device=ys.device)
     safe_ys = torch.where(accept, ys, one)  # keep 1/ys finite in the branch not taken

@@ -86,7 +86,8 @@ class _ModelParameters:
         self._closure = closure
 
     def evaluate(self) -> tuple[Any, torch.Tensor, torch.Tensor]:
-        loss = self._closure()
+        with torch.enable_grad():
+            loss = self._closure()
         reference = self._views[0]
         if isinstance(loss, torch.Tensor):
             if loss.numel() != 1:
@@ -309,7 +310,7 @@ class LBFGS(Optimizer):
             raise ValueError(
                 "torchlbfgs.LBFGS.step needs a closure that re-evaluates the model and returns the loss"
             )
-        model = _ModelParameters(params, torch.enable_grad()(closure))
+        model = _ModelParameters(params, closure)
         had_state = bool(self.state.get(params[0]))
 
         def keep(state: OptimizerState, *, unchanged: bool) -> None:

@@ -106,6 +106,11 @@ class Tensors:
         return torch.dot(u, v)
 
     @staticmethod
+    def value(scalar: torch.Tensor) -> Any:
+        """A 0-d tensor as a scalar of this kind (itself, here)."""
+        return scalar
+
+    @staticmethod
     def values(vector: torch.Tensor) -> Any:
         """The entries of a short vector as scalars of this kind (views, here)."""
         return vector.unbind(0)
@@ -169,7 +174,7 @@ class Numbers:
         single = isinstance(a, numpy.float32)
         if not a >= 0:
             return numpy.float32(math.nan) if single else math.nan
-        on_host = torch.tensor(float(a), dtype=torch.float32 if single else torch.float64)
+        on_host = torch.full((), float(a), dtype=torch.float32 if single else torch.float64)
         root = on_host.sqrt_().item()  # sync-ok: a CPU tensor made here
         return numpy.float32(root) if single else root
 
@@ -195,6 +200,11 @@ class Numbers:
         """``u'v`` read as a host number (a device sync off the CPU)."""
         value = torch.dot(u, v).item()  # sync-ok: host numbers are this kind's point (the adapter)
         return _SINGLE(value) if u.dtype is _FLOAT32 else value
+
+    @staticmethod
+    def value(scalar: torch.Tensor) -> Any:
+        """A 0-d tensor read as a host number (a device sync off the CPU)."""
+        return host_number(scalar)
 
     @staticmethod
     def values(vector: torch.Tensor) -> Any:

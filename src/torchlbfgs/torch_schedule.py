@@ -53,10 +53,9 @@ import torch
 
 from torchlbfgs.checkpoint import OptimizerState
 from torchlbfgs.direction import slots_newest_first, two_loop_recursion
-from torchlbfgs.history import History, accept_curvature_pair, push_curvature_pair
+from torchlbfgs.history import History, accept_curvature_pair, write_pair
 from torchlbfgs.line_searches.method import NO_BUDGET
 from torchlbfgs.line_searches.strong_wolfe import HostSearchResult, StrongWolfe
-from torchlbfgs.norms import max_abs
 from torchlbfgs.options import TorchOptions
 from torchlbfgs.scalars import NUMBERS, TENSORS, Scalars
 from torchlbfgs.state import LBFGSState, StopReason
@@ -92,31 +91,35 @@ class Parameters(Protocol):
 
 
 class _Memory:
-    """The curvature memory as the step uses it: the ring's head and pair count known on the
-    host, and the buffers' rows (views) and ``rho`` as the two-loop recursion reads them, made
-    once per step (the buffers are written in place, row by row)."""
+    """The curvature memory as the step uses it: the ring's head and pair count tracked on the
+    host (the state's tensors get them as the step hands a state back, :meth:`settled`), and
+    the buffers' rows (views) and ``rho`` as the two-loop recursion reads them, made once per
+    step (accepted pairs are written into the buffers in place, row by row)."""
 
     def __init__(self, history: History, head: int, n_pairs: int, ops: Scalars) -> None:
         self.head, self.n_pairs, self.size, self.ops = head, n_pairs, history.s_history.shape[0], ops
         self.s_rows, self.y_rows = history.s_history.unbind(0), history.y_history.unbind(0)
         self.rho = list(ops.values(history.rho))
 
-    @property
-    def slots(self) -> list[int]:
-        return slots_newest_first(self.head, self.n_pairs, self.size)
-
-    def push(self, history: History, s: torch.Tensor, y: torch.Tensor, ys: torch.Tensor) -> History:
-        """Write an accepted pair into the head row (see :func:`push_curvature_pair`)."""
+    def push(self, core: LBFGSState, s: torch.Tensor, y: torch.Tensor, ys: torch.Tensor) -> LBFGSState:
+        """Write an accepted pair into the head row (:func:`~torchlbfgs.history.write_pair`)."""
         slot = self.head
-        pushed = push_curvature_pair(history, s, y, ys, accept=True, host_slot=slot, host_count=self.n_pairs)
-        self.rho[slot] = self.ops.values(pushed.rho[slot : slot + 1])[0]
+        written = write_pair(core.history, s, y, ys, slot)
+        self.rho[slot] = self.ops.value(written.rho[slot])
         self.head, self.n_pairs = (slot + 1) % self.size, min(self.n_pairs + 1, self.size)
-        return pushed
+        return core._replace(gamma=written.gamma)
 
-    def direction(self, history: History, negative_grad: torch.Tensor) -> torch.Tensor:
+    def direction(self, core: LBFGSState, negative_grad: torch.Tensor) -> torch.Tensor:
         """:math:`-H g` from ``-g`` (worked on in place), the two-loop recursion as torch's."""
-        rows, rho, gamma = (self.s_rows, self.y_rows), self.rho, history.gamma
-        return two_loop_recursion(*rows, rho, gamma, negative_grad, self.slots, ops=self.ops, overwrite=True)
+        slots = slots_newest_first(self.head, self.n_pairs, self.size)
+        rows, rho = (self.s_rows, self.y_rows), self.rho
+        return two_loop_recursion(*rows, rho, core.gamma, negative_grad, slots, ops=self.ops, overwrite=True)
+
+    def settled(self, core: LBFGSState) -> LBFGSState:
+        """``core`` with the ring's head and count as tracked here."""
+        return core._replace(
+            head=torch.full_like(core.head, self.head), n_pairs=torch.full_like(core.n_pairs, self.n_pairs)
+        )
 
 
 def _read(*scalars: torch.Tensor) -> list[Any]:
@@ -169,13 +172,14 @@ class _Rollback:
     are, nothing was moved yet)."""
 
     def __init__(self, state: OptimizerState) -> None:
-        self.saved: OptimizerState | tuple[LBFGSState, int, int] = state
+        self.saved: OptimizerState | tuple[LBFGSState, int, int, _Memory] = state
         self.point: torch.Tensor | None = None
 
     def state(self) -> OptimizerState:
         if isinstance(self.saved, OptimizerState):
             return self.saved
-        return _ended(*self.saved, status=StopReason.RUNNING, pending=None)
+        core, iterations, evals, memory = self.saved
+        return _ended(memory.settled(core), iterations, evals, status=StopReason.RUNNING, pending=None)
 
 
 def torch_step(
@@ -213,9 +217,11 @@ def _step(params: Parameters, rollback: _Rollback, options: TorchOptions) -> tup
     stored = rollback.state()
     loss, value, grad = params.evaluate()
     core = stored.core
-    f, grad_max, head, n_pairs, fresh, pending = _read(
-        value, max_abs(grad), core.head, core.n_pairs, core.iteration == 0, stored.has_pending
+    low, high = torch.aminmax(grad)
+    f, low, high, head, n_pairs, iteration, pending = _read(
+        value, low, high, core.head, core.n_pairs, core.iteration, stored.has_pending
     )  # once per step
+    grad_max, fresh = NUMBERS.maximum(-low, high), iteration == 0
     evals = 1
     if not _finite(f, grad_max):
         if not pending:
@@ -248,13 +254,13 @@ def _step(params: Parameters, rollback: _Rollback, options: TorchOptions) -> tup
             s, y = torch.mul(direction, t), torch.sub(grad, core.grad)
             ys, curvature_ok = accept_curvature_pair(s, y, core.grad, "absolute", NUMBERS)
             if curvature_ok:  # torch's s'y > 1e-10
-                core = core._replace(**memory.push(core.history, s, y, ys)._asdict())
+                core = memory.push(core, s, y, ys)
             del s, y  # copied into the memory: not kept through the two-loop recursion
         core = core._replace(value=value, grad=grad)
-        rollback.saved, rollback.point = (core, iterations - 1, evals), x
+        rollback.saved, rollback.point = (core, iterations - 1, evals, memory), x
         direction = grad.neg()  # steepest descent on the very first iteration, else -H g:
         if not fresh:  # the two-loop recursion from -g in place, as torch's
-            direction = memory.direction(core.history, direction)
+            direction = memory.direction(core, direction)
         pending = True
         t = options.lr
         if fresh:
@@ -289,7 +295,8 @@ def _step(params: Parameters, rollback: _Rollback, options: TorchOptions) -> tup
         if evaluated and not _finite(f_new, new_grad_max):
             params.write(x)  # back to the last finite point
             _warn_non_finite()
-            return loss, _ended(core, iterations, evals, status=StopReason.NON_FINITE, pending=None)
+            settled = memory.settled(core)
+            return loss, _ended(settled, iterations, evals, status=StopReason.NON_FINITE, pending=None)
         status = stop_reason(
             NUMBERS,
             grad_small=evaluated and new_grad_max <= options.tolerance_grad,
@@ -302,7 +309,7 @@ def _step(params: Parameters, rollback: _Rollback, options: TorchOptions) -> tup
             break
         f, value, grad = f_new, new_value, new_grad
         x = params.read()
-    return loss, _ended(core, iterations, evals, status=status, pending=(direction, t))
+    return loss, _ended(memory.settled(core), iterations, evals, status=status, pending=(direction, t))
 
 
 def _strong_wolfe(

@@ -72,10 +72,10 @@ def _pick(ops: Scalars, first: Any, pair: Any) -> Any:
 
 def _set_slot(ops: Scalars, pair: Any, slot_is_first: Any, write: Any, value: Any) -> Any:
     """``pair`` with ``pair[slot] = value`` where ``write``; slot 0 if ``slot_is_first``."""
-    return ops.pair(
+    return ops.when(write, lambda: ops.pair(
         ops.where(ops.both(write, slot_is_first), value, pair[0]),
         ops.where(ops.both(write, ops.negate(slot_is_first)), value, pair[1]),
-    )
+    ), pair)  # fmt: skip
 
 
 class HostSearchResult(NamedTuple):
@@ -147,9 +147,9 @@ class StrongWolfe(SearchLimits):
         search = self._begin(
             ops, value, grad, gtd, d_norm, step_size, phase, budget, zero=0.0, false=False, no_evals=0
         )
-        while search.phase != _DONE:
-            f_new, g_new, gtd_new = evaluate(search.t)
-            with quiet_overflow():
+        with quiet_overflow():
+            while search.phase != _DONE:
+                f_new, g_new, gtd_new = evaluate(search.t)
                 search = self._decide(ops, search, value, grad, f_new, g_new, gtd_new)
         s = search
         return HostSearchResult(s.result_t, s.result_f, s.result_g, s.n_evals, s.wolfe)
@@ -203,6 +203,9 @@ class StrongWolfe(SearchLimits):
             f_new > start_value + c1 * s.t * gtd, ops.both(ls_iter > 1, f_new >= s.f_prev)
         )
         wolfe_now = ops.both(ops.both(testing, ops.negate(armijo_fails)), abs(gtd_new) <= -c2 * gtd)
+        if ops is NUMBERS and wolfe_now:  # decided on the host: nothing below changes this outcome
+            found = {"result_t": s.t, "result_f": f_new, "result_g": g_new}
+            return s._replace(n_evals=n_evals, phase=_DONE, wolfe=True, **found)
         not_wolfe = ops.both(testing, ops.negate(wolfe_now))
         enter_zoom = ops.both(not_wolfe, ops.either(armijo_fails, gtd_new >= 0))
         extrapolate = ops.both(not_wolfe, ops.negate(enter_zoom))
