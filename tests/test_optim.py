@@ -433,3 +433,45 @@ def test_tensor_lr() -> None:
         torch.optim.LBFGS, problem, 3, lr=torch.tensor(0.3, dtype=torch.float64), max_iter=5
     )
     assert torch.equal(ours[0][-1], theirs[0][-1])
+
+
+def _rosenbrock_optimizer(**options: Any) -> tuple[torchlbfgs.LBFGS, Callable[[], Tensor], Tensor]:
+    x = torch.nn.Parameter(torch.tensor([-1.2, 1.0, -0.5, 0.8], dtype=torch.float64))
+    optimizer = torchlbfgs.LBFGS([x], history_size=3, max_iter=4, **options)
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = (100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2).sum()
+        loss.backward()
+        return loss
+
+    return optimizer, closure, x
+
+
+@pytest.mark.parametrize("edit", ["replace s_history", "scale rho in place", "replace the dict"])
+def test_state_edited_between_steps_is_what_the_next_step_uses(edit: str) -> None:
+    """The adapter reuses, from one step to the next, the state it handed back (and views of
+    its buffers) instead of rebuilding it from ``optimizer.state``; an edit of the leaves made
+    in between must still count: the edited optimizer continues exactly as a fresh one loaded
+    with the same edited state."""
+    edited, closure, x = _rosenbrock_optimizer(line_search_fn="strong_wolfe")
+    for _ in range(2):  # the memory (3 pairs) is full
+        edited.step(closure)
+    leaves = edited.state[x]
+    if edit == "replace s_history":
+        leaves["s_history"] = leaves["s_history"] * 0.5
+    elif edit == "scale rho in place":
+        leaves["rho"].mul_(0.5)
+    else:
+        edited.state[x] = dict(leaves, s_history=leaves["s_history"] * 0.5)
+    fresh, fresh_closure, fresh_x = _rosenbrock_optimizer(line_search_fn="strong_wolfe")
+    with torch.no_grad():
+        fresh_x.copy_(x)
+    fresh.load_state_dict(edited.state_dict())
+    unedited, unedited_closure, unedited_x = _rosenbrock_optimizer(line_search_fn="strong_wolfe")
+    for _ in range(2):
+        unedited.step(unedited_closure)
+    for _ in range(2):
+        edited.step(closure), fresh.step(fresh_closure), unedited.step(unedited_closure)
+    assert torch.equal(x, fresh_x)
+    assert not torch.equal(x, unedited_x)  # the edit changed the course: the check can fail

@@ -73,6 +73,25 @@ class _Leaves(dict[str, Any]):
         )
 
 
+class _KeptState:
+    """The state a step handed back, with the leaves it was stored as: the next step reuses it
+    instead of rebuilding it from the leaves, as long as every leaf is still the same tensor
+    (a leaf the user replaced, or a dict replaced by ``load_state_dict``, means rebuilding)."""
+
+    def __init__(self, leaves: _Leaves, state: OptimizerState) -> None:
+        self.leaves, self.values, self.state = leaves, tuple(leaves.values()), state
+
+    def still_holds(self, leaves: Any, dtype: torch.dtype, device: torch.device) -> bool:
+        grad = self.state.core.grad
+        return (
+            leaves is self.leaves
+            and len(leaves) == len(self.values)
+            and all(now is kept for now, kept in zip(leaves.values(), self.values, strict=True))
+            and grad.dtype == dtype
+            and grad.device == device
+        )
+
+
 class _ModelParameters:
     """The parameters as one flat real vector, and the closure as an evaluation (the
     :class:`~torchlbfgs.torch_schedule.Parameters` the schedule works on)."""
@@ -230,6 +249,7 @@ class LBFGS(Optimizer):
             self.param_groups.pop()  # never a half-added group
             raise
         leaves = self.state.get(self._params[0]) if hasattr(self, "state") else None
+        self.__dict__.pop("_reuse", None)  # views of buffers the extended state replaces
         if leaves:
             grad = leaves["grad"]
             stored = state_from_trusted_leaves(leaves, dtype=grad.dtype, device=grad.device)
@@ -244,6 +264,9 @@ class LBFGS(Optimizer):
     def _stored_state(self, params: list[torch.Tensor], history_size: int) -> OptimizerState:
         n, dtype, device = _flat_layout(params)
         leaves = self.state.get(params[0])
+        kept: _KeptState | None = getattr(self, "_kept", None)
+        if kept is not None and kept.still_holds(leaves, dtype, device):
+            return kept.state  # the state the last step handed back, its leaves untouched since
         if not leaves:
             return blank_state(n, history_size=history_size, dtype=dtype, device=device)
         if leaves["grad"].numel() != n:
@@ -256,13 +279,16 @@ class LBFGS(Optimizer):
     def _take_state(self, params: list[torch.Tensor], history_size: int) -> OptimizerState:
         state = self._stored_state(params, history_size)
         self.state.pop(params[0], None)
+        self._kept: _KeptState | None = None  # the step owns the state now, and frees as it goes
         return state
 
     def _store(self, state: OptimizerState) -> None:
         params = self._params
         for p in params[1:]:
             self.state.pop(p, None)
-        self.state[params[0]] = _Leaves(state_to_leaves(state))
+        leaves = _Leaves(state_to_leaves(state))
+        self.state[params[0]] = leaves
+        self._kept = _KeptState(leaves, state)
 
     @property
     def stop_reason(self) -> StopReason | None:
@@ -279,6 +305,13 @@ class LBFGS(Optimizer):
         return self.stop_reason in CONVERGED
 
     # --- the step ------------------------------------------------------------------------------
+
+    @property
+    def _step_reuse(self) -> dict[str, Any]:
+        """What one step leaves for the next to reuse (:func:`~torchlbfgs.torch_schedule.torch_step`);
+        not part of the state (dropped by pickling, copying and loading)."""
+        reuse: dict[str, Any] = self.__dict__.setdefault("_reuse", {})
+        return reuse
 
     def step(self, closure: Callable[[], Any]) -> Any:  # type: ignore[override]
         """Run up to ``max_iter`` L-BFGS iterations; return the closure's first loss.
@@ -319,7 +352,8 @@ class LBFGS(Optimizer):
 
         # The step owns the state while it runs (and hands it back through `keep` on every way
         # out): what it no longer needs is freed as it goes, as torch's step frees it.
-        return torch_step(model, self._take_state(params, options.history_size), options, keep=keep)
+        stored = self._take_state(params, options.history_size)
+        return torch_step(model, stored, options, keep=keep, reuse=self._step_reuse)
 
     # Left out of compiled graphs only while compiling: outside, disabling dynamo around each
     # step would cost every frame of the step (measured: 2-3% of a step at n = 1e3), and
@@ -354,6 +388,7 @@ class LBFGS(Optimizer):
         and ``param_groups``, and ``state`` entries that belong to no parameter, are
         accepted as torch accepts them.
         """
+        self.__dict__.pop("_reuse", None)  # views of buffers the loaded state replaces
         state_dict = dict(state_dict) if isinstance(state_dict, Mapping) else state_dict
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             replaced = pre_hook(self, state_dict)

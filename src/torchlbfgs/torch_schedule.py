@@ -98,8 +98,28 @@ class _Memory:
 
     def __init__(self, history: History, head: int, n_pairs: int, ops: Scalars) -> None:
         self.head, self.n_pairs, self.size, self.ops = head, n_pairs, history.s_history.shape[0], ops
+        self.buffers = (history.s_history, history.y_history, history.rho)
         self.s_rows, self.y_rows = history.s_history.unbind(0), history.y_history.unbind(0)
         self.rho = list(ops.values(history.rho))
+
+    @classmethod
+    def for_step(
+        cls, reuse: dict[str, Any], history: History, head: int, n_pairs: int, ops: Scalars
+    ) -> _Memory:
+        """The memory of the previous step (kept in ``reuse``) if it views these very buffers,
+        else a new one, kept there for the next step."""
+        memory = reuse.get("memory")
+        buffers = (history.s_history, history.y_history, history.rho)
+        if (
+            not isinstance(memory, cls)
+            or memory.ops is not ops
+            or any(a is not b for a, b in zip(memory.buffers, buffers, strict=True))
+        ):
+            memory = reuse["memory"] = cls(history, head, n_pairs, ops)
+        else:  # read again: whoever holds the state may have written into it between steps
+            memory.rho = list(ops.values(history.rho))
+        memory.head, memory.n_pairs = head, n_pairs
+        return memory
 
     def push(self, core: LBFGSState, s: torch.Tensor, y: torch.Tensor, ys: torch.Tensor) -> LBFGSState:
         """Write an accepted pair into the head row (:func:`~torchlbfgs.history.write_pair`)."""
@@ -188,6 +208,7 @@ def torch_step(
     options: TorchOptions,
     *,
     keep: Callable[..., None],
+    reuse: dict[str, Any] | None = None,
 ) -> Any:
     """Run one ``torch.optim.LBFGS.step`` from ``stored``; return the closure's first loss.
 
@@ -197,11 +218,15 @@ def torch_step(
     (the step frees what it no longer needs as it goes, as torch's does). When the closure
     raises, the parameters go back to the start of the inner iteration it was called in,
     ``keep`` receives the state there, and the exception propagates.
+
+    ``reuse`` is a dict the caller keeps from step to step: the step leaves there what the next
+    one may reuse while the state's buffers are the same tensors (their rows as views, and
+    ``rho`` as host numbers), instead of making it again.
     """
     rollback = _Rollback(stored)
     del stored  # from here on only the rollback (and the step) hold it
     try:
-        loss, state = _step(params, rollback, options)
+        loss, state = _step(params, rollback, options, {} if reuse is None else reuse)
     except BaseException:
         if rollback.point is None:  # nothing was moved or changed yet
             keep(rollback.state(), unchanged=True)
@@ -213,7 +238,9 @@ def torch_step(
     return loss
 
 
-def _step(params: Parameters, rollback: _Rollback, options: TorchOptions) -> tuple[Any, OptimizerState]:
+def _step(
+    params: Parameters, rollback: _Rollback, options: TorchOptions, reuse: dict[str, Any]
+) -> tuple[Any, OptimizerState]:
     stored = rollback.state()
     loss, value, grad = params.evaluate()
     core = stored.core
@@ -241,7 +268,7 @@ def _step(params: Parameters, rollback: _Rollback, options: TorchOptions) -> tup
     if options.max_iter == 0:  # torch evaluates, and does nothing else
         return loss, stored._replace(core=_counted(core, StopReason.MAX_ITERATIONS, 0, evals))
 
-    memory = _Memory(core.history, int(head), int(n_pairs), _two_loop_scalars(grad.device))
+    memory = _Memory.for_step(reuse, core.history, int(head), int(n_pairs), _two_loop_scalars(grad.device))
     direction: torch.Tensor = stored.pending_direction
     t: Any = stored.pending_step
     del stored  # its gradient and direction go as soon as the iteration no longer needs them
