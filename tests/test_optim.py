@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -475,3 +476,31 @@ def test_state_edited_between_steps_is_what_the_next_step_uses(edit: str) -> Non
         edited.step(closure), fresh.step(fresh_closure), unedited.step(unedited_closure)
     assert torch.equal(x, fresh_x)
     assert not torch.equal(x, unedited_x)  # the edit changed the course: the check can fail
+
+
+@pytest.mark.parametrize("line_search_fn", [None, "strong_wolfe"], ids=str)
+def test_a_step_frees_the_previous_steps_vectors_as_it_goes(line_search_fn: str | None) -> None:
+    """What keeps a step's peak memory at torch's (bench/memory.py): the previous step's
+    gradient and direction are freed once the step's first iteration has used them, before the
+    closure is called again, and nothing (the adapter, a cache) keeps them alive."""
+    x = torch.nn.Parameter(torch.randn(1000, dtype=torch.float64))
+    optimizer = torchlbfgs.LBFGS([x], max_iter=5, history_size=3, line_search_fn=line_search_fn)
+    alive: list[tuple[bool, bool]] = []
+    previous: list[Any] = []
+
+    def closure() -> Tensor:
+        if previous:
+            alive.append((previous[0]() is not None, previous[1]() is not None))
+        optimizer.zero_grad()
+        loss = ((x - 1) ** 4).sum() + (x**2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    leaves = optimizer.state[x]
+    previous.extend((weakref.ref(leaves["grad"]), weakref.ref(leaves["pending_direction"])))
+    del leaves
+    optimizer.step(closure)
+    assert alive[0] == (True, True)  # the step's first evaluation: the pending pair needs them
+    assert len(alive) > 1
+    assert all(state == (False, False) for state in alive[1:]), alive
