@@ -351,8 +351,8 @@ class LBFGS(Optimizer):
                 self._store(state)
 
         # The step owns the state while it runs (and hands it back through `keep` on every way
-        # out): what it no longer needs is freed as it goes, as torch's step frees it.
-        # The state is passed on, not held here: the step frees what it no longer needs.
+        # out): what it no longer needs is freed as it goes, as torch's step frees it, so the
+        # state is passed on, not held in a variable here.
         return torch_step(
             model, self._take_state(params, options.history_size), options, keep=keep, reuse=self._step_reuse
         )
