@@ -504,3 +504,28 @@ def test_a_step_frees_the_previous_steps_vectors_as_it_goes(line_search_fn: str 
     assert alive[0] == (True, True)  # the step's first evaluation: the pending pair needs them
     assert len(alive) > 1
     assert all(state == (False, False) for state in alive[1:]), alive
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "error"),
+    [
+        ("max_iter", -1, ValueError),
+        ("line_search_fn", "wolfe", ValueError),
+        ("tolerance_grad", "tiny", TypeError),
+    ],
+)
+def test_options_changed_between_steps_are_checked_again(option: str, value: Any, error: type) -> None:
+    """The adapter reuses the last step's checked options while the groups hold the same
+    values; a value changed between steps is checked (and used) again."""
+    optimizer, closure, x = _rosenbrock_optimizer()
+    optimizer.step(closure)
+    before = x.detach().clone()
+    optimizer.param_groups[0][option] = value
+    with pytest.raises(error, match=option):
+        optimizer.step(closure)
+    assert torch.equal(x, before)
+    optimizer.param_groups[0][option] = optimizer.defaults[option]
+    optimizer.param_groups[0]["max_iter"] = 1  # used at once: one iteration, no evaluation after it
+    evaluations = optimizer.state[x]["func_evals"]
+    optimizer.step(closure)
+    assert optimizer.state[x]["func_evals"] - evaluations == 1

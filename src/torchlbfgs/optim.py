@@ -37,7 +37,7 @@ from torchlbfgs.checkpoint import (
     state_to_leaves,
     to_torch_state_dict,
 )
-from torchlbfgs.options import TorchOptions
+from torchlbfgs.options import TORCH_OPTION_NAMES, TorchOptions
 from torchlbfgs.state import CONVERGED, StopReason
 from torchlbfgs.torch_schedule import torch_step
 
@@ -335,7 +335,7 @@ class LBFGS(Optimizer):
     @torch.no_grad()
     def _step(self, closure: Callable[[], Any]) -> Any:
         params = self._params
-        options = TorchOptions.of_groups(self.param_groups)
+        options = self._options()
         if closure is None and not self.state.get(params[0]) and self._all_grads_zero():
             self._store(self._stored_state(params, options.history_size))
             return None
@@ -356,6 +356,21 @@ class LBFGS(Optimizer):
         return torch_step(
             model, self._take_state(params, options.history_size), options, keep=keep, reuse=self._step_reuse
         )
+
+    def _options(self) -> TorchOptions:
+        """The groups' options, checked (:meth:`TorchOptions.of_groups`); the last step's while
+        every group holds the very same values (a scheduler that sets ``lr`` makes a new check;
+        a tensor option is checked every time, as it may change in place)."""
+        values = tuple(tuple(group.get(name) for name in TORCH_OPTION_NAMES) for group in self.param_groups)
+        if any(isinstance(value, torch.Tensor) for group in values for value in group):
+            return TorchOptions.of_groups(self.param_groups)
+        cached = self.__dict__.get("_checked_options")
+        if cached is not None and cached[0] == values:
+            options: TorchOptions = cached[1]
+            return options
+        options = TorchOptions.of_groups(self.param_groups)
+        self.__dict__["_checked_options"] = (values, options)
+        return options
 
     # Left out of compiled graphs only while compiling: outside, disabling dynamo around each
     # step would cost every frame of the step (measured: 2-3% of a step at n = 1e3), and

@@ -16,6 +16,7 @@ Examples:
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -88,7 +89,8 @@ class TorchOptions:
         require_choice(f"{where}line_search_fn", group["line_search_fn"], (None, "strong_wolfe"))
         return cls(
             lr=float(lr), max_iter=group["max_iter"], max_eval=group["max_eval"],  # sync-ok: torch's lr read
-            tolerance_grad=group["tolerance_grad"], tolerance_change=group["tolerance_change"],
+            tolerance_grad=_real(f"{where}tolerance_grad", group["tolerance_grad"]),
+            tolerance_change=_real(f"{where}tolerance_change", group["tolerance_change"]),
             history_size=group["history_size"], line_search_fn=group["line_search_fn"],
         )  # fmt: skip
 
@@ -106,6 +108,16 @@ class TorchOptions:
                         f"so {option!r} must be the same in every group"
                     )
         return cls.of(first)
+
+
+def _real(name: str, value: object) -> float:
+    """A tolerance as a float: a real number, or a one-element tensor read on the host (the
+    comparisons torch makes with it accept both); anything else is a ``TypeError``."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        return float(value)  # sync-ok: an option, read once per step as torch reads it
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    raise TypeError(f"{name} must be a real number, got {value!r}")
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -101,6 +101,7 @@ class _Memory:
         self.buffers = (history.s_history, history.y_history, history.rho)
         self.s_rows, self.y_rows = history.s_history.unbind(0), history.y_history.unbind(0)
         self.rho = list(ops.values(history.rho))
+        self.rho_version = history.rho._version  # in-place writes count up; ours are tracked
 
     @classmethod
     def for_step(
@@ -116,8 +117,8 @@ class _Memory:
             or any(a is not b for a, b in zip(memory.buffers, buffers, strict=True))
         ):
             memory = reuse["memory"] = cls(history, head, n_pairs, ops)
-        else:  # read again: whoever holds the state may have written into it between steps
-            memory.rho = list(ops.values(history.rho))
+        elif history.rho._version != memory.rho_version:  # written into by someone else since
+            memory.rho, memory.rho_version = list(ops.values(history.rho)), history.rho._version
         memory.head, memory.n_pairs = head, n_pairs
         return memory
 
@@ -125,7 +126,7 @@ class _Memory:
         """Write an accepted pair into the head row (:func:`~torchlbfgs.history.write_pair`)."""
         slot = self.head
         written = write_pair(core.history, s, y, ys, slot)
-        self.rho[slot] = self.ops.value(written.rho[slot])
+        self.rho[slot], self.rho_version = self.ops.value(written.rho[slot]), written.rho._version
         self.head, self.n_pairs = (slot + 1) % self.size, min(self.n_pairs + 1, self.size)
         return core._replace(gamma=written.gamma)
 
