@@ -121,7 +121,14 @@ def two_loop_recursion(
     """:math:`H v` by the two-loop recursion over the pairs ``rows`` (newest first) of the
     memory given as its rows (``s_rows[i]``, ``y_rows[i]``, ``rho[i]`` scalars of kind ``ops``),
     rounded as ``torch.optim.LBFGS`` rounds it. :func:`inv_hessian_product` calls it; a caller
-    that keeps the rows between calls (the :class:`torchlbfgs.LBFGS` adapter) calls it directly."""
+    that keeps the rows between calls (the :class:`torchlbfgs.LBFGS` adapter) calls it directly.
+
+    Examples:
+        >>> import torch
+        >>> s, y = torch.tensor([1.0, 0.0]), torch.tensor([2.0, 0.0])  # rho = 1 / s'y
+        >>> two_loop_recursion([s], [y], [0.5], 0.5, y.clone(), [0])  # the secant equation: H y = s
+        tensor([1., 0.])
+    """
     # One working vector updated in place where that is allowed (eagerly, outside torch.func
     # transforms; compiled graphs reuse buffers themselves): a fresh length-n tensor per update
     # costs an allocation, and for large n the page faults cost more than the arithmetic.
