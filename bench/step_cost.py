@@ -290,7 +290,7 @@ def main() -> None:
             evals_theirs, evals_ours = theirs["evals_per_iteration"], ours["evals_per_iteration"]
             overhead_theirs = (theirs["ms_per_iteration"] - evals_theirs * bare) / floor
             overhead_ours = (ours["ms_per_iteration"] - evals_ours * bare) / floor
-            their_time, parity, design = (floor["ms_per_iteration"] for floor in floors)
+            their_time, parity, design = (run["ms_per_iteration"] for run in floors)
             parity_ratio, design_ratio = parity / their_time, design / their_time
             row = {"n": n, "line_search": line_search, "closure_ms": bare, "floor_ms": floor,
                    "torch": theirs, "ours": ours, "floors_pass": floors,
