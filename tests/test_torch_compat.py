@@ -347,6 +347,20 @@ def test_torch_counter_names_read_from_our_leaves() -> None:
     assert "n_iter" not in ours.optimizer.state_dict()["state"][0]  # the checkpoint format is ours
 
 
+def _stepped_once(w: torch.nn.Parameter) -> torchlbfgs.LBFGS:
+    """An optimizer over ``w`` after one step on ``sum(w**2)``."""
+    optimizer = torchlbfgs.LBFGS([w])
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = (w**2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return optimizer
+
+
 @pytest.mark.parametrize(
     ("saved_shape", "loaded_shape"), [((2, 4), (4, 2)), ((6,), (2, 3))], ids=["transposed", "reshaped"]
 )
@@ -358,17 +372,7 @@ def test_a_checkpoint_for_other_shapes_with_as_many_values_is_refused(
 
     def stepped(shape: tuple[int, ...]) -> torchlbfgs.LBFGS:
         values = torch.arange(1.0, 1.0 + torch.Size(shape).numel(), dtype=torch.float64)
-        w = torch.nn.Parameter(values.reshape(shape))
-        optimizer = torchlbfgs.LBFGS([w])
-
-        def closure() -> Tensor:
-            optimizer.zero_grad()
-            loss = (w**2).sum()
-            loss.backward()
-            return loss
-
-        optimizer.step(closure)
-        return optimizer
+        return _stepped_once(torch.nn.Parameter(values.reshape(shape)))
 
     saved, target = stepped(saved_shape), stepped(loaded_shape)
     before = copy.deepcopy(target.state_dict())
@@ -413,16 +417,7 @@ def test_float64_iterates_are_bit_for_bit_torchs(two_loop: str, monkeypatch: pyt
 
 @pytest.mark.parametrize("junk", [7, [["a", 3]], [[2, 3, 1.5]], [[2, 3], [1]]], ids=repr)
 def test_malformed_recorded_shapes_are_refused(junk: Any) -> None:
-    w = torch.nn.Parameter(torch.ones(2, 3, dtype=torch.float64))
-    optimizer = torchlbfgs.LBFGS([w])
-
-    def closure() -> Tensor:
-        optimizer.zero_grad()
-        loss = (w**2).sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
+    optimizer = _stepped_once(torch.nn.Parameter(torch.ones(2, 3, dtype=torch.float64)))
     saved = optimizer.state_dict()
     broken = {**saved, "param_groups": [{**saved["param_groups"][0], "param_shapes": junk}]}
     with pytest.raises(ValueError, match="param_shapes"):

@@ -198,8 +198,7 @@ class Numbers:
     @staticmethod
     def dot(u: torch.Tensor, v: torch.Tensor) -> Any:
         """``u'v`` read as a host number (a device sync off the CPU)."""
-        value = torch.dot(u, v).item()  # sync-ok: host numbers are this kind's point (the adapter)
-        return _SINGLE(value) if u.dtype is _FLOAT32 else value
+        return host_number(torch.dot(u, v))
 
     @staticmethod
     def value(scalar: torch.Tensor) -> Any:
@@ -227,10 +226,8 @@ def host_number(scalar: torch.Tensor) -> Any:
     """A 0-d tensor read as a host number that rounds as the tensor would (numpy float32 for
     float32, a Python float or int otherwise)."""
     value = scalar.item()  # sync-ok: host numbers are this kind's point (the adapter)
-    return numpy.float32(value) if scalar.dtype == torch.float32 else value
+    return numpy.float32(value) if scalar.dtype is torch.float32 else value
 
-
-_SINGLE, _FLOAT32 = numpy.float32, torch.float32
 
 Scalars = Tensors | Numbers
 TENSORS = Tensors()

@@ -100,8 +100,11 @@ class _Memory:
         self.head, self.n_pairs, self.size, self.ops = head, n_pairs, history.s_history.shape[0], ops
         self.buffers = (history.s_history, history.y_history, history.rho)
         self.s_rows, self.y_rows = history.s_history.unbind(0), history.y_history.unbind(0)
-        self.rho = list(ops.values(history.rho))
-        self.rho_version = history.rho._version  # in-place writes count up; ours are tracked
+        self._read_rho(history.rho)
+
+    def _read_rho(self, rho: torch.Tensor) -> None:
+        self.rho = list(self.ops.values(rho))
+        self.rho_version = rho._version  # in-place writes count up; ours are tracked in push
 
     @classmethod
     def for_step(
@@ -118,7 +121,7 @@ class _Memory:
         ):
             memory = reuse["memory"] = cls(history, head, n_pairs, ops)
         elif history.rho._version != memory.rho_version:  # written into by someone else since
-            memory.rho, memory.rho_version = list(ops.values(history.rho)), history.rho._version
+            memory._read_rho(history.rho)
         memory.head, memory.n_pairs = head, n_pairs
         return memory
 
