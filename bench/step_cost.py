@@ -62,7 +62,7 @@ class _Timed:
                                          line_search_fn=line_search, tolerance_grad=0.0,
                                          tolerance_change=0.0)  # fmt: skip
         self.counted = closure_factory(self.optimizer, self.x, scales)
-        self.calls, self.device, self.seconds = 0, device, []
+        self.calls, self.device, self.seconds, self.faults = 0, device, [], []
 
     def closure(self) -> torch.Tensor:
         self.calls += 1
@@ -76,10 +76,22 @@ class _Timed:
         """One step; its time per iteration taken (a step that stops early has fewer)."""
         before = self.iterations()
         synchronize(self.device)
-        start = time.perf_counter()
+        faults, start = minor_faults(), time.perf_counter()
         self.optimizer.step(self.closure)
         synchronize(self.device)
-        self.seconds.append((time.perf_counter() - start) / max(self.iterations() - before, 1))
+        iterations = max(self.iterations() - before, 1)
+        self.seconds.append((time.perf_counter() - start) / iterations)
+        self.faults.append((minor_faults() - faults) / iterations)
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far (0 where not counted): each first touch of a
+    fresh page (on CPUs a new large tensor is a new mapping), which dominates at large n."""
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def time_optimizers(
@@ -91,7 +103,7 @@ def time_optimizers(
     runs = [_Timed(cls, n, line_search, max_iter, device) for cls in classes]
     for run in runs:
         run.step()  # warm-up
-        run.seconds, run.calls, run.start = [], 0, run.iterations()
+        run.seconds, run.faults, run.calls, run.start = [], [], 0, run.iterations()
     for _ in range(steps):
         for run in runs:
             run.step()
@@ -100,6 +112,7 @@ def time_optimizers(
         iterations = run.iterations() - run.start
         results.append({
             "ms_per_iteration": 1e3 * statistics.median(run.seconds),
+            "page_faults_per_iteration": statistics.median(run.faults),
             "evals_per_iteration": run.calls / iterations,
         })  # fmt: skip
     return results
@@ -272,7 +285,8 @@ def main() -> None:
     torch.set_num_threads(1)
     rows = []
     header = ("n", "line search", "closure ms", "floor ms", "torch ms/it", "ours ms/it", "ours/torch",
-              "torch ovh/floor", "ours ovh/floor", "parity/torch", "design/torch")  # fmt: skip
+              "torch ovh/floor", "ours ovh/floor", "parity/torch", "design/torch",
+              "faults/it t/o")  # fmt: skip
     print(" ".join(f"{name:>12}" for name in header))
     for size in args.sizes:
         n = int(size)
@@ -282,7 +296,8 @@ def main() -> None:
             # Two passes: torch against ours, then torch against the floor loops (each ratio
             # against the torch of its own pass; running all four together shifted ours/torch
             # by up to 0.15 with strong Wolfe at n = 1e3, through what each leaves in the caches).
-            theirs, ours = time_optimizers(OPTIMIZERS, n, line_search, args.steps, args.max_iter, args.device)
+            runs = time_optimizers(OPTIMIZERS, n, line_search, args.steps, args.max_iter, args.device)
+            theirs, ours = runs
             floors = time_optimizers(FLOORS, n, line_search, args.steps, args.max_iter, args.device)
             ratio = ours["ms_per_iteration"] / theirs["ms_per_iteration"]
             # overhead: an iteration's time beyond its closure calls (one per iteration here,
@@ -300,7 +315,8 @@ def main() -> None:
             cells = (n, line_search or "none", f"{bare:.3f}", f"{floor:.3f}",
                      f"{theirs['ms_per_iteration']:.3f}", f"{ours['ms_per_iteration']:.3f}", f"{ratio:.2f}",
                      f"{overhead_theirs:.2f}", f"{overhead_ours:.2f}", f"{parity_ratio:.2f}",
-                     f"{design_ratio:.2f}")  # fmt: skip
+                     f"{design_ratio:.2f}",
+                     "/".join(f"{run['page_faults_per_iteration']:.0f}" for run in runs))  # fmt: skip
             print(" ".join(f"{cell:>12}" for cell in cells))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),

@@ -506,6 +506,26 @@ def test_a_step_frees_the_previous_steps_vectors_as_it_goes(line_search_fn: str 
     assert all(state == (False, False) for state in alive[1:]), alive
 
 
+@pytest.mark.parametrize("line_search_fn", [None, "strong_wolfe"], ids=str)
+def test_a_step_works_in_place_only_on_vectors_it_made(line_search_fn: str | None) -> None:
+    """A step reuses its own dead vectors (the previous direction becomes s, the previous
+    gradient y, ...), never the state it started from: leaves a user holds from before the
+    step keep their values (the history rows excepted: documented as updated in place)."""
+    optimizer, closure, x = _rosenbrock_optimizer(line_search_fn=line_search_fn)
+    optimizer.step(closure)
+    held = {
+        name: leaf
+        for name, leaf in optimizer.state[x].items()
+        if isinstance(leaf, Tensor) and name not in ("s_history", "y_history", "rho")
+    }
+    before = {name: leaf.clone() for name, leaf in held.items()}
+    assert bool(held["has_pending"])  # the step below starts with the pending pair of this one
+    optimizer.step(closure)
+    assert optimizer.state[x]["iteration"] > before["iteration"]
+    for name, leaf in held.items():
+        assert torch.equal(leaf, before[name]), name
+
+
 @pytest.mark.parametrize(
     ("option", "value", "error"),
     [

@@ -93,16 +93,18 @@ def _with_new_column(products: torch.Tensor, column: torch.Tensor, slot: torch.T
 
 
 def accept_curvature_pair(
-    s: torch.Tensor, y: torch.Tensor, grad: torch.Tensor, rule: CurvatureRule, ops: Scalars = TENSORS
+    s: torch.Tensor, y: torch.Tensor, grad: torch.Tensor | None, rule: CurvatureRule, ops: Scalars = TENSORS
 ) -> tuple[torch.Tensor, Any]:
     """Return ``(s'y, accept)`` for the pair ``(s, y)`` of a step taken from gradient ``grad``:
     ``s'y`` as a 0-d tensor, ``accept`` of the kind ``ops`` (a bool tensor, or a host bool
-    decided on ``s'y`` read once)."""
+    decided on ``s'y`` read once). Only the ``"relative"`` rule reads ``grad``."""
     ys = torch.dot(y, s)
     ys_scalar = ops.value(ys)
     if rule == "absolute":
         return ys, ys_scalar > TORCH_CURVATURE_THRESHOLD
     require_choice("curvature_rule", rule, CURVATURE_RULES)
+    if grad is None:
+        raise ValueError("accept_curvature_pair: the 'relative' rule needs the gradient the step was from")
     eps = torch.finfo(s.dtype).eps
     return ys, ys_scalar > eps * -ops.dot(s, grad)
 

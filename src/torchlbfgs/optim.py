@@ -104,7 +104,7 @@ class _ModelParameters:
         self._flat = self._views[0].view(-1) if len(params) == 1 and self._views[0].is_contiguous() else None
         self._closure = closure
 
-    def evaluate(self) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    def evaluate(self, into: torch.Tensor | None = None) -> tuple[Any, torch.Tensor, torch.Tensor]:
         with torch.enable_grad():
             loss = self._closure()
         reference = self._views[0]
@@ -125,15 +125,16 @@ class _ModelParameters:
                 "torchlbfgs.LBFGS.step: the closure must return the loss (a scalar tensor or a number); "
                 f"it returned {type(loss).__name__}"
             )
-        return loss, value, self._flat_grad()
+        return loss, value, self._flat_grad(into)
 
-    def _flat_grad(self) -> torch.Tensor:
+    def _flat_grad(self, into: torch.Tensor | None) -> torch.Tensor:
         if (
             len(self._params) == 1
             and self._params[0].grad is not None
             and self._params[0].grad.layout == torch.strided
         ):
-            return _real_view(self._params[0].grad).reshape(-1).clone()  # one parameter: one copy
+            flat = _real_view(self._params[0].grad).reshape(-1)  # one parameter: one copy
+            return flat.clone() if into is None else into.copy_(flat)
         pieces = []
         for p, view in zip(self._params, self._views, strict=True):
             if p.grad is None:
@@ -141,9 +142,13 @@ class _ModelParameters:
             else:
                 grad = p.grad.to_dense() if p.grad.is_sparse else p.grad
                 pieces.append(_real_view(grad).reshape(-1))
-        return torch.cat(pieces)  # a copy: a later closure may change p.grad in place
+        return torch.cat(pieces, out=into)  # a copy: a later closure may change p.grad in place
 
-    def read(self) -> torch.Tensor:
+    def read(self, into: torch.Tensor | None = None) -> torch.Tensor:
+        if into is not None:
+            if self._flat is not None:
+                return into.copy_(self._flat)
+            return torch.cat([view.reshape(-1) for view in self._views], out=into)
         if self._flat is not None:
             return self._flat.clone()
         return torch.cat([view.reshape(-1) for view in self._views])

@@ -71,13 +71,13 @@ _TORCH_SEARCH = {"c1": 1e-4, "c2": 0.9, "tolerance_change": 1e-9}
 class Parameters(Protocol):
     """The parameters as one flat real vector, and the closure that evaluates them."""
 
-    def evaluate(self) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    def evaluate(self, into: torch.Tensor | None = None) -> tuple[Any, torch.Tensor, torch.Tensor]:
         """Call the closure: ``(loss as returned, value as a 0-d tensor, flat gradient)``; the
-        gradient is a new tensor that later calls do not change."""
+        gradient is a copy that later calls do not change (written into ``into`` if given)."""
         ...
 
-    def read(self) -> torch.Tensor:
-        """A copy of the parameters, flat."""
+    def read(self, into: torch.Tensor | None = None) -> torch.Tensor:
+        """A copy of the parameters, flat (written into ``into`` if given, and returned)."""
         ...
 
     def write(self, flat: torch.Tensor) -> None:
@@ -279,17 +279,27 @@ def _step(
     x = params.read()  # after the closure: a change it made to the parameters counts
     iterations, current_evals = 0, 1
     rollback.point = x
+    # Vectors this step made itself (not the stored state's, which others may hold) are worked
+    # on in place once dead: for large n a fresh vector costs more in page faults than in
+    # arithmetic. The previous direction becomes s, the previous gradient y, s the next direction.
+    own_direction = own_previous_grad = False
     for n_iter in range(1, options.max_iter + 1):
         iterations += 1
+        spare = spare_grad = None
         if pending and not fresh:  # the previous iteration's curvature pair
-            s, y = torch.mul(direction, t), torch.sub(grad, core.grad)
-            ys, curvature_ok = accept_curvature_pair(s, y, core.grad, "absolute", NUMBERS)
+            s = torch.mul(direction, t, out=direction if own_direction else None)
+            reuse_grad = own_previous_grad and core.grad is not grad  # a search may not have moved
+            y = torch.sub(grad, core.grad, out=core.grad if reuse_grad else None)
+            ys, curvature_ok = accept_curvature_pair(s, y, None, "absolute", NUMBERS)
             if curvature_ok:  # torch's s'y > 1e-10
                 core = memory.push(core, s, y, ys)
+            spare, spare_grad = s if own_direction else None, y if reuse_grad else None
             del s, y  # copied into the memory: not kept through the two-loop recursion
         core = core._replace(value=value, grad=grad)
         rollback.saved, rollback.point = (core, iterations - 1, evals, memory), x
-        direction = grad.neg()  # steepest descent on the very first iteration, else -H g:
+        own_previous_grad = True  # every gradient after the step's first evaluation is its own
+        # steepest descent on the very first iteration, else -H g:
+        direction, own_direction = torch.neg(grad, out=spare), True
         if not fresh:  # the two-loop recursion from -g in place, as torch's
             direction = memory.direction(core, direction)
         pending = True
@@ -305,16 +315,15 @@ def _step(
 
         evaluated = True
         if options.line_search_fn == "strong_wolfe":
-            found = _strong_wolfe(
-                params, x, direction, f, grad, gtd, direction_max, t, options.max_eval - current_evals
-            )
+            budget = options.max_eval - current_evals
+            found = _strong_wolfe(params, x, direction, f, grad, gtd, direction_max, t, budget, spare_grad)
             t, f_new, new_grad, search_evals = found.step_size, found.value, found.grad, found.n_evals
             params.write_step(x, direction, t)  # torch moves from where the search started
             (new_grad_max,) = _read_with_max_abs(None, new_grad)
             new_value = value if new_grad is grad else _scalar(f_new, value)
         elif n_iter < options.max_iter:
             params.write_step(x, direction, t)
-            _, new_value, new_grad = params.evaluate()
+            _, new_value, new_grad = params.evaluate(into=spare_grad)
             search_evals = 1
             f_new, new_grad_max = _read_with_max_abs(new_value, new_grad)
         else:  # torch's last fixed step moves without evaluating the closure
@@ -339,20 +348,22 @@ def _step(
         if status != StopReason.RUNNING:
             break
         f, value, grad = f_new, new_value, new_grad
-        x = params.read()
+        x = params.read(into=x)  # the rollback point moves with it, as the next iteration starts
     return loss, _ended(memory.settled(core), iterations, evals, status=status, pending=(direction, t))
 
 
 def _strong_wolfe(
     params: Parameters, x: torch.Tensor, direction: torch.Tensor, value: Any, grad: torch.Tensor,
-    gtd: Any, direction_max: Any, t: Any, max_ls: int,
+    gtd: Any, direction_max: Any, t: Any, max_ls: int, spare_grad: torch.Tensor | None,
 ) -> HostSearchResult:  # fmt: skip
     """torch's ``_strong_wolfe`` from ``x`` along ``direction`` (its ``max_ls`` is what is
-    left of the step's evaluation budget), with the functional core's decisions."""
+    left of the step's evaluation budget), with the functional core's decisions; the first
+    trial's gradient goes into ``spare_grad`` if given (a dead vector of the step's own)."""
+    spare = [spare_grad]
 
     def evaluate(step: Any) -> tuple[Any, torch.Tensor, Any]:
         params.write_step(x, direction, step)
-        _, trial_value, trial_grad = params.evaluate()
+        _, trial_value, trial_grad = params.evaluate(into=spare.pop() if spare else None)
         trial_f, trial_gtd = _read(trial_value, torch.dot(trial_grad, direction))
         return float(trial_f), trial_grad, trial_gtd
 
