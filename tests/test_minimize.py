@@ -74,10 +74,10 @@ TOLERANCES = {
 # For SciPy: tight for every family. With tolerance_change = 0 the value-change test cannot hold
 # (|df| < 0), DIRECTIONAL_DERIVATIVE_TOLERANCE needs g'd > 0 (excluded for the positive-definite
 # L-BFGS matrix and g != 0), and NON_FINITE / MAX_EVALS have no cause here; what remains is
-# convergence, a line search that finds no lower value at the floor, or a step that no longer
-# changes x.
+# convergence, a line search that finds no lower value at the floor (PRECISION_LIMIT), or a step
+# that no longer changes x.
 TIGHT = (1e-10, 0.0)
-TIGHT_STATUSES = {StopReason.GRADIENT_TOLERANCE, StopReason.LINE_SEARCH_FAILED, StopReason.STEP_TOLERANCE}
+TIGHT_STATUSES = {StopReason.GRADIENT_TOLERANCE, StopReason.PRECISION_LIMIT, StopReason.STEP_TOLERANCE}
 SCIPY_AGREEMENT = 1e-6
 
 

@@ -41,14 +41,15 @@ REGULAR_PROBLEMS = [name for name in PROBLEMS if name != POWELL]
 
 # Where max|g| <= tolerance_grad is not reached, the only legitimate stop reasons under
 # tolerance_change = 0 are:
-#   * LINE_SEARCH_FAILED: no point with a lower value along the direction - the value is at its
-#     floating-point floor, the usual way tolerance_grad turns out to be unattainable;
+#   * PRECISION_LIMIT: no point with a lower value along a direction that promised less decrease
+#     than f's rounding - the value is at its floating-point floor, the usual way tolerance_grad
+#     turns out to be unattainable (checked below against f's measured rounding noise);
 #   * STEP_TOLERANCE: documented as max|x_{k+1} - x_k| <= tolerance_change, i.e. here an
 #     accepted step that left x exactly unchanged.
 # VALUE_CHANGE_TOLERANCE cannot hold (|df| < 0), DIRECTIONAL_DERIVATIVE_TOLERANCE needs g'd > 0,
 # which the positive-definite L-BFGS matrix excludes for g != 0, and NON_FINITE / MAX_EVALS have
 # no cause on these smooth problems without a budget. RUNNING means the run never stopped.
-UNATTAINABLE_TOLERANCE_CODES = {StopReason.LINE_SEARCH_FAILED, StopReason.STEP_TOLERANCE}
+UNATTAINABLE_TOLERANCE_CODES = {StopReason.PRECISION_LIMIT, StopReason.STEP_TOLERANCE}
 
 
 @dataclass(frozen=True)

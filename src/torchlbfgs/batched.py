@@ -12,6 +12,7 @@ problem. Each problem's iterates are those it would have alone.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -26,12 +27,18 @@ from torchlbfgs.minimize import (
     stop_check_interval,
 )
 from torchlbfgs.objective import FlatObjective, flat_objective
-from torchlbfgs.options import require_count
+from torchlbfgs.options import reject_unknown_options, require_count
 from torchlbfgs.pytree import Unravel, ravel_pytree
 from torchlbfgs.rounds import RoundState, Settings, advance, max_rounds, start
 from torchlbfgs.state import StopReason
 
 __all__ = ["batched_minimize"]
+
+# batched_minimize's own keywords and those it passes on (the options of `minimize`)
+SETTINGS_NAMES = (
+    *(field.name for field in dataclasses.fields(Settings)),
+    "in_dims", "compile", "callback", "callback_every", "value_and_grad",
+)  # fmt: skip
 
 PyTree = Any
 
@@ -129,6 +136,7 @@ def batched_minimize(
         True
     """
     require_count("callback_every", callback_every, 1)
+    reject_unknown_options("torchlbfgs.batched_minimize", options, SETTINGS_NAMES)
     settings = Settings(**options)
     dims = (in_dims,) * (1 + len(args)) if isinstance(in_dims, int) else tuple(in_dims)
     if len(dims) != 1 + len(args):

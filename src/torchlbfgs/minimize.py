@@ -25,7 +25,7 @@ from torchlbfgs.line_searches import LineSearch
 from torchlbfgs.line_searches.loop import batch_view, exits_early
 from torchlbfgs.norms import max_abs
 from torchlbfgs.objective import flat_objective
-from torchlbfgs.options import require_count
+from torchlbfgs.options import checks_option_names, require_count
 from torchlbfgs.pytree import Unravel, ravel_pytree
 from torchlbfgs.rounds import RoundState, Settings, advance, max_rounds, start
 from torchlbfgs.state import StopReason
@@ -197,13 +197,15 @@ def stop_check_interval(early_exit: bool | None, flag: torch.Tensor) -> int | No
     return DEVICE_CHECK_EVERY
 
 
+@checks_option_names
 def minimize(
     fun: Callable[..., Any],
     params0: PyTree,
     *,
     max_iter: int = 100,
     tolerance_grad: float = 1e-7,
-    tolerance_change: float = 1e-9,
+    tolerance_change: float | None = None,
+    tolerance_value: float | None = None,
     history_size: int = 10,
     direction: Direction = "two_loop",
     line_search: LineSearch = "strong_wolfe",
@@ -226,6 +228,7 @@ def minimize(
         max_iter: at most this many iterations.
         tolerance_grad: as in :func:`torchlbfgs.update`.
         tolerance_change: as in :func:`torchlbfgs.update`.
+        tolerance_value: as in :func:`torchlbfgs.update`.
         history_size: as in :func:`torchlbfgs.init`.
         direction: as in :func:`torchlbfgs.init`.
         line_search: as in :func:`torchlbfgs.update`.
@@ -264,6 +267,7 @@ def minimize(
     require_count("callback_every", callback_every, 1)
     settings = Settings(
         max_iter=max_iter, tolerance_grad=tolerance_grad, tolerance_change=tolerance_change,
+        tolerance_value=tolerance_value,
         history_size=history_size, direction=direction, line_search=line_search, learning_rate=learning_rate,
         curvature_rule=curvature_rule, c1=c1, c2=c2, max_ls=max_ls, max_evals=max_evals,
         early_exit=early_exit,

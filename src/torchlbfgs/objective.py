@@ -29,6 +29,41 @@ def _check_scalar(value: Any) -> torch.Tensor:
     return value
 
 
+# Errors torch.func raises for two everyday patterns that cannot run under its transforms, and
+# what to write instead. torchlbfgs differentiates `fun` with torch.func.grad_and_value.
+_AUTOGRAD_INSIDE = (
+    "fun calls torch.autograd (torch.autograd.grad, .backward() or requires_grad_()) on tensors "
+    "inside the function torchlbfgs differentiates with torch.func.grad_and_value, and torch.func "
+    "cannot differentiate through that (the usual case: a PINN residual du/dx). Write the inner "
+    "derivative with torch.func instead, e.g. du_dx = torch.func.vmap(torch.func.grad(u_of_one_x))(x) "
+    "(or torch.func.jacrev), or compute the value and gradient yourself and pass value_and_grad=True "
+    "(see the PINN recipe in the docs: docs/recipes.md)."
+)
+_BUFFER_MUTATION = (
+    "fun updates a tensor in place that it did not receive as an argument: typically a BatchNorm "
+    "layer in train mode updating its running_mean / running_var inside torch.func.functional_call. "
+    "Put the model in eval mode (model.eval(): the running statistics are read, not written); or, "
+    "to normalise with batch statistics, stop BatchNorm tracking them "
+    "(torch.func.replace_all_batch_norm_modules_(model)), or hand functional_call copies made "
+    "inside fun: functional_call(model, {**params, **{k: b.clone() for k, b in model.named_buffers()}}, x)."
+)
+_KNOWN_ERRORS = (
+    ("call Tensor.requires_grad_()", _AUTOGRAD_INSIDE),
+    ("appears to not have been used in the graph", _AUTOGRAD_INSIDE),
+    ("does not require grad and does not have a grad_fn", _AUTOGRAD_INSIDE),
+    ("would mutate a captured Tensor", _BUFFER_MUTATION),
+)
+
+
+def _explained(error: RuntimeError) -> RuntimeError | None:
+    """``error`` with what to do instead, if it is one torch.func raises for a known pattern."""
+    message = str(error)
+    for marker, advice in _KNOWN_ERRORS:
+        if marker in message:
+            return RuntimeError(f"torchlbfgs: {advice}\n(torch said: {message.splitlines()[0]})")
+    return None
+
+
 def flat_objective(
     fun: Callable[..., Any], unravel: Unravel, *, value_and_grad: bool = False
 ) -> FlatObjective:
@@ -63,7 +98,16 @@ def flat_objective(
     grad_and_value = torch.func.grad_and_value(value_of_flat)
 
     def evaluate(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        grad, value = grad_and_value(x)
+        if torch.compiler.is_compiling():  # traced: errors surface as torch.compile's
+            grad, value = grad_and_value(x)
+            return value, grad
+        try:
+            grad, value = grad_and_value(x)
+        except RuntimeError as error:
+            explained = _explained(error)
+            if explained is None:
+                raise
+            raise explained from error
         return value, grad
 
     return evaluate

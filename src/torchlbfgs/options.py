@@ -16,14 +16,32 @@ Examples:
 
 from __future__ import annotations
 
+import difflib
+import functools
+import inspect
+import math
 import numbers
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 
-__all__ = ["TORCH_OPTION_NAMES", "TorchOptions", "require_choice", "require_count", "require_line_search"]
+__all__ = [
+    "DEFAULT_TOLERANCE_CHANGE",
+    "OPTION_ALIASES",
+    "TORCH_OPTION_NAMES",
+    "Tolerances",
+    "TorchOptions",
+    "checks_option_names",
+    "reject_unknown_options",
+    "require_choice",
+    "require_count",
+    "require_line_search",
+    "require_positive",
+    "require_step_options",
+    "require_tolerance",
+]
 
 TORCH_OPTION_NAMES = (
     "lr",
@@ -35,6 +53,143 @@ TORCH_OPTION_NAMES = (
     "line_search_fn",
 )
 """``torch.optim.LBFGS``'s options, the keys of every parameter group it (and ours) saves."""
+
+
+OPTION_ALIASES = {
+    # torch.optim.LBFGS's names for the functional API's options
+    "lr": "learning_rate",
+    "max_eval": "max_evals",
+    "line_search_fn": "line_search",
+    # scipy.optimize (L-BFGS-B), jaxopt and optax
+    "maxiter": "max_iter",
+    "maxfun": "max_evals",
+    "maxls": "max_ls",
+    "maxcor": "history_size",
+    "memory_size": "history_size",
+    "history": "history_size",
+    "gtol": "tolerance_grad",
+    "tol": "tolerance_grad",
+    "ftol": "tolerance_value",
+    "stepsize": "learning_rate",
+    "step_size": "learning_rate",
+}
+"""Names other libraries give the functional API's options: a misspelt option is pointed to ours."""
+
+
+def reject_unknown_options(
+    function: str, given: Iterable[str], accepted: Collection[str], positional: Collection[str] = ()
+) -> None:
+    """Raise ``TypeError`` naming ``function`` for every name of ``given`` not in ``accepted``,
+    with the option it most likely means (another library's name for it, or the closest name),
+    or else the list of its options (``accepted`` less the ``positional`` arguments).
+
+    Examples:
+        >>> reject_unknown_options("minimize", ["maxiter"], ["max_iter", "max_ls"])  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        TypeError: minimize() got an unexpected keyword argument 'maxiter' (did you mean 'max_iter'?)
+    """
+    unknown = [name for name in given if name not in accepted]
+    if not unknown:
+        return
+    notes, guessed = [], True
+    for name in unknown:
+        alias = OPTION_ALIASES.get(name)
+        close = (
+            [alias] if alias in accepted else difflib.get_close_matches(name, list(accepted), n=1, cutoff=0.6)
+        )
+        notes.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        guessed = guessed and bool(close)
+    options = sorted(name for name in accepted if name not in positional)
+    raise TypeError(
+        f"{function}() got an unexpected keyword argument{'s' if len(unknown) > 1 else ''} {', '.join(notes)}"
+        + ("" if guessed else f"; its options are {', '.join(options)}")
+    )
+
+
+Function = TypeVar("Function", bound=Callable[..., Any])
+
+
+def checks_option_names(function: Function) -> Function:
+    """``function`` with its keyword arguments' names checked first (:func:`reject_unknown_options`)."""
+    parameters = inspect.signature(function).parameters.values()
+    accepted = frozenset(p.name for p in parameters if p.kind is not p.VAR_KEYWORD)
+    positional = frozenset(p.name for p in parameters if p.kind is not p.KEYWORD_ONLY)
+    public = f"torchlbfgs.{function.__name__}"
+
+    @functools.wraps(function)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        if not accepted.issuperset(kwargs):
+            reject_unknown_options(public, kwargs, accepted, positional)
+        return function(*args, **kwargs)
+
+    return checked  # type: ignore[return-value]
+
+
+def require_positive(name: str, value: object) -> None:
+    """Raise ``ValueError`` unless ``value`` is a finite real number > 0. A tensor (a
+    per-problem value under ``vmap``, say) is not read: checking it would cost a host sync."""
+    if isinstance(value, torch.Tensor):
+        return
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 < float(value) < math.inf:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+def require_tolerance(name: str, value: object) -> None:
+    """Raise ``ValueError`` unless ``value`` is a real number >= 0 (``inf`` allowed: the test
+    then always holds). A tensor is not read, as in :func:`require_positive`."""
+    if isinstance(value, torch.Tensor):
+        return
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not float(value) >= 0:
+        raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+
+
+def require_step_options(
+    learning_rate: object, tolerance_grad: object, tolerance_change: object, tolerance_value: object = None
+) -> None:
+    """The functional API's checks of its step size and tolerances (the adapter's are torch's);
+    ``None`` is a tolerance left to its default (:class:`Tolerances`)."""
+    require_positive("learning_rate", learning_rate)
+    require_tolerance("tolerance_grad", tolerance_grad)
+    for name, value in (("tolerance_change", tolerance_change), ("tolerance_value", tolerance_value)):
+        if value is not None:
+            require_tolerance(name, value)
+
+
+DEFAULT_TOLERANCE_CHANGE = 1e-9
+"""torch's ``tolerance_change``, the functional API's default when no tolerance of change is given."""
+
+
+class Tolerances(NamedTuple):
+    """The functional API's tests of change, from ``tolerance_change`` and ``tolerance_value``.
+
+    * Neither given: torch's absolute tests, ``tolerance_change = 1e-9`` (value change, step,
+      directional derivative), as :class:`torchlbfgs.LBFGS` and ``torch.optim.LBFGS`` have them.
+    * ``tolerance_value`` given: L-BFGS-B's relative test of the decrease instead,
+      ``(f_k - f_{k+1}) / max(|f_k|, |f_{k+1}|, 1) <= tolerance_value``, and the absolute tests
+      only as far as ``tolerance_change`` asks (off unless given): then ``tolerance_grad`` is
+      what decides, as scipy's ``gtol``.
+    * Both given: both apply.
+
+    The line search's own bracket tolerance is ``tolerance_change`` when given, else 1e-9.
+
+    Examples:
+        >>> Tolerances.of(None, None)
+        Tolerances(change=1e-09, value=0.0, search=1e-09)
+        >>> Tolerances.of(None, 2.2e-9)
+        Tolerances(change=0.0, value=2.2e-09, search=1e-09)
+    """
+
+    change: float
+    value: float
+    search: float
+
+    @classmethod
+    def of(cls, tolerance_change: float | None, tolerance_value: float | None) -> Tolerances:
+        if tolerance_change is None:
+            change = DEFAULT_TOLERANCE_CHANGE if tolerance_value is None else 0.0
+            return cls(change, 0.0 if tolerance_value is None else tolerance_value, DEFAULT_TOLERANCE_CHANGE)
+        return cls(tolerance_change, 0.0 if tolerance_value is None else tolerance_value, tolerance_change)
 
 
 def require_count(name: str, value: object, minimum: int) -> None:

@@ -32,7 +32,7 @@ from torchlbfgs.line_searches import LineSearch, check_line_search_options, sear
 from torchlbfgs.line_searches.loop import trial_point
 from torchlbfgs.line_searches.method import SearchMethod, SearchOrigin, evaluation_budget
 from torchlbfgs.objective import FlatObjective
-from torchlbfgs.options import require_choice, require_count
+from torchlbfgs.options import Tolerances, require_choice, require_count, require_step_options
 from torchlbfgs.state import LBFGSState, StopReason
 from torchlbfgs.update import Proposal, accept, initial_state, propose
 
@@ -45,7 +45,8 @@ class Settings:
 
     max_iter: int = 100
     tolerance_grad: float = 1e-7
-    tolerance_change: float = 1e-9
+    tolerance_change: float | None = None
+    tolerance_value: float | None = None
     history_size: int = 10
     direction: Direction = "two_loop"
     line_search: LineSearch = "strong_wolfe"
@@ -64,14 +65,21 @@ class Settings:
         if self.max_evals is not None:
             require_count("max_evals", self.max_evals, 0)
         check_line_search_options(self.line_search, self.c1, self.c2, self.max_ls)
+        require_step_options(
+            self.learning_rate, self.tolerance_grad, self.tolerance_change, self.tolerance_value
+        )
         require_choice("direction", self.direction, DIRECTIONS)
         require_choice("curvature_rule", self.curvature_rule, CURVATURE_RULES)
+
+    @property
+    def tolerances(self) -> Tolerances:
+        return Tolerances.of(self.tolerance_change, self.tolerance_value)
 
     @property
     def search(self) -> SearchMethod[Any]:
         return search_method(
             self.line_search, c1=self.c1, c2=self.c2,
-            tolerance_change=self.tolerance_change, max_ls=self.max_ls,
+            tolerance_change=self.tolerances.search, max_ls=self.max_ls,
         )  # fmt: skip
 
 
@@ -110,7 +118,7 @@ def _begin_iteration(x: torch.Tensor, lbfgs: LBFGSState, settings: Settings) -> 
     )
     proposal = propose(
         lbfgs, learning_rate=settings.learning_rate, tolerance_grad=settings.tolerance_grad,
-        tolerance_change=settings.tolerance_change, early_exit=settings.early_exit,
+        tolerance_change=settings.tolerances.change, early_exit=settings.early_exit,
     )  # fmt: skip
     # An iteration that stops before its line search (small gradient, no descent) ends here, as
     # `accept` would end it after an empty search, without spending a round.
@@ -153,7 +161,8 @@ def advance(objective: FlatObjective, state: RoundState, settings: Settings) -> 
     search_over = (lbfgs.status == StopReason.RUNNING.value) & ~method.trial(search)[1]
     new_x, new_lbfgs = accept(
         x, lbfgs, proposal, method.outcome(search), line_search=settings.line_search,
-        tolerance_grad=settings.tolerance_grad, tolerance_change=settings.tolerance_change,
+        tolerance_grad=settings.tolerance_grad, tolerance_change=settings.tolerances.change,
+        tolerance_value=settings.tolerances.value,
         curvature_rule=settings.curvature_rule, max_evals=settings.max_evals,
     )  # fmt: skip
     next_iteration = _begin_iteration(new_x, new_lbfgs, settings)

@@ -20,8 +20,9 @@ __all__ = ["CONVERGED", "FAILED", "LBFGSState", "StopReason", "status_message"]
 class StopReason(enum.IntEnum):
     """Why a problem stopped; stored in :attr:`LBFGSState.status` as an integer tensor.
 
-    ``RUNNING`` means the problem is still being optimized. Codes 1-4 are convergence (a
-    tolerance was met), 5-6 are failures, 7-8 are exhausted budgets.
+    ``RUNNING`` means the problem is still being optimized. Codes 1-4 and 9 are convergence (a
+    tolerance was met, or the precision of ``f`` allows no further decrease), 5-6 are
+    failures, 7-8 are exhausted budgets.
 
     Examples:
         >>> import torch, torchlbfgs
@@ -35,7 +36,8 @@ class StopReason(enum.IntEnum):
     GRADIENT_TOLERANCE = 1
     """``max|g| <= tolerance_grad``: first-order optimality reached."""
     VALUE_CHANGE_TOLERANCE = 2
-    """``|f_{k+1} - f_k| < tolerance_change``."""
+    """``|f_{k+1} - f_k| < tolerance_change``, or the relative decrease
+    ``(f_k - f_{k+1}) / max(|f_k|, |f_{k+1}|, 1) <= tolerance_value`` (L-BFGS-B's ``ftol``)."""
     STEP_TOLERANCE = 3
     """``max|t_k d_k| <= tolerance_change``, or the step no longer changes ``x`` at all."""
     DIRECTIONAL_DERIVATIVE_TOLERANCE = 4
@@ -48,11 +50,17 @@ class StopReason(enum.IntEnum):
     """The evaluation budget ``max_evals`` was used up."""
     MAX_ITERATIONS = 8
     """:func:`torchlbfgs.minimize` ran ``max_iter`` iterations without meeting a tolerance."""
+    PRECISION_LIMIT = 9
+    """The line search found no lower value where none can be told apart at ``f``'s precision:
+    the decrease the direction promises, :math:`-g^\top d`, is within
+    :data:`~torchlbfgs.stopping.PRECISION_FACTOR` rounding units of :math:`|f|`. The gradient
+    is as small as ``f``'s rounding lets it be found (typical of float32); the params are
+    left at the last point, as with ``LINE_SEARCH_FAILED``."""
 
 
 CONVERGED = frozenset({
     StopReason.GRADIENT_TOLERANCE, StopReason.VALUE_CHANGE_TOLERANCE, StopReason.STEP_TOLERANCE,
-    StopReason.DIRECTIONAL_DERIVATIVE_TOLERANCE,
+    StopReason.DIRECTIONAL_DERIVATIVE_TOLERANCE, StopReason.PRECISION_LIMIT,
 })  # fmt: skip
 """The reasons that mean a convergence tolerance was met."""
 FAILED = frozenset({StopReason.LINE_SEARCH_FAILED, StopReason.NON_FINITE})
@@ -69,7 +77,7 @@ def _is_one_of(status: torch.Tensor, reasons: frozenset[StopReason]) -> torch.Te
 _MESSAGES = {
     StopReason.RUNNING: "running: no stopping criterion met yet",
     StopReason.GRADIENT_TOLERANCE: "converged: max|gradient| <= tolerance_grad",
-    StopReason.VALUE_CHANGE_TOLERANCE: "converged: change in value < tolerance_change",
+    StopReason.VALUE_CHANGE_TOLERANCE: "converged: change in value < tolerance_change (or tolerance_value)",
     StopReason.STEP_TOLERANCE: "converged: max|step| <= tolerance_change",
     StopReason.DIRECTIONAL_DERIVATIVE_TOLERANCE: (
         "converged: directional derivative > -tolerance_change (no descent left)"
@@ -78,6 +86,7 @@ _MESSAGES = {
     StopReason.NON_FINITE: "failed: value or gradient is NaN or infinite",
     StopReason.MAX_EVALS: "stopped: evaluation budget max_evals used up",
     StopReason.MAX_ITERATIONS: "stopped: max_iter iterations reached",
+    StopReason.PRECISION_LIMIT: "converged: no decrease possible at the precision of the value",
 }
 
 

@@ -17,13 +17,22 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from torchlbfgs.scalars import NUMBERS, Scalars
 from torchlbfgs.state import StopReason
 
-__all__ = ["STOP_CONDITIONS", "stop_reason"]
+__all__ = ["PRECISION_FACTOR", "STOP_CONDITIONS", "at_precision_limit", "stop_reason"]
+
+PRECISION_FACTOR = 1000.0
+"""A failed search counts as :attr:`~torchlbfgs.StopReason.PRECISION_LIMIT` when the direction
+promises a decrease :math:`-g^\top d` of at most this many rounding units of :math:`|f|`
+(``eps * max(|f|, tiny)``): a sum of many terms carries rounding errors of that size, so no
+trial point can show a decrease the search could accept."""
 
 STOP_CONDITIONS: tuple[tuple[str, StopReason], ...] = (
     ("non_finite", StopReason.NON_FINITE),  # the value or gradient at the new point
+    ("search_failed_at_precision", StopReason.PRECISION_LIMIT),  # no acceptable step, none visible
     ("failed_out_of_evals", StopReason.MAX_EVALS),  # no acceptable step, and no budget left
     ("search_failed", StopReason.LINE_SEARCH_FAILED),  # no acceptable step
     ("grad_small", StopReason.GRADIENT_TOLERANCE),
@@ -33,6 +42,14 @@ STOP_CONDITIONS: tuple[tuple[str, StopReason], ...] = (
     ("out_of_evals", StopReason.MAX_EVALS),
 )
 _NAMES = {name for name, _ in STOP_CONDITIONS}
+
+
+def at_precision_limit(value: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
+    """Whether the decrease ``-slope`` (:math:`-g^\top d`) the direction promises is within
+    :data:`PRECISION_FACTOR` rounding units of ``value``: no decrease along it can be seen."""
+    finfo = torch.finfo(value.dtype)
+    rounding = finfo.eps * torch.clamp(value.abs(), min=finfo.tiny)
+    return -slope <= PRECISION_FACTOR * rounding
 
 
 def stop_reason(ops: Scalars, otherwise: Any = StopReason.RUNNING, **conditions: Any) -> Any:

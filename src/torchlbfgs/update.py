@@ -32,11 +32,17 @@ from torchlbfgs.line_searches.loop import exits_early
 from torchlbfgs.line_searches.result import FlatLineSearchResult
 from torchlbfgs.norms import max_abs
 from torchlbfgs.objective import flat_objective
-from torchlbfgs.options import require_choice, require_count
+from torchlbfgs.options import (
+    Tolerances,
+    checks_option_names,
+    require_choice,
+    require_count,
+    require_step_options,
+)
 from torchlbfgs.pytree import ravel_pytree
 from torchlbfgs.scalars import TENSORS
 from torchlbfgs.state import LBFGSState, StopReason
-from torchlbfgs.stopping import stop_reason
+from torchlbfgs.stopping import at_precision_limit, stop_reason
 
 __all__ = ["Proposal", "accept", "init", "initial_state", "propose", "update"]
 
@@ -47,6 +53,7 @@ def _status(code: StopReason, like: torch.Tensor) -> torch.Tensor:
     return torch.full((), code.value, dtype=torch.int64, device=like.device)
 
 
+@checks_option_names
 def init(
     fun: Callable[..., Any],
     params: PyTree,
@@ -167,6 +174,7 @@ class Proposal(NamedTuple):
 
     direction: torch.Tensor
     step_size: torch.Tensor
+    slope: torch.Tensor
     searching: torch.Tensor
     attempted: torch.Tensor
     status: torch.Tensor
@@ -188,7 +196,8 @@ def propose(
     running = state.status == StopReason.RUNNING.value
     direction = -inv_hessian_product(state, grad, early_exit=early_exit)
     grad_small = max_abs(grad) <= tolerance_grad
-    no_descent = torch.dot(grad, direction) > -tolerance_change
+    slope = torch.dot(grad, direction)
+    no_descent = slope > -tolerance_change
     first_step = torch.clamp(torch.reciprocal(grad.abs().sum()), max=1.0)
     step_size = torch.where(state.iteration == 0, first_step, torch.ones_like(first_step)) * learning_rate
     status = torch.where(
@@ -203,6 +212,7 @@ def propose(
     return Proposal(
         direction=direction,
         step_size=step_size,
+        slope=slope,
         searching=running & ~grad_small & ~no_descent,
         attempted=running & ~grad_small,
         status=torch.where(running, status, state.status),
@@ -220,12 +230,14 @@ def accept(
     tolerance_change: float,
     curvature_rule: CurvatureRule,
     max_evals: int | None = None,
+    tolerance_value: float = 0.0,
 ) -> tuple[torch.Tensor, LBFGSState]:
     """Take the step the line search found, update the memory and decide whether to stop.
 
     The step is taken when it is finite and either meets the line search's conditions or
     lowers the value (``line_search=None`` always takes a finite step, as torch does);
-    otherwise the problem stops with ``LINE_SEARCH_FAILED`` (or ``NON_FINITE``) and stays put.
+    otherwise the problem stops with ``LINE_SEARCH_FAILED`` (``PRECISION_LIMIT`` where the
+    direction promised no decrease visible at ``f``'s precision; ``NON_FINITE``) and stays put.
     A step that changed no coordinate of ``x`` (it fell below the spacing of floating-point
     numbers) stops with ``STEP_TOLERANCE``; ``torch.optim.LBFGS`` has no such test, and its
     schedule (:mod:`torchlbfgs.torch_schedule`) has none either. Returns the new flat params
@@ -246,14 +258,19 @@ def accept(
     n_evals = state.n_evals + found.n_evals
     out_of_evals = torch.zeros_like(taken) if max_evals is None else n_evals >= max_evals
 
+    # L-BFGS-B's relative test of the decrease (its `ftol`), where a tolerance_value is asked for
+    scale = torch.maximum(torch.maximum(value.abs(), new_value.abs()), torch.ones_like(value))
+    relative_small = (value - new_value <= tolerance_value * scale) & (tolerance_value > 0)
+    failed = searching & ~taken
     status = stop_reason(
         TENSORS, proposal.status,
         non_finite=searching & ~finite & (found.n_evals > 0),
-        failed_out_of_evals=searching & ~taken & out_of_evals,
-        search_failed=searching & ~taken,
+        search_failed_at_precision=failed & at_precision_limit(value, proposal.slope),
+        failed_out_of_evals=failed & out_of_evals,
+        search_failed=failed,
         grad_small=taken & (max_abs(new_grad) <= tolerance_grad),
         step_small=taken & ((max_abs(step) <= tolerance_change) | stalled),
-        value_small=taken & ((new_value - value).abs() < tolerance_change),
+        value_small=taken & (((new_value - value).abs() < tolerance_change) | relative_small),
         out_of_evals=taken & out_of_evals,
     )  # fmt: skip
 
@@ -268,6 +285,7 @@ def accept(
     return new_x, new_state
 
 
+@checks_option_names
 def update(
     fun: Callable[..., Any],
     params: PyTree,
@@ -276,7 +294,8 @@ def update(
     line_search: LineSearch = "strong_wolfe",
     learning_rate: float = 1.0,
     tolerance_grad: float = 1e-7,
-    tolerance_change: float = 1e-9,
+    tolerance_change: float | None = None,
+    tolerance_value: float | None = None,
     curvature_rule: CurvatureRule = "relative",
     c1: float = 1e-4,
     c2: float = 0.9,
@@ -302,7 +321,11 @@ def update(
         tolerance_grad: converged when ``max|g| <= tolerance_grad``.
         tolerance_change: converged when the value changes by less than this, the step
             ``max|x_{k+1} - x_k|`` is at most this, or the directional derivative exceeds
-            ``-tolerance_change``.
+            ``-tolerance_change`` (torch's absolute tests). Default: 1e-9, or 0 (off) when
+            ``tolerance_value`` is given (:class:`~torchlbfgs.options.Tolerances`).
+        tolerance_value: converged when the relative decrease
+            ``(f_k - f_{k+1}) / max(|f_k|, |f_{k+1}|, 1)`` is at most this (L-BFGS-B's
+            ``ftol``; scipy's default is 2.2e-9). Default: not tested.
         curvature_rule: ``"relative"`` (L-BFGS-B's scale-free test) or ``"absolute"``
             (torch's ``s'y > 1e-10``); see :mod:`torchlbfgs.history`.
         c1: the line search's sufficient-decrease constant.
@@ -329,21 +352,24 @@ def update(
         'converged: max|gradient| <= tolerance_grad'
     """
     check_line_search_options(line_search, c1, c2, max_ls)
+    require_step_options(learning_rate, tolerance_grad, tolerance_change, tolerance_value)
     require_choice("curvature_rule", curvature_rule, CURVATURE_RULES)
+    tolerances = Tolerances.of(tolerance_change, tolerance_value)
     x, unravel = ravel_pytree(params)
     _check_state(state, x)
     objective = flat_objective(fun, unravel, value_and_grad=value_and_grad)
     proposal = propose(
         state, learning_rate=learning_rate, tolerance_grad=tolerance_grad,
-        tolerance_change=tolerance_change, early_exit=early_exit,
+        tolerance_change=tolerances.change, early_exit=early_exit,
     )  # fmt: skip
     found = search_along(
         line_search, objective, x, proposal.direction, state.value, state.grad, proposal.step_size,
         active=proposal.searching, max_evals=None if max_evals is None else max_evals - state.n_evals,
-        c1=c1, c2=c2, tolerance_change=tolerance_change, max_ls=max_ls, early_exit=early_exit,
+        c1=c1, c2=c2, tolerance_change=tolerances.search, max_ls=max_ls, early_exit=early_exit,
     )  # fmt: skip
     new_x, new_state = accept(
         x, state, proposal, found, line_search=line_search, tolerance_grad=tolerance_grad,
-        tolerance_change=tolerance_change, curvature_rule=curvature_rule, max_evals=max_evals,
+        tolerance_change=tolerances.change, tolerance_value=tolerances.value, curvature_rule=curvature_rule,
+        max_evals=max_evals,
     )  # fmt: skip
     return unravel(new_x), new_state
