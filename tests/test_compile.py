@@ -94,9 +94,12 @@ def test_compiled_vmapped_step_compiles_once() -> None:
     assert counters["stats"]["unique_graphs"] == 1
 
 
-def test_batched_minimize_compiles_its_round_once() -> None:
+def test_batched_minimize_compiles_its_round_once(capsys: pytest.CaptureFixture[str]) -> None:
     """``compile=`` compiles one evaluation round (fullgraph) and reuses it for every round; the
-    result is the eager one."""
+    result is the eager one. With ``progress=True`` a line says when compiling starts and how
+    long it took."""
+    import re
+
     from torch._dynamo.utils import counters
 
     features, labels = _data(5)
@@ -105,9 +108,12 @@ def test_batched_minimize_compiles_its_round_once() -> None:
     torch._dynamo.reset()
     counters.clear()
     compiled = torchlbfgs.batched_minimize(
-        _logistic, start, features, labels, compile={"backend": "aot_eager"}, **options
+        _logistic, start, features, labels, compile={"backend": "aot_eager"}, progress=True, **options
     )
     assert counters["stats"]["unique_graphs"] == 1
+    shown = capsys.readouterr().err
+    assert "batched_minimize: compiling one round" in shown
+    assert re.search(r"batched_minimize: compiled one round .* in \d+\.\d s", shown), shown
     eager = torchlbfgs.batched_minimize(_logistic, start, features, labels, **options)
     torch.testing.assert_close(compiled.params, eager.params, rtol=1e-12, atol=1e-12)
     assert torch.equal(compiled.status, eager.status)

@@ -4,6 +4,7 @@ they say (issue 14). References: scipy's L-BFGS-B, float64 solves, f's measured 
 from __future__ import annotations
 
 import collections
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -351,3 +352,73 @@ def test_batchnorm_in_train_mode_says_what_to_do() -> None:
         )
     model.eval()  # the first remedy the message gives
     assert bool(torchlbfgs.minimize(loss, params, max_iter=50).value < loss(params))
+
+
+# ---- progress -----------------------------------------------------------------------------------
+
+
+def _slow_quartic(x: Tensor) -> Tensor:
+    return ((x - 1.0) ** 4).sum()
+
+
+def test_progress_bar_shows_rounds_running_problems_and_values(capsys: pytest.CaptureFixture[str]) -> None:
+    starts = torch.linspace(0, 2, 12, dtype=torch.float64).reshape(6, 2)
+    result = torchlbfgs.batched_minimize(_slow_quartic, starts, progress=True)
+    shown = capsys.readouterr().err.replace("\r", "\n")
+    rounds = int(max(result.n_evals)) - 1  # the start's evaluation is not a round
+    last = [line for line in shown.splitlines() if "batched_minimize" in line][-1]
+    assert f"{rounds}/{rounds}" in last  # the bar ends at the rounds run (its total was the bound)
+    assert "0 running" in last
+    assert f"{float(result.value.min()):.6g}" in last
+    assert f"{float(result.value.max()):.6g}" in last
+
+
+def test_without_tqdm_progress_is_plain_lines(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # as if tqdm were not installed
+    starts = torch.linspace(0, 2, 12, dtype=torch.float64).reshape(6, 2)
+    torchlbfgs.batched_minimize(_slow_quartic, starts, progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("batched_minimize: round 0/")
+    assert "6 running" in lines[0]  # every reading is a line: while they all ran,
+    assert "0 running" in lines[-1]  # and at the end
+
+    torchlbfgs.minimize(_slow_quartic, starts[0], progress=True)
+    assert "minimize:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("progress", [False, None])  # None: stderr is not a terminal here
+def test_no_progress_bar_unless_asked_or_on_a_terminal(
+    progress: bool | None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    torchlbfgs.batched_minimize(_slow_quartic, torch.zeros(3, 2), progress=progress)
+    torchlbfgs.minimize(_slow_quartic, torch.zeros(2), progress=progress)
+    assert capsys.readouterr().err == ""
+
+
+def test_callbacks_see_the_same_with_a_progress_bar(capsys: pytest.CaptureFixture[str]) -> None:
+    seen: dict[bool, list[tuple[int, list[float]]]] = {True: [], False: []}
+    for progress in (True, False):
+        torchlbfgs.batched_minimize(
+            _slow_quartic, torch.zeros(4, 2, dtype=torch.float64), progress=progress, callback_every=3,
+            callback=lambda p, progress=progress: seen[progress].append((p.rounds, p.value.tolist())),
+        )  # fmt: skip
+    capsys.readouterr()
+    assert seen[True] == seen[False]
+    assert len(seen[True]) > 2
+
+
+def test_no_progress_bar_inside_vmap(capsys: pytest.CaptureFixture[str]) -> None:
+    """Inside vmap there is no host to draw on: minimize runs as without it."""
+    starts = torch.zeros(3, 2, dtype=torch.float64)
+    shown = torch.func.vmap(lambda x: torchlbfgs.minimize(_slow_quartic, x, progress=True).params)(starts)
+    assert capsys.readouterr().err == ""
+    torch.testing.assert_close(
+        shown, torch.func.vmap(lambda x: torchlbfgs.minimize(_slow_quartic, x).params)(starts)
+    )
+
+
+def test_progress_must_be_a_bool_or_none() -> None:
+    with pytest.raises(TypeError, match="progress must be True, False or None"):
+        torchlbfgs.minimize(_slow_quartic, torch.zeros(2), progress="yes")

@@ -28,6 +28,7 @@ from torchlbfgs.minimize import (
 )
 from torchlbfgs.objective import FlatObjective, flat_objective
 from torchlbfgs.options import reject_unknown_options, require_count
+from torchlbfgs.progress import ProgressBar, progress_wanted
 from torchlbfgs.pytree import Unravel, ravel_pytree
 from torchlbfgs.rounds import RoundState, Settings, advance, max_rounds, start
 from torchlbfgs.state import StopReason
@@ -37,7 +38,7 @@ __all__ = ["batched_minimize"]
 # batched_minimize's own keywords and those it passes on (the options of `minimize`)
 SETTINGS_NAMES = (
     *(field.name for field in dataclasses.fields(Settings)),
-    "in_dims", "compile", "callback", "callback_every", "value_and_grad",
+    "in_dims", "compile", "callback", "callback_every", "value_and_grad", "progress",
 )  # fmt: skip
 
 PyTree = Any
@@ -92,6 +93,7 @@ def batched_minimize(
     callback: Callable[[Progress], None] | None = None,
     callback_every: int = 10,
     value_and_grad: bool = False,
+    progress: bool | None = None,
     **options: Any,
 ) -> Result:
     """Solve a batch of independent problems ``fun(params, *args)`` in one vectorised run.
@@ -116,6 +118,10 @@ def batched_minimize(
         callback: as in :func:`~torchlbfgs.minimize`; it sees the whole batch.
         callback_every: as in :func:`~torchlbfgs.minimize`.
         value_and_grad: as in :func:`~torchlbfgs.minimize`.
+        progress: show a progress bar on stderr (rounds, problems still running, their lowest
+            and highest value; :mod:`torchlbfgs.progress`), and a line when ``compile`` starts
+            compiling the round and when it is done, with its duration. ``None`` (default):
+            when stderr is a terminal.
         **options: the other options of :func:`~torchlbfgs.minimize` (``max_iter``,
             tolerances, ``line_search``, ...).
 
@@ -181,16 +187,34 @@ def batched_minimize(
 
     check_every = stop_check_interval(settings.early_exit, state.lbfgs.status)
     active = _ActiveBatch(state, args, dims[1:])
-    for rounds in range(1, max_rounds(settings) + 1):
-        if check_every is not None and (rounds - 1) % check_every == 0:
-            running = active.state.lbfgs.status == StopReason.RUNNING.value
-            keep = running.nonzero().squeeze(1)  # sync-ok: as often as early_exit allows
-            if keep.numel() == 0:
-                break
-            # Never below two problems: torch.compile specialises a batch of one.
-            if 2 <= keep.numel() <= running.numel() // 2 and active.can_shrink:
-                active.shrink(keep)
-        active.state = advance_batch(active.state, template, *active.args)
-        if callback is not None and rounds % callback_every == 0:
-            callback(progress_of(rounds, active.whole(), settings))
+    bar = ProgressBar(enabled=progress_wanted(progress), total=max_rounds(settings), label="batched_minimize")
+    done = 0  # rounds run
+    try:
+        for rounds in range(1, max_rounds(settings) + 1):
+            if check_every is not None and (rounds - 1) % check_every == 0:
+                running = active.state.lbfgs.status == StopReason.RUNNING.value
+                keep = running.nonzero().squeeze(1)  # sync-ok: as often as early_exit allows
+                running_count = keep.numel()
+                if running_count == 0:
+                    break
+                if bar.enabled:  # sync-ok: the bar reads the running problems' values
+                    values = active.state.lbfgs.value[keep]
+                    bar.update(rounds=rounds - 1, running=running_count, values=values)
+                # Never below two problems: torch.compile specialises a batch of one.
+                if 2 <= running_count <= running.numel() // 2 and active.can_shrink:
+                    active.shrink(keep)
+            if rounds == 1 and compile is not False:
+                with bar.compiling("one round (vmapped advance)"):
+                    active.state = advance_batch(active.state, template, *active.args)
+            else:
+                active.state = advance_batch(active.state, template, *active.args)
+            done = rounds
+            if callback is not None and rounds % callback_every == 0:
+                callback(progress_of(rounds, active.whole(), settings))
+        if bar.enabled:  # sync-ok: the bar's last reading
+            whole = active.whole()
+            still = whole.lbfgs.status == StopReason.RUNNING.value
+            bar.update(rounds=done, running=int(still.sum()), values=whole.lbfgs.value)
+    finally:
+        bar.close()
     return torch.func.vmap(lambda s: result_of(s, unravel))(active.whole())

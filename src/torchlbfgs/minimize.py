@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
+from torch._C._functorch import is_functorch_wrapped_tensor
 
 from torchlbfgs.direction import Direction
 from torchlbfgs.history import CurvatureRule
@@ -26,6 +27,7 @@ from torchlbfgs.line_searches.loop import batch_view, exits_early
 from torchlbfgs.norms import max_abs
 from torchlbfgs.objective import flat_objective
 from torchlbfgs.options import checks_option_names, require_count
+from torchlbfgs.progress import ProgressBar, progress_wanted
 from torchlbfgs.pytree import Unravel, ravel_pytree
 from torchlbfgs.rounds import RoundState, Settings, advance, max_rounds, start
 from torchlbfgs.state import StopReason
@@ -153,17 +155,31 @@ def _run_rounds(
     check_every: int | None,
     callback: Callable[[Progress], None] | None,
     callback_every: int,
+    bar: ProgressBar,
 ) -> RoundState:
     """Apply ``advance_all`` until every problem has stopped, reading the stop flags on the host
-    every ``check_every`` rounds (never if ``None``: then all :func:`max_rounds` rounds run)."""
+    every ``check_every`` rounds (never if ``None``: then all :func:`max_rounds` rounds run),
+    and showing ``bar`` there."""
+    done = 0  # rounds run
     for rounds in range(1, max_rounds(settings) + 1):
         checking = check_every is not None and (rounds - 1) % check_every == 0
-        if checking and bool(batch_view(state.lbfgs.stopped).all()):  # sync-ok: where early_exit allows
-            break
-        state = advance_all(state)
+        if checking:
+            stopped = batch_view(state.lbfgs.stopped)
+            if bar.enabled:  # sync-ok: the bar reads what the stop check reads, and the values
+                _show(bar, rounds - 1, stopped, state)
+            if bool(stopped.all()):  # sync-ok: where early_exit allows
+                break
+        state, done = advance_all(state), rounds
         if callback is not None and rounds % callback_every == 0:
             callback(progress_of(rounds, state, settings))
+    if bar.enabled:
+        _show(bar, done, batch_view(state.lbfgs.stopped), state)
     return state
+
+
+def _show(bar: ProgressBar, rounds: int, stopped: torch.Tensor, state: RoundState) -> None:
+    running = int((~stopped).sum())  # sync-ok: only with a progress bar
+    bar.update(rounds=rounds, running=running, values=batch_view(state.lbfgs.value))
 
 
 def result_of(state: RoundState, unravel: Unravel) -> Result:
@@ -219,6 +235,7 @@ def minimize(
     early_exit: bool | None = None,
     callback: Callable[[Progress], None] | None = None,
     callback_every: int = 10,
+    progress: bool | None = None,
 ) -> Result:
     """Minimise ``fun`` from ``params0`` with L-BFGS; works as is under ``torch.func.vmap``.
 
@@ -244,6 +261,9 @@ def minimize(
             ``callback_every`` evaluation rounds (and never in between, so it costs no host
             sync on the other rounds); a round evaluates each running problem once.
         callback_every: see ``callback``.
+        progress: show a progress bar on stderr (rounds, whether the problem still runs, its
+            value; :mod:`torchlbfgs.progress`): ``None`` (default) when stderr is a
+            terminal. Never inside ``vmap`` or ``torch.compile``.
 
     Returns:
         a :class:`Result`.
@@ -276,7 +296,14 @@ def minimize(
     objective = flat_objective(fun, unravel, value_and_grad=value_and_grad)
     state = start(objective, x, settings)
     check_every = stop_check_interval(early_exit, state.lbfgs.status)
-    state = _run_rounds(
-        lambda s: advance(objective, s, settings), state, settings, check_every, callback, callback_every
-    )
+    on_host = not torch.compiler.is_compiling() and not is_functorch_wrapped_tensor(state.lbfgs.value)
+    shown = on_host and progress_wanted(progress)
+    bar = ProgressBar(enabled=shown, total=max_rounds(settings), label="minimize")
+    try:
+        state = _run_rounds(
+            lambda s: advance(objective, s, settings), state, settings, check_every, callback,
+            callback_every, bar,
+        )  # fmt: skip
+    finally:
+        bar.close()
     return result_of(state, unravel)
