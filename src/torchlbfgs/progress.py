@@ -34,10 +34,13 @@ __all__ = ["ProgressBar", "progress_wanted"]
 
 
 def progress_wanted(progress: bool | None, stream: TextIO | None = None) -> bool:
-    """``progress`` resolved: ``None`` means on when the stream (stderr) is a terminal."""
+    """``progress`` resolved: ``None`` means on when the stream (stderr) is a terminal; never
+    while ``torch.compile`` traces the solve (there is no host to draw on)."""
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"progress must be True, False or None, got {progress!r}")
+    if torch.compiler.is_compiling():
+        return False
     if progress is not None:
-        if not isinstance(progress, bool):
-            raise TypeError(f"progress must be True, False or None, got {progress!r}")
         return progress
     stream = sys.stderr if stream is None else stream
     return bool(getattr(stream, "isatty", lambda: False)())
