@@ -260,9 +260,29 @@ def compiled_worker(batch: int, repeats: int, out: Path) -> None:
     seconds = statistics.median(times)
     report.update(stage="done", seconds=seconds, compile_seconds=report["first_solve_seconds"] - seconds,
                   evals_mean=float(result.n_evals.float().mean()))  # fmt: skip
+    report.update(evaluation_bound_per_s=evaluation_bound(X, y, report["evals_mean"], repeats))
     np.save(out / "params.npy", result.params.numpy())
     np.save(out / "iterations.npy", result.n_iter.numpy())
     write_report(out, report)
+
+
+def evaluation_bound(X: torch.Tensor, y: torch.Tensor, evals_per_problem: float, repeats: int) -> float:
+    """Problems per second that evaluation alone allows: the compiled (Inductor) vmapped value
+    and gradient of the loss over the whole batch, timed, times the evaluations a problem needs.
+    No solver built on these evaluations can go faster."""
+    evaluate = torch.compile(torch.func.vmap(torch.func.grad_and_value(torch_loss)))
+    X, y = X.clone(), y.clone()  # the solve marked the originals' batch dimension dynamic
+    w = torch.zeros(X.shape[0], X.shape[-1])
+    evaluate(w, X, y)  # compile
+    calls = 20
+    times = []
+    for _ in range(max(repeats, 3)):
+        start = time.perf_counter()
+        for _ in range(calls):
+            evaluate(w, X, y)
+        times.append((time.perf_counter() - start) / calls)
+    per_problem_evaluation = statistics.median(times) / X.shape[0]
+    return 1.0 / (per_problem_evaluation * evals_per_problem)
 
 
 def memory_worker(batch: int, out: Path) -> None:
@@ -463,6 +483,14 @@ def main() -> None:
             print(" ".join(f"{cell:>{width}}" for cell, width in zip(cells, widths, strict=True)), flush=True)
         if jax_note:
             print(f"{'JAX solvers':>42} {batch:>5} {jax_note}")
+        bound = results.get(COMPILED, {}).get("evaluation_bound_per_s")
+        if bound:
+            compiled_rate = batch / results[COMPILED]["seconds"]
+            label = "evaluation bound (compiled value and grad)"
+            print(f"{label:>42} {batch:>5} {batch:>5} {bound:>11.1f}   "
+                  f"compiled ours reaches {compiled_rate / bound:.2f} of it")  # fmt: skip
+            rows.append({"solver": "evaluation bound", "B": batch, "problems_per_s": bound,
+                         "compiled_over_bound": compiled_rate / bound})  # fmt: skip
 
     state = state_size()
     print(f"\nour state per problem: {state['values']} values ({state['bytes']} bytes) = "

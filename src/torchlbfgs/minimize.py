@@ -47,7 +47,8 @@ class Result(NamedTuple):
             ``tolerance_grad`` is tested against).
         n_iter: ``()`` int64 - iterations taken.
         n_evals: ``()`` int64 - evaluations of ``fun`` (value and gradient together).
-        converged: ``()`` bool - a convergence tolerance was met.
+        converged: ``()`` bool - a convergence tolerance was met (or ``PRECISION_LIMIT``: no
+            decrease can be seen at the precision of the value).
         status: ``()`` int64 - a :class:`~torchlbfgs.StopReason` code; ``MAX_ITERATIONS`` if
             the problem was still running after ``max_iter`` iterations. Turn it into text
             with :func:`~torchlbfgs.status_message`.
