@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import torch
 
 from torchlbfgs.direction import DIRECTIONS, Direction
-from torchlbfgs.history import CURVATURE_RULES, CurvatureRule
+from torchlbfgs.history import CURVATURE_RULES, CurvatureRule, History
 from torchlbfgs.line_searches import LineSearch, check_line_search_options, search_method
 from torchlbfgs.line_searches.loop import trial_point
 from torchlbfgs.line_searches.method import SearchMethod, SearchOrigin, evaluation_budget
@@ -162,12 +162,25 @@ def advance(objective: FlatObjective, state: RoundState, settings: Settings) -> 
     new_x, new_lbfgs = accept(
         x, lbfgs, proposal, method.outcome(search), line_search=settings.line_search,
         tolerance_grad=settings.tolerance_grad, tolerance_change=settings.tolerances.change,
-        tolerance_value=settings.tolerances.value,
-        curvature_rule=settings.curvature_rule, max_evals=settings.max_evals,
+        tolerance_value=settings.tolerances.value, curvature_rule=settings.curvature_rule,
+        max_evals=settings.max_evals, active=search_over,
     )  # fmt: skip
-    next_iteration = _begin_iteration(new_x, new_lbfgs, settings)
-    selected: RoundState = _select(search_over, next_iteration, searched)
-    return selected
+    new = _begin_iteration(new_x, new_lbfgs, settings)
+    # `accept` changed the memory only where the search is over (`active`): its leaves are
+    # taken as they are, without a selection over the (m, n) buffers.
+    lbfgs = LBFGSState(*(
+        after if name in _MEMORY else torch.where(search_over, after, before)
+        for name, after, before in zip(LBFGSState._fields, new.lbfgs, searched.lbfgs, strict=True)
+    ))  # fmt: skip
+    return RoundState(
+        x=torch.where(search_over, new.x, searched.x),
+        lbfgs=lbfgs,
+        proposal=_select(search_over, new.proposal, searched.proposal),
+        search=_select(search_over, new.search, searched.search),
+    )
+
+
+_MEMORY = frozenset(History._fields)
 
 
 def _select(mask: torch.Tensor, new: Any, old: Any) -> Any:

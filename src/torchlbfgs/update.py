@@ -231,6 +231,7 @@ def accept(
     curvature_rule: CurvatureRule,
     max_evals: int | None = None,
     tolerance_value: float = 0.0,
+    active: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, LBFGSState]:
     """Take the step the line search found, update the memory and decide whether to stop.
 
@@ -242,6 +243,10 @@ def accept(
     numbers) stops with ``STEP_TOLERANCE``; ``torch.optim.LBFGS`` has no such test, and its
     schedule (:mod:`torchlbfgs.torch_schedule`) has none either. Returns the new flat params
     and state.
+
+    ``active`` (optional) restricts where the memory may change: a caller that keeps the old
+    state wherever ``active`` is false (the evaluation rounds, for problems still searching)
+    then needs no selection of the ``(m, n)`` buffers, which are left bitwise as they were.
     """
     value, grad, searching = state.value, state.grad, proposal.searching
     t, new_value, new_grad = found.step_size, found.value.to(x.dtype), found.grad
@@ -252,7 +257,8 @@ def accept(
     step = t * proposal.direction
     y = new_grad - grad
     ys, curvature_ok = accept_curvature_pair(step, y, grad, curvature_rule)
-    history = push_curvature_pair(state.history, step, y, ys, taken & curvature_ok)
+    push = taken & curvature_ok
+    history = push_curvature_pair(state.history, step, y, ys, push if active is None else push & active)
     new_x = torch.where(taken, torch.addcmul(x, proposal.direction, t), x)
     stalled = (new_x == x).all()
     n_evals = state.n_evals + found.n_evals
