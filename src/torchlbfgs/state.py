@@ -52,7 +52,7 @@ class StopReason(enum.IntEnum):
     """:func:`torchlbfgs.minimize` ran ``max_iter`` iterations without meeting a tolerance."""
     PRECISION_LIMIT = 9
     """The line search found no lower value where none can be told apart at ``f``'s precision:
-    the decrease the direction promises, :math:`-g^\top d`, is within
+    the decrease the direction promises, :math:`-g^\\top d`, is within
     :data:`~torchlbfgs.stopping.PRECISION_FACTOR` rounding units of :math:`|f|`. The gradient
     is as small as ``f``'s rounding lets it be found (typical of float32); the params are
     left at the last point, as with ``LINE_SEARCH_FAILED``."""

@@ -26,7 +26,7 @@ __all__ = ["PRECISION_FACTOR", "STOP_CONDITIONS", "at_precision_limit", "stop_re
 
 PRECISION_FACTOR = 1000.0
 """A failed search counts as :attr:`~torchlbfgs.StopReason.PRECISION_LIMIT` when the direction
-promises a decrease :math:`-g^\top d` of at most this many rounding units of :math:`|f|`
+promises a decrease :math:`-g^\\top d` of at most this many rounding units of :math:`|f|`
 (``eps * max(|f|, tiny)``): a sum of many terms carries rounding errors of that size, so no
 trial point can show a decrease the search could accept."""
 
@@ -45,7 +45,7 @@ _NAMES = {name for name, _ in STOP_CONDITIONS}
 
 
 def at_precision_limit(value: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
-    """Whether the decrease ``-slope`` (:math:`-g^\top d`) the direction promises is within
+    """Whether the decrease ``-slope`` (:math:`-g^\\top d`) the direction promises is within
     :data:`PRECISION_FACTOR` rounding units of ``value``: no decrease along it can be seen."""
     finfo = torch.finfo(value.dtype)
     rounding = finfo.eps * torch.clamp(value.abs(), min=finfo.tiny)
