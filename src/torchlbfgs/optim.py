@@ -145,13 +145,9 @@ class _ModelParameters:
         return torch.cat(pieces, out=into)  # a copy: a later closure may change p.grad in place
 
     def read(self, into: torch.Tensor | None = None) -> torch.Tensor:
-        if into is not None:
-            if self._flat is not None:
-                return into.copy_(self._flat)
-            return torch.cat([view.reshape(-1) for view in self._views], out=into)
         if self._flat is not None:
-            return self._flat.clone()
-        return torch.cat([view.reshape(-1) for view in self._views])
+            return self._flat.clone() if into is None else into.copy_(self._flat)
+        return torch.cat([view.reshape(-1) for view in self._views], out=into)
 
     def _chunks(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """``flat`` cut into views shaped like the parameters."""

@@ -23,7 +23,7 @@ import math
 import numbers
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeGuard, TypeVar
 
 import torch
 
@@ -131,7 +131,7 @@ def require_positive(name: str, value: object) -> None:
     per-problem value under ``vmap``, say) is not read: checking it would cost a host sync."""
     if isinstance(value, torch.Tensor):
         return
-    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 < float(value) < math.inf:
+    if not _is_real(value) or not 0 < float(value) < math.inf:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
 
 
@@ -140,7 +140,7 @@ def require_tolerance(name: str, value: object) -> None:
     then always holds). A tensor is not read, as in :func:`require_positive`."""
     if isinstance(value, torch.Tensor):
         return
-    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not float(value) >= 0:
+    if not _is_real(value) or not float(value) >= 0:
         raise ValueError(f"{name} must be a non-negative number, got {value!r}")
 
 
@@ -270,9 +270,14 @@ def _real(name: str, value: object) -> float:
     comparisons torch makes with it accept both); anything else is a ``TypeError``."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
         return float(value)  # sync-ok: an option, read once per step as torch reads it
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+    if _is_real(value):
         return float(value)
     raise TypeError(f"{name} must be a real number, got {value!r}")
+
+
+def _is_real(value: object) -> TypeGuard[numbers.Real]:
+    """A real Python or numpy number (``bool`` is not one here)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _same(a: Any, b: Any) -> bool:

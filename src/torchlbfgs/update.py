@@ -264,9 +264,11 @@ def accept(
     n_evals = state.n_evals + found.n_evals
     out_of_evals = torch.zeros_like(taken) if max_evals is None else n_evals >= max_evals
 
-    # L-BFGS-B's relative test of the decrease (its `ftol`), where a tolerance_value is asked for
-    scale = torch.maximum(torch.maximum(value.abs(), new_value.abs()), torch.ones_like(value))
-    relative_small = (value - new_value <= tolerance_value * scale) & (tolerance_value > 0)
+    value_small = (new_value - value).abs() < tolerance_change
+    if isinstance(tolerance_value, torch.Tensor) or tolerance_value > 0:  # an option, not a value
+        # L-BFGS-B's relative test of the decrease (its `ftol`)
+        scale = torch.maximum(torch.maximum(value.abs(), new_value.abs()), torch.ones_like(value))
+        value_small = value_small | ((value - new_value <= tolerance_value * scale) & (tolerance_value > 0))
     failed = searching & ~taken
     status = stop_reason(
         TENSORS, proposal.status,
@@ -276,7 +278,7 @@ def accept(
         search_failed=failed,
         grad_small=taken & (max_abs(new_grad) <= tolerance_grad),
         step_small=taken & ((max_abs(step) <= tolerance_change) | stalled),
-        value_small=taken & (((new_value - value).abs() < tolerance_change) | relative_small),
+        value_small=taken & value_small,
         out_of_evals=taken & out_of_evals,
     )  # fmt: skip
 
