@@ -846,6 +846,7 @@ def _by_hand(fun: Callable[[PyTree], Tensor], params: PyTree, iterations: int, *
         n_evals=state.n_evals,
         converged=state.converged,
         status=torch.tensor(status),
+        n_active_bounds=torch.tensor(0),
     )
 
 
@@ -917,6 +918,7 @@ def test_rounds_follow_update_with_budgets_and_wrapped_history(
         status=torch.tensor(
             StopReason.MAX_ITERATIONS if state.status == StopReason.RUNNING else int(state.status)
         ),
+        n_active_bounds=torch.tensor(0),
     )
     assert_results_bitwise(result, expected, str(options))
     if max_evals is not None:

@@ -136,13 +136,18 @@ def test_a_step_that_changes_no_coordinate_does_not_stop_the_adapter(line_search
 def test_constructor_matches_torch_signature() -> None:
     ours = inspect.signature(torchlbfgs.LBFGS.__init__).parameters
     theirs = inspect.signature(torch.optim.LBFGS.__init__).parameters
-    assert list(ours) == list(theirs)
+    assert list(ours)[: len(theirs)] == list(theirs)
+    # beyond torch's: the bounds (L-BFGS-B), keyword-only and off by default
+    assert [(name, ours[name].kind, ours[name].default) for name in list(ours)[len(theirs) :]] == [
+        ("lower", inspect.Parameter.KEYWORD_ONLY, None),
+        ("upper", inspect.Parameter.KEYWORD_ONLY, None),
+    ]
     for name in theirs:
         assert ours[name].default == theirs[name].default, name
     x = torch.nn.Parameter(torch.zeros(3))
     ours_defaults = torchlbfgs.LBFGS([x]).defaults
     theirs_defaults = torch.optim.LBFGS([x]).defaults
-    assert {k: ours_defaults[k] for k in theirs_defaults} == theirs_defaults
+    assert ours_defaults == theirs_defaults  # no bounds: not even an option in the groups
 
 
 def test_step_returns_the_first_closure_result() -> None:

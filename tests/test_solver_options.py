@@ -98,7 +98,7 @@ def test_the_functional_api_names_one_option_one_way() -> None:
         assert len(set(map(repr, defaults.values()))) == 1, (name, defaults)
     batched_options = set(torchlbfgs.batched.SETTINGS_NAMES)
     assert set(signatures["minimize"]) - {"fun", "params0"} <= batched_options
-    torch_names = set(inspect.signature(torchlbfgs.LBFGS).parameters) - {"params"}
+    torch_names = set(inspect.signature(torchlbfgs.LBFGS).parameters) - {"params", "lower", "upper"}
     assert torch_names == set(inspect.signature(torch.optim.LBFGS).parameters) - {"params"}
 
 

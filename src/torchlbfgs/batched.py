@@ -19,6 +19,7 @@ from typing import Any
 import optree
 import torch
 
+from torchlbfgs.bounds import Bounds, BoundsLike, leaf_bounds
 from torchlbfgs.minimize import (
     Progress,
     Result,
@@ -38,7 +39,7 @@ __all__ = ["batched_minimize"]
 # batched_minimize's own keywords and those it passes on (the options of `minimize`)
 SETTINGS_NAMES = (
     *(field.name for field in dataclasses.fields(Settings)),
-    "in_dims", "compile", "callback", "callback_every", "value_and_grad", "progress",
+    "in_dims", "compile", "callback", "callback_every", "value_and_grad", "progress", "bounds",
 )  # fmt: skip
 
 PyTree = Any
@@ -84,6 +85,21 @@ class _ActiveBatch:
         return whole
 
 
+def _batched_bounds(bounds: BoundsLike, params0: PyTree, dim: Any) -> Bounds | None:
+    """Per-problem flat bounds ``(B, n)``, each side broadcast against the batched params."""
+    if bounds is None:
+        return None
+    if not isinstance(dim, int):
+        raise ValueError(f"bounds need params0 batched along one dimension (an int in in_dims), got {dim!r}")
+    per_leaf = leaf_bounds(bounds, params0)
+    size = per_leaf[0][1].shape[dim]
+
+    def rows(sides: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([side.movedim(dim, 0).reshape(size, -1) for side in sides], 1)
+
+    return Bounds(rows([low for _, low, _ in per_leaf]), rows([high for _, _, high in per_leaf]))
+
+
 def batched_minimize(
     fun: Callable[..., Any],
     params0: PyTree,
@@ -94,6 +110,7 @@ def batched_minimize(
     callback_every: int = 10,
     value_and_grad: bool = False,
     progress: bool | None = None,
+    bounds: BoundsLike = None,
     **options: Any,
 ) -> Result:
     """Solve a batch of independent problems ``fun(params, *args)`` in one vectorised run.
@@ -122,6 +139,12 @@ def batched_minimize(
             and highest value; :mod:`torchlbfgs.progress`), and a line when ``compile`` starts
             compiling the round and when it is done, with its duration. ``None`` (default):
             when stderr is a terminal.
+        bounds: ``(lower, upper)`` box constraints, solved by L-BFGS-B (see
+            :func:`torchlbfgs.update`). Each side broadcasts against the *batched* params:
+            a float or a tensor of one problem's shape is shared by every problem, a tensor
+            with the batch dimension gives each problem its own (``-inf``/``inf``/``None``:
+            unbounded). ``params0`` must then be batched along one dimension (an int in
+            ``in_dims``).
         **options: the other options of :func:`~torchlbfgs.minimize` (``max_iter``,
             tolerances, ``line_search``, ...).
 
@@ -150,22 +173,25 @@ def batched_minimize(
             f"in_dims has {len(dims)} entries but there are {1 + len(args)} inputs "
             f"(params0 and {len(args)} args)"
         )
+    box = _batched_bounds(bounds, params0, dims[0])
     structure: list[Unravel] = []
 
     def objective(data: tuple[Any, ...], unravel: Unravel) -> FlatObjective:
         return flat_objective(lambda p: fun(p, *data), unravel, value_and_grad=value_and_grad)
 
-    def start_one(params: PyTree, *data: Any) -> RoundState:
+    def start_one(params: PyTree, box: Bounds | None, *data: Any) -> RoundState:
         x, unravel = ravel_pytree(params)
         structure.append(unravel)
-        return start(objective(data, unravel), x, settings)
+        return start(objective(data, unravel), x, settings, box)
 
     # Distinct, contiguous leaves, as a round returns them: vmap returns a leaf that does not
     # depend on the batch as a stride-0 expansion, and the start shares some leaves (the first
     # trial step is the proposal's); a compiled round would guard on both and compile again.
     state = _map_leaves(
         lambda leaf: leaf.clone(memory_format=torch.contiguous_format),
-        torch.func.vmap(start_one, in_dims=dims)(params0, *args),
+        torch.func.vmap(start_one, in_dims=(dims[0], None if box is None else 0, *dims[1:]))(
+            params0, box, *args
+        ),
     )
     unravel = structure[-1]
     # The round rebuilds `unravel` from a template (one problem's params) rather than closing

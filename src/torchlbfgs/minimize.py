@@ -20,11 +20,11 @@ from typing import Any, NamedTuple
 import torch
 from torch._C._functorch import is_functorch_wrapped_tensor
 
+from torchlbfgs.bounds import BoundsLike, active_count, flat_bounds, given_bounds, projected_gradient
 from torchlbfgs.direction import Direction
 from torchlbfgs.history import CurvatureRule
 from torchlbfgs.line_searches import LineSearch
 from torchlbfgs.line_searches.loop import batch_view, exits_early
-from torchlbfgs.norms import max_abs
 from torchlbfgs.objective import flat_objective
 from torchlbfgs.options import checks_option_names, require_count
 from torchlbfgs.progress import ProgressBar, progress_wanted
@@ -44,7 +44,8 @@ class Result(NamedTuple):
         params: the last iterate, shaped like ``params0``.
         value: ``()`` - :math:`f` at ``params``.
         grad_norm: ``()`` - :math:`\\max_i |\\nabla f_i|` at ``params`` (the norm that
-            ``tolerance_grad`` is tested against).
+            ``tolerance_grad`` is tested against); with bounds, the max-norm of the projected
+            gradient :math:`P(x - g) - x` (:mod:`torchlbfgs.bounds`).
         n_iter: ``()`` int64 - iterations taken.
         n_evals: ``()`` int64 - evaluations of ``fun`` (value and gradient together).
         converged: ``()`` bool - a convergence tolerance was met (or ``PRECISION_LIMIT``: no
@@ -52,6 +53,8 @@ class Result(NamedTuple):
         status: ``()`` int64 - a :class:`~torchlbfgs.StopReason` code; ``MAX_ITERATIONS`` if
             the problem was still running after ``max_iter`` iterations. Turn it into text
             with :func:`~torchlbfgs.status_message`.
+        n_active_bounds: ``()`` int64 - how many variables of ``params`` sit on a bound (0
+            without bounds).
 
     Examples:
         >>> import torch, torchlbfgs
@@ -67,6 +70,7 @@ class Result(NamedTuple):
     n_evals: torch.Tensor
     converged: torch.Tensor
     status: torch.Tensor
+    n_active_bounds: torch.Tensor
 
 
 class Progress(NamedTuple):
@@ -142,7 +146,7 @@ def progress_of(rounds: int, state: RoundState, settings: Settings) -> Progress:
     return Progress(
         rounds=rounds,
         value=batch_view(lbfgs.value),
-        grad_norm=batch_view(lbfgs.grad.abs().amax(-1)),
+        grad_norm=batch_view(_grad_norm(state)),
         status=batch_view(lbfgs.status),
         n_iter=batch_view(lbfgs.iteration),
         n_evals=batch_view(lbfgs.n_evals + searching),
@@ -183,16 +187,28 @@ def _show(bar: ProgressBar, rounds: int, stopped: torch.Tensor, state: RoundStat
     bar.update(rounds=rounds, running=running, values=batch_view(state.lbfgs.value))
 
 
+def _grad_norm(state: RoundState) -> torch.Tensor:
+    """The max-norm ``tolerance_grad`` is tested against: of the gradient, or with bounds of
+    the projected gradient."""
+    grad, bounds = state.lbfgs.grad, given_bounds(state.bounds)
+    if bounds is not None:
+        grad = projected_gradient(state.x, grad, bounds)
+    return grad.abs().amax(-1)  # over the last dimension: progress_of reads a whole batch
+
+
 def result_of(state: RoundState, unravel: Unravel) -> Result:
-    lbfgs = state.lbfgs
+    lbfgs, bounds = state.lbfgs, given_bounds(state.bounds)
     return Result(
         params=unravel(state.x),
         value=lbfgs.value,
-        grad_norm=max_abs(lbfgs.grad),
+        grad_norm=_grad_norm(state),
         n_iter=lbfgs.iteration,
         n_evals=lbfgs.n_evals,
         converged=lbfgs.converged,
         status=lbfgs.status,
+        n_active_bounds=(
+            torch.zeros_like(lbfgs.n_evals) if bounds is None else active_count(state.x, bounds)
+        ),
     )
 
 
@@ -237,6 +253,7 @@ def minimize(
     callback: Callable[[Progress], None] | None = None,
     callback_every: int = 10,
     progress: bool | None = None,
+    bounds: BoundsLike = None,
 ) -> Result:
     """Minimise ``fun`` from ``params0`` with L-BFGS; works as is under ``torch.func.vmap``.
 
@@ -265,6 +282,8 @@ def minimize(
         progress: show a progress bar on stderr (rounds, whether the problem still runs, its
             value; :mod:`torchlbfgs.progress`): ``None`` (default) when stderr is a
             terminal. Never inside ``vmap`` or ``torch.compile``.
+        bounds: ``(lower, upper)`` box constraints, solved by L-BFGS-B: as in
+            :func:`torchlbfgs.update` (a start outside the box is projected onto it).
 
     Returns:
         a :class:`Result`.
@@ -295,7 +314,7 @@ def minimize(
     )  # fmt: skip
     x, unravel = ravel_pytree(params0)
     objective = flat_objective(fun, unravel, value_and_grad=value_and_grad)
-    state = start(objective, x, settings)
+    state = start(objective, x, settings, flat_bounds(bounds, params0))
     check_every = stop_check_interval(early_exit, state.lbfgs.status)
     on_host = not torch.compiler.is_compiling() and not is_functorch_wrapped_tensor(state.lbfgs.value)
     shown = on_host and progress_wanted(progress)

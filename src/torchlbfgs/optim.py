@@ -26,6 +26,7 @@ import torch
 from torch._compile import _disable_dynamo
 from torch.optim import Optimizer
 
+from torchlbfgs.bounds import Bounds
 from torchlbfgs.checkpoint import (
     PARAM_SHAPES,
     OptimizerState,
@@ -171,6 +172,60 @@ class _ModelParameters:
         for view, x_chunk, d_chunk in zip(self._views, self._chunks(x), self._chunks(direction), strict=True):
             torch.add(x_chunk, d_chunk, alpha=t, out=view)
 
+    def project(self, bounds: Bounds) -> None:
+        if self._flat is not None:
+            torch.clamp(self._flat, bounds.lower, bounds.upper, out=self._flat)
+            return
+        pieces = zip(self._views, self._chunks(bounds.lower), self._chunks(bounds.upper), strict=True)
+        for view, lower, upper in pieces:
+            torch.clamp(view, lower, upper, out=view)
+
+
+def _group_bounds(group: Mapping[str, Any], index: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """A group's ``lower``/``upper`` options as one (lower, upper) pair of tensors shaped like
+    each parameter, or ``None`` when the group has neither; ``ValueError``/``TypeError`` naming
+    the group and parameter for a bound that does not fit or crosses the other."""
+    lower, upper = group.get("lower"), group.get("upper")
+    if lower is None and upper is None:
+        return None
+    params = group["params"]
+    sides = []
+    for name, value in (("lower", lower), ("upper", upper)):
+        if isinstance(value, (list, tuple)):
+            if len(value) != len(params):
+                raise ValueError(
+                    f"param group {index}: {name} has {len(value)} entries but the group has "
+                    f"{len(params)} parameters (give a float, or one tensor per parameter)"
+                )
+            sides.append(list(value))
+        else:
+            sides.append([value] * len(params))
+    pairs = []
+    for position, (p, low, high) in enumerate(zip(params, *sides, strict=True)):
+        where = f"param group {index}, parameter {position}"
+        if p.is_complex():
+            raise TypeError(f"{where}: bounds need real parameters, this one is complex")
+        per_side = []
+        for name, value, fill in (("lower", low, -torch.inf), ("upper", high, torch.inf)):
+            if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor, type(None))):
+                raise TypeError(
+                    f"{where}: {name} must be a float, a tensor or None, got {type(value).__name__}"
+                )
+            tensor = torch.as_tensor(fill if value is None else value, dtype=p.dtype, device=p.device)
+            try:
+                per_side.append(torch.broadcast_to(tensor, p.shape))
+            except RuntimeError:
+                raise ValueError(
+                    f"{where}: {name} has shape {tuple(tensor.shape)}, which does not broadcast to the "
+                    f"parameter's shape {tuple(p.shape)}"
+                ) from None
+        if not bool((per_side[0] <= per_side[1]).all()):  # sync-ok: options, checked on the host
+            raise ValueError(
+                f"{where}: lower > upper (or NaN) somewhere; every lower bound must be <= its upper"
+            )
+        pairs.append((per_side[0], per_side[1]))
+    return pairs
+
 
 class LBFGS(Optimizer):
     """L-BFGS with the constructor, ``step(closure)`` and results of ``torch.optim.LBFGS``.
@@ -192,6 +247,14 @@ class LBFGS(Optimizer):
         tolerance_change: stop when the value or the step changes by less than this.
         history_size: number of curvature pairs kept.
         line_search_fn: ``None`` (fixed step ``lr``) or ``"strong_wolfe"``.
+        lower: lower bounds on the parameters (L-BFGS-B), a group option: a float for every
+            parameter of the group, or a list with one tensor per parameter (broadcastable to
+            it); ``None`` or ``-inf``: unbounded. Groups may differ in their bounds.
+        upper: upper bounds, as ``lower``. With bounds the step keeps torch's schedule and
+            options, with L-BFGS-B's direction and every point in the box (parameters
+            outside it are projected onto it first; see :mod:`torchlbfgs.torch_schedule`),
+            and ``tolerance_grad`` tests the projected gradient. Without bounds (the default)
+            nothing changes, not even the state dict's groups.
 
     Examples:
         >>> import torch, torchlbfgs
@@ -218,10 +281,13 @@ class LBFGS(Optimizer):
         tolerance_change: float = 1e-9,
         history_size: int = 100,
         line_search_fn: str | None = None,
+        *,
+        lower: float | list[torch.Tensor] | None = None,
+        upper: float | list[torch.Tensor] | None = None,
     ) -> None:
         if max_eval is None:
             max_eval = max_iter * 5 // 4
-        defaults = {
+        defaults: dict[str, Any] = {
             "lr": lr,
             "max_iter": max_iter,
             "max_eval": max_eval,
@@ -230,6 +296,11 @@ class LBFGS(Optimizer):
             "history_size": history_size,
             "line_search_fn": line_search_fn,
         }
+        # The bounds are options only where given: a bounds-free optimizer's groups (and state
+        # dicts) are torch's.
+        defaults.update(
+            {name: value for name, value in (("lower", lower), ("upper", upper)) if value is not None}
+        )
         TorchOptions.of(defaults)  # the same checks as each step makes
         super().__init__(params, defaults)
 
@@ -246,6 +317,7 @@ class LBFGS(Optimizer):
         try:
             TorchOptions.of(self.param_groups[-1], f"param group {len(self.param_groups) - 1}: ")
             TorchOptions.of_groups(self.param_groups)
+            _group_bounds(self.param_groups[-1], len(self.param_groups) - 1)
         except (ValueError, TypeError):
             self.param_groups.pop()  # never a half-added group
             raise
@@ -354,9 +426,35 @@ class LBFGS(Optimizer):
         # The step owns the state while it runs (and hands it back through `keep` on every way
         # out): what it no longer needs is freed as it goes, as torch's step frees it, so the
         # state is passed on, not held in a variable here.
+        bounds = self._bounds()
         return torch_step(
-            model, self._take_state(params, options.history_size), options, keep=keep, reuse=self._step_reuse
+            model, self._take_state(params, options.history_size), options, keep=keep, reuse=self._step_reuse,
+            bounds=bounds,
+        )  # fmt: skip
+
+    def _bounds(self) -> Bounds | None:
+        """The groups' bounds as flat vectors like the parameters (``None`` if no group has any);
+        made again only when a group's ``lower``/``upper`` changed (or a tensor in them was
+        written to)."""
+        key = tuple(
+            _option_key(group.get(name)) for group in self.param_groups for name in ("lower", "upper")
         )
+        cached = self.__dict__.get("_flat_bounds")
+        if cached is not None and cached[0] == key:
+            bounds: Bounds | None = cached[1]
+            return bounds
+        per_group = [_group_bounds(group, index) for index, group in enumerate(self.param_groups)]
+        bounds = None
+        if any(pairs is not None for pairs in per_group):
+            lowers, uppers = [], []
+            for group, pairs in zip(self.param_groups, per_group, strict=True):
+                for index, p in enumerate(group["params"]):
+                    low, high = pairs[index] if pairs is not None else _unbounded(p)
+                    lowers.append(low.reshape(-1))
+                    uppers.append(high.reshape(-1))
+            bounds = Bounds(torch.cat(lowers), torch.cat(uppers))
+        self.__dict__["_flat_bounds"] = (key, bounds)
+        return bounds
 
     def _options(self) -> TorchOptions:
         """The groups' options, checked (:meth:`TorchOptions.of_groups`); the last step's while
@@ -419,8 +517,11 @@ class LBFGS(Optimizer):
         # Everything is checked: assign (the groups' options as torch does, then the state).
         for group, options in zip(self.param_groups, loaded.groups, strict=True):
             kept = {"params": group["params"]}
-            if "param_names" in group and "param_names" not in options:
-                kept["param_names"] = group["param_names"]
+            # A checkpoint without bounds keeps this optimizer's (its parameters are projected
+            # into them by the next step); one with bounds brings its own.
+            for name in ("param_names", "lower", "upper"):
+                if name in group and name not in options:
+                    kept[name] = group[name]
             group.clear()
             group.update(deepcopy(options), **kept)
         self.state = defaultdict(dict)
@@ -430,6 +531,18 @@ class LBFGS(Optimizer):
             self._store(loaded.state)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+
+def _option_key(value: Any) -> tuple[Any, ...]:
+    """What identifies a bound option's current value: the object, and the version counters of
+    its tensors (in-place writes count up)."""
+    tensors = value if isinstance(value, (list, tuple)) else [value]
+    return (id(value), *(t._version for t in tensors if isinstance(t, torch.Tensor)))
+
+
+def _unbounded(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    infinite = torch.full(p.shape, torch.inf, dtype=p.dtype, device=p.device)
+    return -infinite, infinite
 
 
 def _copied(entry: Any) -> Any:

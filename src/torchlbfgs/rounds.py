@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from torchlbfgs.bounds import Bounds, given_bounds, infeasible, no_bounds, project
 from torchlbfgs.direction import DIRECTIONS, Direction
 from torchlbfgs.history import CURVATURE_RULES, CurvatureRule, History
 from torchlbfgs.line_searches import LineSearch, check_line_search_options, search_method
@@ -93,12 +94,15 @@ class RoundState(NamedTuple):
         proposal: the current iteration's direction and first step (see
             :func:`torchlbfgs.update.propose`).
         search: the current iteration's line-search state machine.
+        bounds: the problem's box constraints (flat); empty vectors
+            (:func:`~torchlbfgs.bounds.no_bounds`) without bounds.
     """
 
     x: torch.Tensor
     lbfgs: LBFGSState
     proposal: Proposal
     search: Any
+    bounds: Bounds
 
 
 def max_rounds(settings: Settings) -> int:
@@ -109,7 +113,9 @@ def max_rounds(settings: Settings) -> int:
     return rounds if settings.max_evals is None else min(rounds, settings.max_evals)
 
 
-def _begin_iteration(x: torch.Tensor, lbfgs: LBFGSState, settings: Settings) -> RoundState:
+def _begin_iteration(
+    x: torch.Tensor, lbfgs: LBFGSState, settings: Settings, bounds: Bounds | None
+) -> RoundState:
     """Direction and first trial of the next iteration at ``x`` (nothing for stopped problems)."""
     running = lbfgs.status == StopReason.RUNNING.value
     out_of_iterations = running & (lbfgs.iteration >= settings.max_iter)
@@ -118,7 +124,7 @@ def _begin_iteration(x: torch.Tensor, lbfgs: LBFGSState, settings: Settings) -> 
     )
     proposal = propose(
         lbfgs, learning_rate=settings.learning_rate, tolerance_grad=settings.tolerance_grad,
-        tolerance_change=settings.tolerances.change, early_exit=settings.early_exit,
+        tolerance_change=settings.tolerances.change, early_exit=settings.early_exit, x=x, bounds=bounds,
     )  # fmt: skip
     # An iteration that stops before its line search (small gradient, no descent) ends here, as
     # `accept` would end it after an empty search, without spending a round.
@@ -130,18 +136,29 @@ def _begin_iteration(x: torch.Tensor, lbfgs: LBFGSState, settings: Settings) -> 
     budget = evaluation_budget(
         None if settings.max_evals is None else settings.max_evals - lbfgs.n_evals, lbfgs.value
     )
-    origin = SearchOrigin(proposal.direction, lbfgs.value, lbfgs.grad)
+    origin = SearchOrigin(proposal.direction, lbfgs.value, lbfgs.grad, proposal.max_step)
     search = settings.search.start(origin, proposal.step_size, proposal.searching, budget)
-    return RoundState(x=x, lbfgs=lbfgs, proposal=proposal, search=search)
+    return RoundState(
+        x=x, lbfgs=lbfgs, proposal=proposal, search=search, bounds=no_bounds(x) if bounds is None else bounds
+    )
 
 
-def start(objective: FlatObjective, x: torch.Tensor, settings: Settings) -> RoundState:
-    """Evaluate at ``x`` (the one evaluation of ``init``) and plan the first iteration."""
+def start(
+    objective: FlatObjective, x: torch.Tensor, settings: Settings, bounds: Bounds | None = None
+) -> RoundState:
+    """Evaluate at ``x`` (the one evaluation of ``init``; projected onto ``bounds`` first, if
+    given) and plan the first iteration."""
+    if bounds is not None:
+        x = project(x, bounds)
     value, grad = objective(x)
     lbfgs = initial_state(
         value.to(x.dtype), grad, history_size=settings.history_size, direction=settings.direction
     )
-    return _begin_iteration(x, lbfgs, settings)
+    if bounds is not None:
+        lbfgs = lbfgs._replace(
+            status=torch.where(infeasible(bounds), StopReason.INVALID_BOUNDS.value, lbfgs.status)
+        )
+    return _begin_iteration(x, lbfgs, settings, bounds)
 
 
 def advance(objective: FlatObjective, state: RoundState, settings: Settings) -> RoundState:
@@ -151,10 +168,10 @@ def advance(objective: FlatObjective, state: RoundState, settings: Settings) -> 
     evaluated) and left bitwise unchanged.
     """
     method = settings.search
-    x, lbfgs, proposal = state.x, state.lbfgs, state.proposal
-    origin = SearchOrigin(proposal.direction, lbfgs.value, lbfgs.grad)
+    x, lbfgs, proposal, bounds = state.x, state.lbfgs, state.proposal, given_bounds(state.bounds)
+    origin = SearchOrigin(proposal.direction, lbfgs.value, lbfgs.grad, proposal.max_step)
     t, running = method.trial(state.search)
-    value, grad = objective(trial_point(x, proposal.direction, t, running))
+    value, grad = objective(trial_point(x, proposal.direction, t, running, bounds))
     search = method.digest(state.search, origin, value.to(x.dtype), grad)
 
     searched = state._replace(search=search)
@@ -163,9 +180,9 @@ def advance(objective: FlatObjective, state: RoundState, settings: Settings) -> 
         x, lbfgs, proposal, method.outcome(search), line_search=settings.line_search,
         tolerance_grad=settings.tolerance_grad, tolerance_change=settings.tolerances.change,
         tolerance_value=settings.tolerances.value, curvature_rule=settings.curvature_rule,
-        max_evals=settings.max_evals, active=search_over,
+        max_evals=settings.max_evals, active=search_over, bounds=bounds,
     )  # fmt: skip
-    new = _begin_iteration(new_x, new_lbfgs, settings)
+    new = _begin_iteration(new_x, new_lbfgs, settings, bounds)
     # `accept` changed the memory only where the search is over (`active`): its leaves are
     # taken as they are, without a selection over the (m, n) buffers.
     lbfgs = LBFGSState(*(
@@ -177,6 +194,7 @@ def advance(objective: FlatObjective, state: RoundState, settings: Settings) -> 
         lbfgs=lbfgs,
         proposal=_select(search_over, new.proposal, searched.proposal),
         search=_select(search_over, new.search, searched.search),
+        bounds=state.bounds,
     )
 
 

@@ -21,7 +21,7 @@ class StopReason(enum.IntEnum):
     """Why a problem stopped; stored in :attr:`LBFGSState.status` as an integer tensor.
 
     ``RUNNING`` means the problem is still being optimized. Codes 1-4 and 9 are convergence (a
-    tolerance was met, or the precision of ``f`` allows no further decrease), 5-6 are
+    tolerance was met, or the precision of ``f`` allows no further decrease), 5-6 and 10 are
     failures, 7-8 are exhausted budgets.
 
     Examples:
@@ -56,6 +56,9 @@ class StopReason(enum.IntEnum):
     :data:`~torchlbfgs.stopping.PRECISION_FACTOR` rounding units of :math:`|f|`. The gradient
     is as small as ``f``'s rounding lets it be found (typical of float32); the params are
     left at the last point, as with ``LINE_SEARCH_FAILED``."""
+    INVALID_BOUNDS = 10
+    """Some lower bound exceeds its upper bound (or is NaN): no point is feasible. Reported where
+    raising is not possible (under ``vmap`` or ``torch.compile``); elsewhere a ``ValueError``."""
 
 
 CONVERGED = frozenset({
@@ -63,7 +66,7 @@ CONVERGED = frozenset({
     StopReason.DIRECTIONAL_DERIVATIVE_TOLERANCE, StopReason.PRECISION_LIMIT,
 })  # fmt: skip
 """The reasons that mean a convergence tolerance was met."""
-FAILED = frozenset({StopReason.LINE_SEARCH_FAILED, StopReason.NON_FINITE})
+FAILED = frozenset({StopReason.LINE_SEARCH_FAILED, StopReason.NON_FINITE, StopReason.INVALID_BOUNDS})
 """The reasons that mean the problem could not go on."""
 
 
@@ -87,6 +90,7 @@ _MESSAGES = {
     StopReason.MAX_EVALS: "stopped: evaluation budget max_evals used up",
     StopReason.MAX_ITERATIONS: "stopped: max_iter iterations reached",
     StopReason.PRECISION_LIMIT: "converged: no decrease possible at the precision of the value",
+    StopReason.INVALID_BOUNDS: "failed: some lower bound exceeds its upper bound",
 }
 
 

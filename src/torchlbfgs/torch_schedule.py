@@ -51,6 +51,8 @@ from typing import Any, Protocol
 import numpy
 import torch
 
+from torchlbfgs.bounded_direction import bounded_direction
+from torchlbfgs.bounds import Bounds, max_step, project, projected_gradient
 from torchlbfgs.checkpoint import OptimizerState
 from torchlbfgs.direction import slots_newest_first, two_loop_recursion
 from torchlbfgs.history import History, accept_curvature_pair, write_pair
@@ -87,6 +89,10 @@ class Parameters(Protocol):
     def write_step(self, x: torch.Tensor, direction: torch.Tensor, t: Any) -> None:
         """Set the parameters to ``x + t * direction`` (rounded as torch's ``p.add_(d, alpha=t)``;
         ``t`` is a host number)."""
+        ...
+
+    def project(self, bounds: Bounds) -> None:
+        """Clamp the parameters into the box, in place."""
         ...
 
 
@@ -213,6 +219,7 @@ def torch_step(
     *,
     keep: Callable[..., None],
     reuse: dict[str, Any] | None = None,
+    bounds: Bounds | None = None,
 ) -> Any:
     """Run one ``torch.optim.LBFGS.step`` from ``stored``; return the closure's first loss.
 
@@ -226,11 +233,19 @@ def torch_step(
     ``reuse`` is a dict the caller keeps from step to step: the step leaves there what the next
     one may reuse while the state's buffers are the same tensors (their rows as views, and
     ``rho`` as host numbers), instead of making it again.
+
+    ``bounds`` (flat, like the parameters) makes the step L-BFGS-B's on the same schedule: the
+    parameters are projected into the box before the first evaluation, the direction is
+    :func:`~torchlbfgs.bounded_direction.bounded_direction`, no step goes beyond the box (the
+    first trial and the search's extrapolation are capped at
+    :func:`~torchlbfgs.bounds.max_step`, and every point the closure sees is projected), and
+    ``tolerance_grad`` tests the projected gradient. The curvature pair stays torch's
+    :math:`s = t d`, which differs from the step taken only by that projection's rounding.
     """
     rollback = _Rollback(stored)
     del stored  # from here on only the rollback (and the step) hold it
     try:
-        loss, state = _step(params, rollback, options, {} if reuse is None else reuse)
+        loss, state = _step(params, rollback, options, {} if reuse is None else reuse, bounds)
     except BaseException:
         if rollback.point is None:  # nothing was moved or changed yet
             keep(rollback.state(), unchanged=True)
@@ -243,16 +258,23 @@ def torch_step(
 
 
 def _step(
-    params: Parameters, rollback: _Rollback, options: TorchOptions, reuse: dict[str, Any]
+    params: Parameters,
+    rollback: _Rollback,
+    options: TorchOptions,
+    reuse: dict[str, Any],
+    bounds: Bounds | None,
 ) -> tuple[Any, OptimizerState]:
     stored = rollback.state()
+    moved_into_box = bounds is not None and _project_start(params, bounds)
     loss, value, grad = params.evaluate()
     core = stored.core
-    low, high = torch.aminmax(grad)
+    x = params.read() if bounds is not None else None
+    low, high = torch.aminmax(grad if x is None or bounds is None else projected_gradient(x, grad, bounds))
     f, low, high, head, n_pairs, iteration, pending = _read(
         value, low, high, core.head, core.n_pairs, core.iteration, stored.has_pending
     )  # once per step
     grad_max, fresh = NUMBERS.maximum(-low, high), iteration == 0
+    pending = pending and not moved_into_box  # t d is no longer the step from the last point
     evals = 1
     if not _finite(f, grad_max):
         if not pending:
@@ -276,7 +298,8 @@ def _step(
     direction: torch.Tensor = stored.pending_direction
     t: Any = stored.pending_step
     del stored  # its gradient and direction go as soon as the iteration no longer needs them
-    x = params.read()  # after the closure: a change it made to the parameters counts
+    if x is None:
+        x = params.read()  # after the closure: a change it made to the parameters counts
     iterations, current_evals = 0, 1
     rollback.point = x
     # Vectors this step made itself (not the stored state's, which others may hold) are worked
@@ -299,14 +322,22 @@ def _step(
         rollback.saved, rollback.point = (core, iterations - 1, evals, memory), x
         own_previous_grad = True  # every gradient after the step's first evaluation is its own
         # steepest descent on the very first iteration, else -H g:
-        direction, own_direction = torch.neg(grad, out=spare), True
-        if not fresh:  # the two-loop recursion from -g in place, as torch's
-            direction = memory.direction(core, direction)
+        if bounds is not None:  # L-BFGS-B's direction (from an empty memory too)
+            direction = bounded_direction(x, grad, memory.settled(core).history, bounds)
+        else:
+            direction = torch.neg(grad, out=spare)
+            if not fresh:  # the two-loop recursion from -g in place, as torch's
+                direction = memory.direction(core, direction)
+        own_direction = True
         pending = True
         t = options.lr
         if fresh:
             t = min(1.0, _read(torch.reciprocal(grad.abs().sum()))[0]) * options.lr
         fresh = False
+        limit = None
+        if bounds is not None:  # never beyond the box
+            limit = _read(max_step(x, direction, bounds))[0]
+            t = min(t, limit)
         gtd, direction_max = _read_with_max_abs(torch.dot(grad, direction), direction)
         status = StopReason.RUNNING
         if gtd > -options.tolerance_change:  # no descent left: torch stops before moving
@@ -316,18 +347,20 @@ def _step(
         evaluated = True
         if options.line_search_fn == "strong_wolfe":
             budget = options.max_eval - current_evals
-            found = _strong_wolfe(params, x, direction, f, grad, gtd, direction_max, t, budget, spare_grad)
+            found = _strong_wolfe(
+                params, x, direction, f, grad, gtd, direction_max, t, budget, spare_grad, limit, bounds
+            )
             t, f_new, new_grad, search_evals = found.step_size, found.value, found.grad, found.n_evals
-            params.write_step(x, direction, t)  # torch moves from where the search started
-            (new_grad_max,) = _read_with_max_abs(None, new_grad)
+            _move(params, x, direction, t, bounds)  # torch moves from where the search started
+            (new_grad_max,) = _read_with_max_abs(None, _tested_gradient(params, new_grad, bounds))
             new_value = value if new_grad is grad else _scalar(f_new, value)
         elif n_iter < options.max_iter:
-            params.write_step(x, direction, t)
+            _move(params, x, direction, t, bounds)
             _, new_value, new_grad = params.evaluate(into=spare_grad)
             search_evals = 1
-            f_new, new_grad_max = _read_with_max_abs(new_value, new_grad)
+            f_new, new_grad_max = _read_with_max_abs(new_value, _tested_gradient(params, new_grad, bounds))
         else:  # torch's last fixed step moves without evaluating the closure
-            params.write_step(x, direction, t)
+            _move(params, x, direction, t, bounds)
             evaluated, search_evals = False, 0
             f_new, new_grad_max = f, math.inf
         evals += search_evals
@@ -352,17 +385,45 @@ def _step(
     return loss, _ended(memory.settled(core), iterations, evals, status=status, pending=(direction, t))
 
 
+def _project_start(params: Parameters, bounds: Bounds) -> bool:
+    """Project the parameters into the box (a start outside it, or parameters the user or a
+    loaded checkpoint moved out); whether that moved them (a host read)."""
+    start = params.read()
+    inside = project(start, bounds)
+    if torch.equal(inside, start):  # sync-ok: once per step, bounded problems only
+        return False
+    params.write(inside)
+    return True
+
+
+def _move(
+    params: Parameters, x: torch.Tensor, direction: torch.Tensor, t: Any, bounds: Bounds | None
+) -> None:
+    """Set the parameters to ``x + t d``, projected into the box if there is one."""
+    params.write_step(x, direction, t)
+    if bounds is not None:
+        params.project(bounds)
+
+
+def _tested_gradient(params: Parameters, grad: torch.Tensor, bounds: Bounds | None) -> torch.Tensor:
+    """What ``tolerance_grad`` tests: the gradient, or with bounds the projected gradient at
+    the parameters."""
+    return grad if bounds is None else projected_gradient(params.read(), grad, bounds)
+
+
 def _strong_wolfe(
     params: Parameters, x: torch.Tensor, direction: torch.Tensor, value: Any, grad: torch.Tensor,
     gtd: Any, direction_max: Any, t: Any, max_ls: int, spare_grad: torch.Tensor | None,
+    max_step: Any = None, bounds: Bounds | None = None,
 ) -> HostSearchResult:  # fmt: skip
     """torch's ``_strong_wolfe`` from ``x`` along ``direction`` (its ``max_ls`` is what is
     left of the step's evaluation budget), with the functional core's decisions; the first
-    trial's gradient goes into ``spare_grad`` if given (a dead vector of the step's own)."""
+    trial's gradient goes into ``spare_grad`` if given (a dead vector of the step's own). With
+    bounds, no trial beyond ``max_step`` and every trial point projected into the box."""
     spare = [spare_grad]
 
     def evaluate(step: Any) -> tuple[Any, torch.Tensor, Any]:
-        params.write_step(x, direction, step)
+        _move(params, x, direction, step, bounds)
         _, trial_value, trial_grad = params.evaluate(into=spare.pop() if spare else None)
         trial_f, trial_gtd = _read(trial_value, torch.dot(trial_grad, direction))
         return float(trial_f), trial_grad, trial_gtd
@@ -370,7 +431,7 @@ def _strong_wolfe(
     # Values as Python floats, derivatives in the gradient's precision: torch's search mixes
     # them so (`float(closure())` against `g.dot(d)`), and so do we, to round as it rounds.
     search = StrongWolfe(max_ls=max(max_ls, 0), **_TORCH_SEARCH)
-    return search.search_on_host(evaluate, float(value), grad, gtd, direction_max, t, NO_BUDGET)
+    return search.search_on_host(evaluate, float(value), grad, gtd, direction_max, t, NO_BUDGET, max_step)
 
 
 def _counted(core: LBFGSState, status: StopReason, iterations: int, evals: int) -> LBFGSState:

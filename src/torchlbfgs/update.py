@@ -20,6 +20,16 @@ from typing import Any, NamedTuple
 import torch
 from torch._C._functorch import is_functorch_wrapped_tensor
 
+from torchlbfgs.bounded_direction import bounded_direction
+from torchlbfgs.bounds import (
+    Bounds,
+    BoundsLike,
+    flat_bounds,
+    infeasible,
+    max_step,
+    project,
+    projected_gradient,
+)
 from torchlbfgs.direction import Direction, inv_hessian_product, uses_compact_form
 from torchlbfgs.history import (
     CURVATURE_RULES,
@@ -29,6 +39,7 @@ from torchlbfgs.history import (
 )
 from torchlbfgs.line_searches import LineSearch, check_line_search_options, search_along
 from torchlbfgs.line_searches.loop import exits_early
+from torchlbfgs.line_searches.method import no_step_limit
 from torchlbfgs.line_searches.result import FlatLineSearchResult
 from torchlbfgs.norms import max_abs
 from torchlbfgs.objective import flat_objective
@@ -62,6 +73,7 @@ def init(
     direction: Direction = "two_loop",
     value_and_grad: bool = False,
     check_finite: bool | None = None,
+    bounds: BoundsLike = None,
 ) -> LBFGSState:
     """Evaluate ``fun`` and its gradient at ``params`` and return the initial state.
 
@@ -79,6 +91,8 @@ def init(
             infinite. ``None`` (default) checks where reading it is free: eager CPU tensors
             outside ``vmap`` and ``torch.compile``; ``True`` everywhere (a device sync on
             GPUs); ``False`` never.
+        bounds: ``(lower, upper)`` box constraints for L-BFGS-B (see :func:`update`); ``fun``
+            is then evaluated at ``params`` projected onto the box.
 
     Returns:
         an :class:`~torchlbfgs.LBFGSState` with an empty history. When the start is not finite
@@ -93,6 +107,9 @@ def init(
     """
     require_count("history_size", history_size, 1)
     x, unravel = ravel_pytree(params)
+    box = flat_bounds(bounds, params)
+    if box is not None:
+        x = project(x, box)
     value, grad = flat_objective(fun, unravel, value_and_grad=value_and_grad)(x)
     checks = check_finite if check_finite is not None else (
         exits_early(None, value) and not is_functorch_wrapped_tensor(value)
@@ -105,6 +122,10 @@ def init(
             f"init: the {what} of fun at params is not finite (NaN or Inf); start from a point "
             "where fun and its gradient are finite (or pass check_finite=False to get a state "
             "with status NON_FINITE instead)"
+        )
+    if box is not None:
+        state = state._replace(
+            status=torch.where(infeasible(box), StopReason.INVALID_BOUNDS.value, state.status)
         )
     return state
 
@@ -170,6 +191,9 @@ class Proposal(NamedTuple):
         attempted: ``()`` bool - the iteration counts in ``iteration`` (it got past the
             gradient test, as torch's ``n_iter`` counts).
         status: ``()`` int64 - the stop reason if the iteration ends before its line search.
+        max_step: ``()`` - the largest step that stays in the box (bounded problems; the line
+            search tries nothing beyond it); without bounds, an empty tensor
+            (:func:`~torchlbfgs.line_searches.method.no_step_limit`).
     """
 
     direction: torch.Tensor
@@ -178,6 +202,7 @@ class Proposal(NamedTuple):
     searching: torch.Tensor
     attempted: torch.Tensor
     status: torch.Tensor
+    max_step: torch.Tensor | None = None
 
 
 def propose(
@@ -187,19 +212,41 @@ def propose(
     tolerance_grad: float,
     tolerance_change: float,
     early_exit: bool | None = None,
+    x: torch.Tensor | None = None,
+    bounds: Bounds | None = None,
 ) -> Proposal:
     """Direction and first trial step from the current state (steps 1-2 of an iteration).
 
-    ``early_exit`` is passed to :func:`~torchlbfgs.direction.inv_hessian_product`.
+    ``early_exit`` is passed to :func:`~torchlbfgs.direction.inv_hessian_product`. With
+    ``bounds``, the direction is L-BFGS-B's from the feasible point ``x``
+    (:mod:`torchlbfgs.bounded_direction`), the gradient test is on the projected gradient, and
+    the first trial is L-BFGS-B's (``lnsrlb``): :math:`\\min(1, 1/\\|d\\|_2)` on the first
+    iteration unless every variable has both bounds, 1 after, times ``learning_rate``, and
+    never beyond the box (nor beyond 1 on the first iteration).
     """
     grad = state.grad
     running = state.status == StopReason.RUNNING.value
-    direction = -inv_hessian_product(state, grad, early_exit=early_exit)
-    grad_small = max_abs(grad) <= tolerance_grad
+    limit = None
+    if bounds is None:
+        direction = -inv_hessian_product(state, grad, early_exit=early_exit)
+        grad_small = max_abs(grad) <= tolerance_grad
+        first_step = torch.clamp(torch.reciprocal(grad.abs().sum()), max=1.0)
+    else:
+        if x is None:
+            raise ValueError("propose: a bounded problem needs the current point x")
+        direction = bounded_direction(x, grad, state.history, bounds)
+        grad_small = max_abs(projected_gradient(x, grad, bounds)) <= tolerance_grad
+        boxed = (torch.isfinite(bounds.lower) & torch.isfinite(bounds.upper)).all()
+        first_step = torch.where(
+            boxed, 1.0, torch.clamp(torch.reciprocal(torch.linalg.vector_norm(direction)), max=1.0)
+        )
+        feasible = max_step(x, direction, bounds)
+        limit = torch.where(state.iteration == 0, torch.clamp(feasible, max=1.0), feasible)
     slope = torch.dot(grad, direction)
     no_descent = slope > -tolerance_change
-    first_step = torch.clamp(torch.reciprocal(grad.abs().sum()), max=1.0)
     step_size = torch.where(state.iteration == 0, first_step, torch.ones_like(first_step)) * learning_rate
+    if limit is not None:
+        step_size = torch.minimum(step_size, limit)
     status = torch.where(
         grad_small,
         _status(StopReason.GRADIENT_TOLERANCE, grad),
@@ -216,6 +263,7 @@ def propose(
         searching=running & ~grad_small & ~no_descent,
         attempted=running & ~grad_small,
         status=torch.where(running, status, state.status),
+        max_step=no_step_limit(state.value) if limit is None else limit,
     )
 
 
@@ -232,6 +280,7 @@ def accept(
     max_evals: int | None = None,
     tolerance_value: float = 0.0,
     active: torch.Tensor | None = None,
+    bounds: Bounds | None = None,
 ) -> tuple[torch.Tensor, LBFGSState]:
     """Take the step the line search found, update the memory and decide whether to stop.
 
@@ -247,6 +296,10 @@ def accept(
     ``active`` (optional) restricts where the memory may change: a caller that keeps the old
     state wherever ``active`` is false (the evaluation rounds, for problems still searching)
     then needs no selection of the ``(m, n)`` buffers, which are left bitwise as they were.
+
+    With ``bounds`` the new point is projected onto the box (a no-op but for rounding: the
+    search stays within the feasible segment), the pair's :math:`s` is the step actually taken,
+    and the gradient test is on the projected gradient.
     """
     value, grad, searching = state.value, state.grad, proposal.searching
     t, new_value, new_grad = found.step_size, found.value.to(x.dtype), found.grad
@@ -254,12 +307,19 @@ def accept(
     acceptable = found.success | (new_value < value) if line_search is not None else found.success
     taken = searching & finite & acceptable
 
-    step = t * proposal.direction
+    if bounds is None:
+        moved = torch.addcmul(x, proposal.direction, t)
+        step = t * proposal.direction
+        new_grad_norm = max_abs(new_grad)
+    else:
+        moved = project(torch.addcmul(x, proposal.direction, t), bounds)
+        step = moved - x
+        new_grad_norm = max_abs(projected_gradient(moved, new_grad, bounds))
     y = new_grad - grad
     ys, curvature_ok = accept_curvature_pair(step, y, grad, curvature_rule)
     push = taken & curvature_ok
     history = push_curvature_pair(state.history, step, y, ys, push if active is None else push & active)
-    new_x = torch.where(taken, torch.addcmul(x, proposal.direction, t), x)
+    new_x = torch.where(taken, moved, x)
     stalled = (new_x == x).all()
     n_evals = state.n_evals + found.n_evals
     out_of_evals = torch.zeros_like(taken) if max_evals is None else n_evals >= max_evals
@@ -276,7 +336,7 @@ def accept(
         search_failed_at_precision=failed & at_precision_limit(value, proposal.slope),
         failed_out_of_evals=failed & out_of_evals,
         search_failed=failed,
-        grad_small=taken & (max_abs(new_grad) <= tolerance_grad),
+        grad_small=taken & (new_grad_norm <= tolerance_grad),
         step_small=taken & ((max_abs(step) <= tolerance_change) | stalled),
         value_small=taken & value_small,
         out_of_evals=taken & out_of_evals,
@@ -311,6 +371,7 @@ def update(
     max_evals: int | None = None,
     value_and_grad: bool = False,
     early_exit: bool | None = None,
+    bounds: BoundsLike = None,
 ) -> tuple[PyTree, LBFGSState]:
     """Take one L-BFGS iteration from ``params``; return the new params and state.
 
@@ -343,6 +404,13 @@ def update(
             ``state.n_evals``); the problem stops with ``MAX_EVALS`` when it is used up.
         value_and_grad: ``fun`` returns ``(value, grad)`` itself.
         early_exit: see :mod:`torchlbfgs.line_searches.loop`.
+        bounds: ``(lower, upper)``: minimise subject to ``lower <= params <= upper`` by
+            L-BFGS-B (:mod:`torchlbfgs.bounded_direction`; pass the same bounds to
+            :func:`init`). Each side is a float, a tensor broadcastable to every leaf, ``None``
+            (unbounded) or a pytree like ``params`` of those; ``-inf``/``inf`` mean unbounded.
+            ``params`` outside the box are projected onto it. Every point ``fun`` sees and
+            every iterate lies in the box, and ``tolerance_grad`` tests the projected
+            gradient. ``None`` (default): no bounds, and no extra work.
 
     Returns:
         ``(new_params, new_state)``; ``new_params`` has the structure and dtypes of ``params``.
@@ -365,19 +433,23 @@ def update(
     tolerances = Tolerances.of(tolerance_change, tolerance_value)
     x, unravel = ravel_pytree(params)
     _check_state(state, x)
+    box = flat_bounds(bounds, params)
+    if box is not None:
+        x = project(x, box)
     objective = flat_objective(fun, unravel, value_and_grad=value_and_grad)
     proposal = propose(
         state, learning_rate=learning_rate, tolerance_grad=tolerance_grad,
-        tolerance_change=tolerances.change, early_exit=early_exit,
+        tolerance_change=tolerances.change, early_exit=early_exit, x=x, bounds=box,
     )  # fmt: skip
     found = search_along(
         line_search, objective, x, proposal.direction, state.value, state.grad, proposal.step_size,
         active=proposal.searching, max_evals=None if max_evals is None else max_evals - state.n_evals,
         c1=c1, c2=c2, tolerance_change=tolerances.search, max_ls=max_ls, early_exit=early_exit,
+        max_step=proposal.max_step, bounds=box,
     )  # fmt: skip
     new_x, new_state = accept(
         x, state, proposal, found, line_search=line_search, tolerance_grad=tolerance_grad,
         tolerance_change=tolerances.change, tolerance_value=tolerances.value, curvature_rule=curvature_rule,
-        max_evals=max_evals,
+        max_evals=max_evals, bounds=box,
     )  # fmt: skip
     return unravel(new_x), new_state

@@ -7,7 +7,7 @@ masked loop, and reports its outcome as data (:class:`LineSearchResult`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -20,6 +20,9 @@ from torchlbfgs.line_searches.strong_wolfe import StrongWolfe
 from torchlbfgs.objective import FlatObjective, flat_objective
 from torchlbfgs.options import require_line_search
 from torchlbfgs.pytree import ravel_pytree
+
+if TYPE_CHECKING:
+    from torchlbfgs.bounds import Bounds
 
 __all__ = [
     "LINE_SEARCHES",
@@ -65,12 +68,15 @@ def search_along(
     tolerance_change: float,
     max_ls: int,
     early_exit: bool | None,
+    max_step: torch.Tensor | None = None,
+    bounds: Bounds | None = None,
 ) -> FlatLineSearchResult:
-    """Run the line search ``method`` on flat vectors (the form ``update`` uses)."""
+    """Run the line search ``method`` on flat vectors (the form ``update`` uses); no trial
+    step beyond ``max_step``, trial points projected onto ``bounds`` (if given)."""
     return run_search(
         search_method(method, c1=c1, c2=c2, tolerance_change=tolerance_change, max_ls=max_ls),
-        objective, x, SearchOrigin(direction, value, grad), step_size,
-        active=active, max_evals=max_evals, early_exit=early_exit,
+        objective, x, SearchOrigin(direction, value, grad, max_step), step_size,
+        active=active, max_evals=max_evals, early_exit=early_exit, bounds=bounds,
     )  # fmt: skip
 
 

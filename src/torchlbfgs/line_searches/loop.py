@@ -22,7 +22,7 @@ minutes). ``while_loop`` has no batching rule, so a compiled ``vmap`` keeps the 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import optree
 import torch
@@ -95,12 +95,16 @@ def _device_side_loop(
 
 
 def trial_point(
-    x: torch.Tensor, direction: torch.Tensor, t: torch.Tensor, running: torch.Tensor
-) -> torch.Tensor:
-    """``x + t d`` for running problems, ``x`` itself for finished ones.
+    x: torch.Tensor, direction: torch.Tensor, t: torch.Tensor, running: torch.Tensor,
+    bounds: Any = None,
+) -> torch.Tensor:  # fmt: skip
+    """``x + t d`` for running problems, ``x`` itself for finished ones; projected onto
+    ``bounds`` (a :class:`~torchlbfgs.bounds.Bounds`) if given, so that no rounding of
+    ``x + t d`` takes a trial point out of the box.
 
     Finished problems are still evaluated inside a batch; evaluating them at their current,
     known-good point rather than at a stale trial step keeps overflow, NaN and subnormal
     arithmetic (slow on CPUs) out of work whose result is discarded anyway.
     """
-    return torch.addcmul(x, direction, torch.where(running, t, torch.zeros_like(t)))
+    point = torch.addcmul(x, direction, torch.where(running, t, torch.zeros_like(t)))
+    return point if bounds is None else torch.clamp(point, bounds.lower, bounds.upper)

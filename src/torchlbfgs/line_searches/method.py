@@ -15,7 +15,7 @@ problem whose search is over starts its next iteration while others are still se
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 import torch
 
@@ -23,7 +23,13 @@ from torchlbfgs.line_searches.loop import run_masked_loop, trial_point
 from torchlbfgs.line_searches.result import FlatLineSearchResult
 from torchlbfgs.objective import FlatObjective
 
-__all__ = ["NO_BUDGET", "SearchLimits", "SearchMethod", "SearchOrigin", "evaluation_budget", "run_search"]
+if TYPE_CHECKING:
+    from torchlbfgs.bounds import Bounds
+
+__all__ = [
+    "NO_BUDGET", "SearchLimits", "SearchMethod", "SearchOrigin", "evaluation_budget", "no_step_limit",
+    "run_search", "step_limit",
+]  # fmt: skip
 
 Search = TypeVar("Search")
 
@@ -38,11 +44,15 @@ class SearchOrigin(NamedTuple):
         direction: ``(n,)`` - the search direction :math:`d`.
         value: ``()`` - :math:`f(x)`.
         grad: ``(n,)`` - :math:`\\nabla f(x)`.
+        max_step: ``()`` - the largest step the search may try (the feasible segment of a
+            bounded problem, :func:`torchlbfgs.bounds.max_step`); ``None`` or an empty tensor
+            (:func:`no_step_limit`): no limit.
     """
 
     direction: torch.Tensor
     value: torch.Tensor
     grad: torch.Tensor
+    max_step: torch.Tensor | None = None
 
 
 class SearchMethod(Protocol[Search]):
@@ -94,6 +104,21 @@ class SearchLimits:
         return self.max_ls + 1
 
 
+def no_step_limit(like: torch.Tensor) -> torch.Tensor:
+    """The ``max_step`` of a search without a limit as a tensor: one with no elements. States
+    hold it instead of ``None``, since ``torch.func.vmap`` returns only tensors; built from
+    ``like`` so that it batches like the rest."""
+    return torch.zeros_like(like).reshape(-1)[:0]
+
+
+def step_limit(max_step: Any) -> Any:
+    """``max_step`` if it limits a search, ``None`` if not (``None`` or :func:`no_step_limit`).
+    A static decision: it reads a shape, never a value."""
+    if isinstance(max_step, torch.Tensor) and max_step.dim() > 0 and max_step.shape[-1] == 0:
+        return None
+    return max_step
+
+
 def evaluation_budget(max_evals: int | torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     """``max_evals`` as an int64 tensor shaped like ``like``; ``None`` becomes :data:`NO_BUDGET`.
 
@@ -113,13 +138,15 @@ def run_search(
     active: torch.Tensor,
     max_evals: int | torch.Tensor | None,
     early_exit: bool | None,
+    bounds: Bounds | None = None,
 ) -> FlatLineSearchResult:
-    """Run one whole search from ``x`` with at most ``max_evals`` evaluations."""
+    """Run one whole search from ``x`` with at most ``max_evals`` evaluations (trial points
+    projected onto ``bounds``, if given)."""
     search = method.start(origin, step_size, active, evaluation_budget(max_evals, origin.value))
 
     def step(search: Search) -> Search:
         t, running = method.trial(search)
-        value, grad = objective(trial_point(x, origin.direction, t, running))
+        value, grad = objective(trial_point(x, origin.direction, t, running, bounds))
         return method.digest(search, origin, value, grad)
 
     max_steps = method.max_trials

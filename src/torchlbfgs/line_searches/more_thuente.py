@@ -44,7 +44,7 @@ from typing import NamedTuple
 
 import torch
 
-from torchlbfgs.line_searches.method import SearchLimits, SearchOrigin
+from torchlbfgs.line_searches.method import SearchLimits, SearchOrigin, no_step_limit, step_limit
 from torchlbfgs.line_searches.result import FlatLineSearchResult
 from torchlbfgs.norms import max_abs
 
@@ -77,6 +77,7 @@ class _Search(NamedTuple):
     gtd: torch.Tensor  # g'd at the origin
     d_norm: torch.Tensor  # max|d|
     budget: torch.Tensor  # evaluations allowed
+    stpmax: torch.Tensor  # a per-problem stpmax (a bounded problem's), or no_step_limit: the method's
 
 
 def _nonzero(denominator: torch.Tensor) -> torch.Tensor:
@@ -240,11 +241,15 @@ class MoreThuente(SearchLimits):
     ) -> _Search:
         value, grad = origin.value, origin.grad
         gtd = torch.dot(grad, origin.direction)
+        limit = step_limit(origin.max_step)
+        stpmax = None if limit is None else torch.clamp(limit, max=self.stpmax)
         t = torch.clamp(step_size, min=self.stpmin, max=self.stpmax)
+        if stpmax is not None:
+            t = torch.minimum(t, stpmax)
         startable = active & (budget > 0) & (gtd < 0) & (t > 0) & torch.isfinite(t)
         zero = torch.zeros_like(value)
         false = torch.zeros_like(active)
-        width = zero + (self.stpmax - self.stpmin)
+        width = zero + (self.stpmax - self.stpmin) if stpmax is None else stpmax - self.stpmin
         return _Search(
             t=t,
             stx=zero,
@@ -268,6 +273,7 @@ class MoreThuente(SearchLimits):
             gtd=gtd,
             d_norm=max_abs(origin.direction),
             budget=budget,
+            stpmax=no_step_limit(value) if stpmax is None else stpmax,
         )
 
     def trial(self, search: _Search) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,7 +294,9 @@ class MoreThuente(SearchLimits):
         sufficient = f <= ftest
         stage2 = s.stage2 | (sufficient & (g >= 0))
         converged = sufficient & (g.abs() <= self.c2 * -ginit)
-        at_stpmax = (stp == self.stpmax) & sufficient & (g <= gtest)
+        limit = step_limit(s.stpmax)
+        stpmax = self.stpmax if limit is None else limit
+        at_stpmax = (stp == stpmax) & sufficient & (g <= gtest)
         at_stpmin = (stp == self.stpmin) & (~sufficient | (g >= gtest))
         out_of_trials = (n_evals >= self.max_trials) | (n_evals >= s.budget)
 
@@ -326,6 +334,8 @@ class MoreThuente(SearchLimits):
         stmin = torch.where(brackt, torch.minimum(stx, sty), t + XTRAPL * (t - stx))
         stmax = torch.where(brackt, torch.maximum(stx, sty), t + XTRAPU * (t - stx))
         t = torch.clamp(t, min=self.stpmin, max=self.stpmax)
+        if limit is not None:
+            t = torch.minimum(t, limit)
         # No further progress possible: dcsrch would evaluate stx again and stop; stop now.
         stalled = brackt & ((t <= stmin) | (t >= stmax) | (stmax - stmin <= self.xtol * stmax))
         stalled = stalled | (brackt & (span * s.d_norm < self.tolerance_change)) | ~torch.isfinite(t)
@@ -355,6 +365,7 @@ class MoreThuente(SearchLimits):
             gtd=s.gtd,
             d_norm=s.d_norm,
             budget=s.budget,
+            stpmax=s.stpmax,
         )
         # A finished search stays exactly as it was.
         return _Search(*(torch.where(running, updated, old) for updated, old in zip(new, s, strict=True)))

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import torch
 
 from torchlbfgs.line_searches.interpolation import cubic_minimizer
-from torchlbfgs.line_searches.method import SearchLimits, SearchOrigin
+from torchlbfgs.line_searches.method import SearchLimits, SearchOrigin, no_step_limit, step_limit
 from torchlbfgs.line_searches.result import FlatLineSearchResult
 from torchlbfgs.norms import max_abs
 from torchlbfgs.scalars import NUMBERS, TENSORS, Scalars, quiet_overflow
@@ -63,6 +63,7 @@ class _Search(NamedTuple):
     gtd: Any  # g'd at the origin
     d_norm: Any  # max|d|
     budget: Any  # evaluations allowed
+    max_step: Any = None  # no trial beyond it (a bounded problem's feasible segment); see step_limit
 
 
 def _pick(ops: Scalars, first: Any, pair: Any) -> Any:
@@ -106,6 +107,7 @@ class StrongWolfe(SearchLimits):
             TENSORS, origin.value, origin.grad, gtd, max_abs(origin.direction), step_size, phase, budget,
             zero=torch.zeros_like(origin.value), false=torch.zeros_like(active),
             no_evals=torch.zeros_like(budget),
+            max_step=no_step_limit(origin.value) if step_limit(origin.max_step) is None else origin.max_step,
         )  # fmt: skip
 
     def trial(self, search: _Search) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,19 +135,32 @@ class StrongWolfe(SearchLimits):
         d_norm: Any,
         step_size: Any,
         budget: int,
+        max_step: Any = None,
     ) -> HostSearchResult:
         """The same search with its decisions taken on the host, as ``torch.optim.LBFGS`` takes them.
 
         ``evaluate(t)`` returns ``(f, g, g'd)`` at ``x + t d``; ``value``, ``grad`` and ``gtd``
-        are those at the origin, ``d_norm`` is ``max|d|``; the numbers are host numbers of the
-        gradient's precision (:mod:`torchlbfgs.scalars`). Every decision is the one
+        are those at the origin, ``d_norm`` is ``max|d|``, ``max_step`` caps the trials (``None``:
+        no cap); the numbers are host numbers of the gradient's precision
+        (:mod:`torchlbfgs.scalars`). Every decision is the one
         :meth:`digest` takes on tensors (one implementation, :meth:`_decide`); the gradients
         are kept by reference instead of copied into the search's state.
         """
         ops = NUMBERS
         phase = _BRACKET if budget > 0 else _DONE
         search = self._begin(
-            ops, value, grad, gtd, d_norm, step_size, phase, budget, zero=0.0, false=False, no_evals=0
+            ops,
+            value,
+            grad,
+            gtd,
+            d_norm,
+            step_size,
+            phase,
+            budget,
+            zero=0.0,
+            false=False,
+            no_evals=0,
+            max_step=max_step,
         )
         with quiet_overflow():
             while search.phase != _DONE:
@@ -157,7 +172,7 @@ class StrongWolfe(SearchLimits):
     @staticmethod
     def _begin(
         ops: Scalars, value: Any, grad: Any, gtd: Any, d_norm: Any, step_size: Any, phase: Any, budget: Any,
-        *, zero: Any, false: Any, no_evals: Any,
+        *, zero: Any, false: Any, no_evals: Any, max_step: Any = None,
     ) -> _Search:  # fmt: skip
         return _Search(
             t=step_size,
@@ -180,6 +195,7 @@ class StrongWolfe(SearchLimits):
             gtd=gtd,
             d_norm=d_norm,
             budget=budget,
+            max_step=max_step,
         )
 
     def _decide(
@@ -209,11 +225,19 @@ class StrongWolfe(SearchLimits):
         not_wolfe = ops.both(testing, ops.negate(wolfe_now))
         enter_zoom = ops.both(not_wolfe, ops.either(armijo_fails, gtd_new >= 0))
         extrapolate = ops.both(not_wolfe, ops.negate(enter_zoom))
+        at_cap, cap = None, step_limit(s.max_step)
+        if cap is not None:
+            # Sufficient decrease at the largest step allowed, still descending: take it
+            # (MINPACK's dcsrch stops so at stpmax).
+            at_cap = ops.both(extrapolate, s.t >= cap)
+            extrapolate = ops.both(extrapolate, ops.negate(at_cap))
         gave_up_bracketing = ops.both(in_bracketing, out_of_iterations)
         t_extrapolated = ops.when(extrapolate, lambda: cubic_minimizer(
             s.t_prev, s.f_prev, s.gtd_prev, s.t, f_new, gtd_new,
             lower=s.t + 0.01 * (s.t - s.t_prev), upper=s.t * 10, ops=ops,
         ), s.t)  # fmt: skip
+        if cap is not None:
+            t_extrapolated = ops.minimum(t_extrapolated, cap)
 
         # Zoom phase (N&W Algorithm 3.6), updating the bracket with the point just evaluated.
         in_zoom = ops.both(running, s.phase == _ZOOM)
@@ -278,6 +302,8 @@ class StrongWolfe(SearchLimits):
         last_beats_start = f_new < start_value
         gave_up = ops.either(gave_up_bracketing, budget_stop_extrapolating)
         take_new = ops.either(wolfe_now, ops.both(gave_up, last_beats_start))
+        if at_cap is not None:
+            take_new = ops.either(take_new, at_cap)
         take_start = ops.both(gave_up, ops.negate(last_beats_start))
         take_low = ops.both(ops.either(zooming, wolfe_in_zoom), ops.negate(keeps_going))
         result = [s.result_t, s.result_f, s.result_g]
@@ -313,4 +339,5 @@ class StrongWolfe(SearchLimits):
             gtd=s.gtd,
             d_norm=s.d_norm,
             budget=s.budget,
+            max_step=s.max_step,
         )

@@ -1,0 +1,254 @@
+r"""The L-BFGS-B search direction: generalized Cauchy point, then subspace minimization.
+
+Byrd, Lu, Nocedal & Zhu (1995), "A limited memory algorithm for bound constrained
+optimization", with the projection step of Morales & Nocedal (2011). At :math:`x` with
+gradient :math:`g`, the quadratic model :math:`m(z) = g^\top (z - x) + \tfrac12 (z - x)^\top
+B (z - x)` uses the L-BFGS Hessian approximation in compact form (Byrd, Nocedal & Schnabel
+1994, Theorem 2.3)
+
+.. math::
+    B = \theta I - W M W^\top, \quad W = [Y \;\; \theta S], \quad
+    M = \begin{bmatrix} -D & L^\top \\ L & \theta S^\top S \end{bmatrix}^{-1},
+
+:math:`\theta = y^\top y / s^\top y` of the newest pair, :math:`D` the diagonal of
+:math:`S^\top Y` and :math:`L` its part where the :math:`s` is newer than the :math:`y`.
+
+1. **Generalized Cauchy point** (sec. 4): the first local minimizer of :math:`m` along the
+   projected steepest-descent path :math:`x(t) = P(x - t g)`, piecewise linear with a
+   breakpoint where each variable reaches its bound. ``lbfgsb.f`` walks the breakpoints one by
+   one; here the model's slope :math:`f'_j` and curvature :math:`f''_j` on every segment come
+   from cumulative sums over the sorted breakpoints (eqs. 4.4-4.9 summed in closed form), and
+   the first segment holding a minimizer is found by a mask: a fixed number of kernels, no
+   data-dependent loop.
+2. **Subspace minimization** (sec. 5.1, direct primal method): with the variables at a bound
+   at the Cauchy point held there, minimize :math:`m` over the others (the free set
+   :math:`F`) by the Sherman-Morrison-Woodbury form of :math:`(Z^\top B Z)^{-1}`, a
+   ``2m x 2m`` solve. The free set is a mask, never a gather, so shapes never depend on it.
+3. **Back into the box**: the minimizer is projected onto the box, and if that no longer
+   gives a descent direction, moved back along the subspace step to the box instead
+   (Morales & Nocedal 2011).
+
+The direction is :math:`d = \bar x - x`, with :math:`\bar x` feasible, so steps up to 1 (and up to
+:func:`~torchlbfgs.bounds.max_step`) stay in the box.
+
+Cost per iteration: a sort of the ``n`` breakpoints, ``O(mn)`` arithmetic and an ``(n, 2m)``
+temporary for the cumulative sums, and a few ``2m x 2m`` solves.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch.nn.functional import pad
+
+from torchlbfgs.bounds import Bounds, project
+from torchlbfgs.history import ELEMENTWISE_PRODUCTS_MAX_N, History, add_buffer_rows, buffer_dot
+
+__all__ = [
+    "CauchyPoint",
+    "CompactHessian",
+    "bounded_direction",
+    "cauchy_point",
+    "compact_hessian",
+    "subspace_step",
+]
+
+
+class CompactHessian(NamedTuple):
+    r""":math:`B = \theta I - W M W^\top`, kept as :math:`W^\top` and :math:`M^{-1}`.
+
+    Attributes:
+        theta: ``()`` - :math:`\theta`.
+        w_rows: ``(2m, n)`` - :math:`W^\top`: the ``y`` rows, then the ``theta s`` rows, in
+            slot order; zero rows for empty slots.
+        middle: ``(2m, 2m)`` - :math:`M^{-1}`, with a unit diagonal entry for each empty slot
+            (which then contributes nothing).
+        middle_lu: ``middle``'s LU factors and pivots (``torch.linalg.lu_factor``).
+    """
+
+    theta: torch.Tensor
+    w_rows: torch.Tensor
+    middle: torch.Tensor
+    middle_lu: tuple[torch.Tensor, torch.Tensor]
+
+    def apply_m(self, columns: torch.Tensor) -> torch.Tensor:
+        """:math:`M c` for each column of ``columns`` ``(2m, k)``."""
+        solved: torch.Tensor = torch.linalg.lu_solve(*self.middle_lu, columns)
+        return solved
+
+    def times(self, vector: torch.Tensor) -> torch.Tensor:
+        """:math:`B v` (dense check in the tests; the solver never forms :math:`B`)."""
+        inner = self.apply_m(buffer_dot(self.w_rows, vector).unsqueeze(-1)).squeeze(-1)
+        return add_buffer_rows(self.theta * vector, self.w_rows, -inner)
+
+
+def _row_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b.T`` for ``(k, n)`` buffers; elementwise up to ``ELEMENTWISE_PRODUCTS_MAX_N``, which
+    rounds the same batched and alone (as :func:`~torchlbfgs.history.buffer_dot`)."""
+    if a.shape[-1] > ELEMENTWISE_PRODUCTS_MAX_N:
+        return a @ b.mT
+    return (a.unsqueeze(-2) * b.unsqueeze(-3)).sum(-1)
+
+
+def _solve(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """``matrix^-1 rhs`` by LU with pivoting (``torch.linalg.solve`` fixes the batch size under
+    a compiled vmap; ``lu_factor``/``lu_solve`` do not)."""
+    solved: torch.Tensor = torch.linalg.lu_solve(*torch.linalg.lu_factor(matrix), rhs)
+    return solved
+
+
+def compact_hessian(history: History) -> CompactHessian:
+    """The compact form of :math:`B = H^{-1}` for the pairs in ``history`` (any slot order)."""
+    m = history.s_history.shape[-2]
+    valid = history.rho != 0
+    s = history.s_history * valid.unsqueeze(-1)
+    y = history.y_history * valid.unsqueeze(-1)
+    theta = torch.reciprocal(history.gamma)
+    sy = _row_products(s, y)  # sy[i, j] = s_i'y_j
+    ss = _row_products(s, s)
+    age = torch.remainder(history.head - 1 - torch.arange(m, device=history.head.device), m)  # 0: newest
+    s_newer = age.unsqueeze(-1) < age.unsqueeze(0)
+    lower = torch.where(s_newer, sy, torch.zeros_like(sy))  # L: s_i'y_j with pair i newer than j
+    # Blocks joined by stacking and diagonals made by masking with the identity: torch.cat and
+    # diag_embed under a compiled vmap fix the batch size.
+    eye = torch.eye(m, dtype=sy.dtype, device=sy.device)
+    empty = eye * (~valid).to(sy.dtype).unsqueeze(-1)
+    top = torch.stack((empty - sy * eye, lower.mT), -2).reshape(m, 2 * m)
+    bottom = torch.stack((lower, theta * ss + empty), -2).reshape(m, 2 * m)
+    middle = torch.stack((top, bottom), -3).reshape(2 * m, 2 * m)
+    w_rows = torch.stack((y, theta * s), -3).reshape(2 * m, y.shape[-1])
+    return CompactHessian(theta, w_rows, middle, torch.linalg.lu_factor(middle))
+
+
+class CauchyPoint(NamedTuple):
+    """The generalized Cauchy point :math:`x^c = P(x - t^* g)`.
+
+    Attributes:
+        point: ``(n,)`` - :math:`x^c`.
+        step: ``()`` - :math:`t^*`.
+        free: ``(n,)`` bool - the variables not held at a bound at :math:`x^c` (the free set
+            of the subspace minimization).
+    """
+
+    point: torch.Tensor
+    step: torch.Tensor
+    free: torch.Tensor
+
+
+def _breakpoints(x: torch.Tensor, grad: torch.Tensor, bounds: Bounds) -> torch.Tensor:
+    """:math:`t_i`, where :math:`x_i - t g_i` reaches its bound (eq. 4.1); ``inf`` if never."""
+    to_bound = torch.where(grad < 0, x - bounds.upper, torch.where(grad > 0, x - bounds.lower, torch.inf))
+    t = torch.where(grad != 0, to_bound / grad, torch.inf)
+    return torch.clamp(torch.nan_to_num(t, nan=torch.inf), min=0.0)
+
+
+def _suffix_sums(values: torch.Tensor) -> torch.Tensor:
+    """``out[j] = values[j:].sum(0)``."""
+    return torch.flip(torch.cumsum(torch.flip(values, (0,)), 0), (0,))
+
+
+def cauchy_point(x: torch.Tensor, grad: torch.Tensor, bounds: Bounds, hessian: CompactHessian) -> CauchyPoint:
+    r"""The first local minimizer of the quadratic model along :math:`P(x - t g)`.
+
+    On the segment :math:`[t_j, t_{j+1}]` between consecutive breakpoints, with the variables
+    whose breakpoint is at most :math:`t_j` held, the model's derivative along the path is
+    :math:`f'_j + (t - t_j) f''_j` with
+
+    .. math::
+        f'_j = -G_j + \theta t_j G_j - c_j^\top M p_j, \qquad f''_j = \theta G_j - p_j^\top M p_j,
+
+    :math:`G_j = \sum_{i\ \mathrm{free}} g_i^2`, :math:`p_j = W^\top d_j` and
+    :math:`c_j = W^\top (x(t_j) - x)` (eqs. 4.4-4.9, each summed over the sorted breakpoints).
+    :math:`t^*` is :math:`t_j` on the first segment whose :math:`f'_j \ge 0`, or
+    :math:`t_j - f'_j / f''_j` on the first whose minimizer lies inside it.
+    """
+    theta, w_rows = hessian.theta, hessian.w_rows
+    t_break = _breakpoints(x, grad, bounds)
+    moving = t_break > 0  # a variable at a bound that the gradient pushes out never moves
+    g = torch.where(moving, grad, torch.zeros_like(grad))
+    order = torch.argsort(t_break, stable=True)
+    t_sorted = t_break[order]
+    finite = torch.isfinite(t_sorted)
+    g2_sorted = (g * g)[order]
+    b_sorted = (w_rows * g).mT[order]  # (n, 2m): g_i w_i in breakpoint order
+    # Quantities at the start of segment j = 0..n, where the first j variables are held: sums
+    # over the free ones as suffix sums (no cancellation), over the held ones as prefix sums.
+    # (Padding rather than torch.cat, which fixes the batch size under a compiled vmap.)
+    free_g2 = pad(_suffix_sums(g2_sorted), (0, 1))  # G_j
+    p = -pad(_suffix_sums(b_sorted), (0, 0, 0, 1))  # p_j = W'd_j
+    held_tb = torch.where(finite.unsqueeze(-1), t_sorted.unsqueeze(-1) * b_sorted, 0.0)
+    tb_held = pad(torch.cumsum(held_tb, 0), (0, 0, 1, 0))
+    starts = pad(t_sorted, (1, 0))  # t_j
+    ends = pad(t_sorted, (0, 1), value=torch.inf)  # t_{j+1}
+    starts_finite = torch.isfinite(starts)
+    safe_starts = torch.where(starts_finite, starts, torch.zeros_like(starts))
+    c = -tb_held + safe_starts.unsqueeze(-1) * p  # c_j = W'(x(t_j) - x)
+    m_p = hessian.apply_m(p.mT).mT  # M p_j, every segment at once
+    slope = -free_g2 + theta * safe_starts * free_g2 - (c * m_p).sum(-1)
+    curvature = theta * free_g2 - (p * m_p).sum(-1)
+    length = ends - starts
+    inside = (curvature > 0) & (-slope < length * curvature)
+    holds = starts_finite & ((slope >= 0) | inside)
+    holds = holds | (torch.arange(holds.shape[-1], device=holds.device) == holds.shape[-1] - 1)  # fallback
+    j = torch.argmax(holds.to(torch.int8), dim=-1)
+    t_j, slope_j, curvature_j = starts[j], slope[j], curvature[j]
+    minimizer = torch.where(curvature_j > 0, -slope_j / torch.where(curvature_j > 0, curvature_j, 1.0), 0.0)
+    step = torch.where(slope_j >= 0, t_j, t_j + torch.clamp(minimizer, min=0.0))
+    step = torch.where(torch.isfinite(step), step, torch.zeros_like(step))
+    point = project(x - step * grad, bounds)
+    free = (t_break > step) & (bounds.lower < bounds.upper)
+    return CauchyPoint(point, step, free)
+
+
+def subspace_step(
+    x: torch.Tensor, grad: torch.Tensor, cauchy: CauchyPoint, hessian: CompactHessian
+) -> torch.Tensor:
+    r"""The Newton step of the model on the free variables from :math:`x^c` (sec. 5.1).
+
+    :math:`d = -(Z^\top B Z)^{-1} r` with the reduced gradient
+    :math:`r = Z^\top (g + B (x^c - x))` and, by Sherman-Morrison-Woodbury,
+
+    .. math::
+        (Z^\top B Z)^{-1} = \tfrac1\theta I + \tfrac1{\theta^2} Z^\top W
+            \big(M^{-1} - \tfrac1\theta W^\top Z Z^\top W\big)^{-1} W^\top Z.
+
+    Zero on the variables held at a bound.
+    """
+    theta, w_rows, free = hessian.theta, hessian.w_rows, cauchy.free
+    zero = torch.zeros_like(grad)
+    model_grad = grad + hessian.times(cauchy.point - x)
+    r = torch.where(free, model_grad, zero)
+    w_free = torch.where(free, w_rows, zero)
+    reduced = hessian.middle - _row_products(w_free, w_free) / theta
+    v = _solve(reduced, buffer_dot(w_rows, r).unsqueeze(-1)).squeeze(-1)
+    return -r / theta - torch.where(free, add_buffer_rows(zero, w_rows, v), zero) / theta**2
+
+
+def bounded_direction(x: torch.Tensor, grad: torch.Tensor, history: History, bounds: Bounds) -> torch.Tensor:
+    """The L-BFGS-B direction :math:`d = \\bar x - x` at a feasible ``x`` (module docstring).
+
+    Examples:
+        >>> import torch, torchlbfgs
+        >>> from torchlbfgs.bounds import Bounds
+        >>> from torchlbfgs.bounded_direction import bounded_direction
+        >>> x = torch.tensor([0.0, 0.5], dtype=torch.float64)
+        >>> state = torchlbfgs.init(lambda x: ((x - 2) ** 2).sum(), x)  # g = (-4, -3)
+        >>> box = Bounds(torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64))
+        >>> bounded_direction(x, state.grad, state.history, box)
+        tensor([1.0000, 0.5000], dtype=torch.float64)
+    """
+    hessian = compact_hessian(history)
+    cauchy = cauchy_point(x, grad, bounds, hessian)
+    step = subspace_step(x, grad, cauchy, hessian)
+    newton = cauchy.point + step
+    projected = project(newton, bounds)
+    # Morales & Nocedal (2011): keep the projection if it still descends, else stop the
+    # subspace step at the box (the largest fraction of it that stays feasible).
+    descends = torch.dot(grad, projected - x) < 0
+    room = torch.where(
+        step > 0, bounds.upper - cauchy.point, torch.where(step < 0, bounds.lower - cauchy.point, torch.inf)
+    )
+    fraction = torch.clamp(torch.where(step != 0, room / step, torch.inf).amin(-1), min=0.0, max=1.0)
+    backtracked = project(cauchy.point + fraction * step, bounds)
+    return torch.where(descends, projected, backtracked) - x
