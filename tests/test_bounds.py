@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 import torchlbfgs
 from torchlbfgs.bounded_direction import cauchy_point, compact_hessian, subspace_step
 from torchlbfgs.bounds import Bounds, max_step, projected_gradient
+from torchlbfgs.line_searches.loop import trial_point
 
 DT = torch.float64
 LINE_SEARCHES = ["strong_wolfe", "more_thuente", "backtracking"]
@@ -332,6 +333,19 @@ def test_cauchy_point_and_subspace_step_equal_dense_computations(n, m, iteration
     expected = torch.zeros(n, dtype=DT)
     expected[free_index] = -torch.linalg.solve(hessian[free_index][:, free_index], reduced_grad)
     torch.testing.assert_close(subspace_step(x, grad, cauchy, compact), expected, rtol=1e-8, atol=1e-10)
+
+
+def test_rounding_never_takes_a_trial_point_out_of_the_box():
+    # x + t d at the largest feasible step t rounds above the bound in a few percent of cases
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(10_000, generator=generator, dtype=DT)
+    upper = x + 3 * torch.rand(10_000, generator=generator, dtype=DT)
+    direction = 5 * torch.rand(10_000, generator=generator, dtype=DT)
+    t = (upper - x) / direction
+    assert bool((torch.addcmul(x, direction, t) > upper).any()), "no rounding case found"
+    bounds = Bounds(torch.full_like(x, -torch.inf), upper)
+    trial = trial_point(x, direction, t, torch.ones((), dtype=torch.bool), bounds)
+    assert bool((trial <= upper).all())
 
 
 def test_max_step_and_projected_gradient():

@@ -77,6 +77,8 @@ def test_bounded_groups_reach_scipys_solution_and_every_point_is_feasible(line_s
     assert torch.equal(ours == 0.0, reference == 0.0)  # the same active set (the bias sits at -0.5)
     assert float(model.bias.detach()) == -0.5
     assert optimizer.converged
+    on_bounds = int((reference[:5] == 0).sum() + (reference[:5] == 2).sum() + (reference[5] == -0.5))
+    assert optimizer.n_active_bounds == on_bounds >= 2
     for weight, bias in seen:  # every point the closure saw, the projected start included
         assert bool(((weight >= 0) & (weight <= 2)).all())
         assert bool((bias <= -0.5).all())
@@ -99,6 +101,7 @@ def test_without_bounds_nothing_changes_not_even_the_groups():
     optimizer = torchlbfgs.LBFGS(model.parameters(), line_search_fn="strong_wolfe")
     optimizer.step(make_closure(model, optimizer, inputs, targets))
     assert "lower" not in optimizer.param_groups[0]
+    assert optimizer.n_active_bounds == 0
     assert "upper" not in optimizer.state_dict()["param_groups"][0]
 
 

@@ -26,7 +26,7 @@ import torch
 from torch._compile import _disable_dynamo
 from torch.optim import Optimizer
 
-from torchlbfgs.bounds import Bounds
+from torchlbfgs.bounds import Bounds, active_count
 from torchlbfgs.checkpoint import (
     PARAM_SHAPES,
     OptimizerState,
@@ -376,6 +376,16 @@ class LBFGS(Optimizer):
     def converged(self) -> bool:
         """Whether the last ``step`` stopped because it met a tolerance (see :attr:`stop_reason`)."""
         return self.stop_reason in CONVERGED
+
+    @property
+    def n_active_bounds(self) -> int:
+        """How many parameter entries sit on one of their group's bounds (``lower``/``upper``);
+        0 without bounds. A host read."""
+        bounds = self._bounds()
+        if bounds is None:
+            return 0
+        flat = _ModelParameters(self._params, closure=lambda: None).read()
+        return int(active_count(flat, bounds))  # sync-ok: a property read by the user
 
     # --- the step ------------------------------------------------------------------------------
 
