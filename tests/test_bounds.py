@@ -433,3 +433,26 @@ def test_a_compiled_bounded_round_equals_the_eager_one():
     )
     torch.testing.assert_close(compiled.params, eager.params, rtol=0, atol=1e-12)
     assert torch.equal(compiled.n_evals, eager.n_evals)
+
+
+def test_a_bounded_update_compiles_whole_and_equals_the_eager_one():
+    # Moré-Thuente: its per-problem stpmax (strong Wolfe's cap is in the compiled round below).
+    # Dynamo alone (backend "eager"): graph breaks and data-dependent shapes are Dynamo's to find.
+    line_search = "more_thuente"
+    fun, _, lower, upper = _quadratic_with_known_solution(1, n=6)
+    box = (lower, upper)
+    x = torch.zeros(6, dtype=DT)
+    state = torchlbfgs.init(fun, x, history_size=3, bounds=box)
+
+    def step(x, state):
+        return torchlbfgs.update(fun, x, state, bounds=box, line_search=line_search, max_ls=4)
+
+    torch._dynamo.reset()
+    compiled_step = torch.compile(step, fullgraph=True, backend="eager")
+    eager_x, eager_state = x, state
+    for _ in range(4):  # past the history's wrap
+        x, state = compiled_step(x, state)
+        eager_x, eager_state = step(eager_x, eager_state)
+        torch.testing.assert_close(x, eager_x, rtol=1e-12, atol=1e-12)
+        assert torch.equal(state.n_evals, eager_state.n_evals)
+        assert torch.equal(state.status, eager_state.status)

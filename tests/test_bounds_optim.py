@@ -176,29 +176,38 @@ def resume(checkpoint_path: str, line_search: str | None) -> None:
     torch.save({"model": model.state_dict(), "losses": torch.stack(losses)}, checkpoint_path + ".resumed")
 
 
-@pytest.mark.parametrize("line_search", LINE_SEARCHES)
-def test_resume_with_bounds_in_a_fresh_process_is_bitwise_exact(line_search, tmp_path: Path):
-    model, inputs, targets = make_problem()
-    optimizer = make_optimizer(model, line_search)
-    closure = make_closure(model, optimizer, inputs, targets)
-    run(optimizer, closure, STEPS)
-    path = str(tmp_path / "bounded.pt")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, path)
-    expected = torch.stack(run(optimizer, closure, STEPS))
-    assert int(optimizer.state[model.weight]["n_pairs"]) == 4  # the history wrapped
+def test_resume_with_bounds_in_a_fresh_process_is_bitwise_exact(tmp_path: Path):
+    expected, paths = {}, []
+    for line_search in LINE_SEARCHES:
+        model, inputs, targets = make_problem()
+        optimizer = make_optimizer(model, line_search)
+        closure = make_closure(model, optimizer, inputs, targets)
+        run(optimizer, closure, STEPS)
+        path = str(tmp_path / f"bounded-{line_search}.pt")
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, path)
+        losses = torch.stack(run(optimizer, closure, STEPS))
+        assert int(optimizer.state[model.weight]["n_pairs"]) == 4  # the history wrapped
+        expected[line_search] = (losses, model.state_dict())
+        paths += [path, str(line_search)]
 
     script = (
         "import importlib.util, sys\n"
         "spec = importlib.util.spec_from_file_location('bounded', sys.argv[1])\n"
         "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
-        "module.resume(sys.argv[2], None if sys.argv[3] == 'None' else sys.argv[3])\n"
+        "for path, line_search in zip(sys.argv[2::2], sys.argv[3::2]):\n"
+        "    module.resume(path, None if line_search == 'None' else line_search)\n"
     )
     completed = subprocess.run(
-        [sys.executable, "-c", script, __file__, path, str(line_search)],
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+        [sys.executable, "-c", script, __file__, *paths],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert completed.returncode == 0, completed.stderr
-    resumed = torch.load(path + ".resumed", weights_only=True)
-    assert torch.equal(resumed["losses"], expected)
-    for name, value in model.state_dict().items():
-        assert torch.equal(resumed["model"][name], value), name
+    for path, line_search in zip(paths[::2], LINE_SEARCHES, strict=True):
+        resumed = torch.load(path + ".resumed", weights_only=True)
+        losses, state = expected[line_search]
+        assert torch.equal(resumed["losses"], losses), line_search
+        for name, value in state.items():
+            assert torch.equal(resumed["model"][name], value), (line_search, name)

@@ -192,7 +192,12 @@ def cauchy_point(x: torch.Tensor, grad: torch.Tensor, bounds: Bounds, hessian: C
     holds = starts_finite & ((slope >= 0) | inside)
     holds = holds | (torch.arange(holds.shape[-1], device=holds.device) == holds.shape[-1] - 1)  # fallback
     j = torch.argmax(holds.to(torch.int8), dim=-1)
-    t_j, slope_j, curvature_j = starts[j], slope[j], curvature[j]
+    # Picked by a mask: indexing by a 0-d tensor is data-dependent to torch.compile, and a gather
+    # under a compiled vmap fixes the batch size.
+    chosen = torch.arange(holds.shape[-1], device=holds.device) == j
+    t_j, slope_j, curvature_j = (
+        torch.where(chosen, values, 0.0).sum(-1) for values in (starts, slope, curvature)
+    )
     minimizer = torch.where(curvature_j > 0, -slope_j / torch.where(curvature_j > 0, curvature_j, 1.0), 0.0)
     step = torch.where(slope_j >= 0, t_j, t_j + torch.clamp(minimizer, min=0.0))
     step = torch.where(torch.isfinite(step), step, torch.zeros_like(step))
