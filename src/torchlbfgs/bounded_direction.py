@@ -43,7 +43,7 @@ import torch
 from torch.nn.functional import pad
 
 from torchlbfgs.bounds import Bounds, project
-from torchlbfgs.history import ELEMENTWISE_PRODUCTS_MAX_N, History, add_buffer_rows, buffer_dot
+from torchlbfgs.history import History, add_buffer_rows, buffer_dot
 
 __all__ = [
     "CauchyPoint",
@@ -56,7 +56,7 @@ __all__ = [
 
 
 class CompactHessian(NamedTuple):
-    r""":math:`B = \theta I - W M W^\top`, kept as :math:`W^\top` and :math:`M^{-1}`.
+    r""":math:`B = \theta I - W M W^\top`, kept as :math:`W^\top`, :math:`M` and :math:`M^{-1}`.
 
     Attributes:
         theta: ``()`` - :math:`\theta`.
@@ -64,31 +64,30 @@ class CompactHessian(NamedTuple):
             slot order; zero rows for empty slots.
         middle: ``(2m, 2m)`` - :math:`M^{-1}`, with a unit diagonal entry for each empty slot
             (which then contributes nothing).
-        middle_lu: ``middle``'s LU factors and pivots (``torch.linalg.lu_factor``).
+        m_matrix: ``(2m, 2m)`` - :math:`M` itself, from the block inverse of ``middle``
+            (:func:`compact_hessian`).
+        factored: ``()`` bool - the ``m x m`` Cholesky factorization behind :math:`M` worked
+            (false only for a memory too ill-conditioned to be positive definite in floating
+            point; :func:`bounded_direction` then falls back to the projected gradient).
     """
 
     theta: torch.Tensor
     w_rows: torch.Tensor
     middle: torch.Tensor
-    middle_lu: tuple[torch.Tensor, torch.Tensor]
+    m_matrix: torch.Tensor
+    factored: torch.Tensor
 
     def apply_m(self, columns: torch.Tensor) -> torch.Tensor:
         """:math:`M c` for each column of ``columns`` ``(2m, k)``."""
-        solved: torch.Tensor = torch.linalg.lu_solve(*self.middle_lu, columns)
-        return solved
+        return self.m_matrix @ columns
 
     def times(self, vector: torch.Tensor) -> torch.Tensor:
-        """:math:`B v` (dense check in the tests; the solver never forms :math:`B`)."""
-        inner = self.apply_m(buffer_dot(self.w_rows, vector).unsqueeze(-1)).squeeze(-1)
+        """:math:`B v`."""
+        # Matrix-vector products as elementwise products and sums (buffer_dot): a BLAS
+        # matrix-vector product rounds differently batched (one matrix-matrix kernel) and
+        # alone, and a problem in a batch must take the steps it takes alone.
+        inner = (self.m_matrix * buffer_dot(self.w_rows, vector)).sum(-1)
         return add_buffer_rows(self.theta * vector, self.w_rows, -inner)
-
-
-def _row_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b.T`` for ``(k, n)`` buffers; elementwise up to ``ELEMENTWISE_PRODUCTS_MAX_N``, which
-    rounds the same batched and alone (as :func:`~torchlbfgs.history.buffer_dot`)."""
-    if a.shape[-1] > ELEMENTWISE_PRODUCTS_MAX_N:
-        return a @ b.mT
-    return (a.unsqueeze(-2) * b.unsqueeze(-3)).sum(-1)
 
 
 def _solve(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
@@ -98,27 +97,54 @@ def _solve(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     return solved
 
 
+def _blocks(top_left: torch.Tensor, top_right: torch.Tensor, bottom_left: torch.Tensor,
+            bottom_right: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """The ``2m x 2m`` matrix of four ``m x m`` blocks (stacked: torch.cat under a compiled vmap
+    fixes the batch size)."""
+    m = top_left.shape[-1]
+    top = torch.stack((top_left, top_right), -2).reshape(m, 2 * m)
+    bottom = torch.stack((bottom_left, bottom_right), -2).reshape(m, 2 * m)
+    return torch.stack((top, bottom), -3).reshape(2 * m, 2 * m)
+
+
 def compact_hessian(history: History) -> CompactHessian:
-    """The compact form of :math:`B = H^{-1}` for the pairs in ``history`` (any slot order)."""
+    r"""The compact form of :math:`B = H^{-1}` for the pairs in ``history`` (any slot order).
+
+    :math:`M` is the block inverse of :math:`M^{-1} = [[-D, L^\top], [L, \theta S^\top S]]`
+    through the ``m x m`` Schur complement :math:`J = \theta S^\top S + L D^{-1} L^\top`,
+    positive definite (L-BFGS-B's ``formt``), by a batched Cholesky factorization:
+
+    .. math::
+        M = \begin{bmatrix} -D^{-1} + D^{-1} L^\top J^{-1} L D^{-1} & D^{-1} L^\top J^{-1} \\
+            J^{-1} L D^{-1} & J^{-1} \end{bmatrix}.
+
+    (An ``m x m`` Cholesky costs a fraction of a ``2m x 2m`` LU, and :math:`M` once formed
+    turns every later product into a matrix multiplication.)
+    """
     m = history.s_history.shape[-2]
     valid = history.rho != 0
     s = history.s_history * valid.unsqueeze(-1)
     y = history.y_history * valid.unsqueeze(-1)
     theta = torch.reciprocal(history.gamma)
-    sy = _row_products(s, y)  # sy[i, j] = s_i'y_j
-    ss = _row_products(s, s)
+    sy = s @ y.mT  # sy[i, j] = s_i'y_j
+    ss = s @ s.mT
     age = torch.remainder(history.head - 1 - torch.arange(m, device=history.head.device), m)  # 0: newest
     s_newer = age.unsqueeze(-1) < age.unsqueeze(0)
     lower = torch.where(s_newer, sy, torch.zeros_like(sy))  # L: s_i'y_j with pair i newer than j
-    # Blocks joined by stacking and diagonals made by masking with the identity: torch.cat and
-    # diag_embed under a compiled vmap fix the batch size.
+    # Diagonals by masking with the identity (diag_embed under a compiled vmap fixes the batch
+    # size). Empty slots get unit entries: their rows of W are zero, so they change nothing.
     eye = torch.eye(m, dtype=sy.dtype, device=sy.device)
     empty = eye * (~valid).to(sy.dtype).unsqueeze(-1)
-    top = torch.stack((empty - sy * eye, lower.mT), -2).reshape(m, 2 * m)
-    bottom = torch.stack((lower, theta * ss + empty), -2).reshape(m, 2 * m)
-    middle = torch.stack((top, bottom), -3).reshape(2 * m, 2 * m)
+    d = torch.where(valid, (sy * eye).sum(-1), 1.0)  # D, s_i'y_i
+    middle = _blocks(-d.unsqueeze(-1) * eye, lower.mT, lower, theta * ss + empty)
+    d_inv_lower_t = lower.mT / d.unsqueeze(-1)  # D^-1 L'
+    schur = theta * ss + lower @ d_inv_lower_t + empty  # J
+    cholesky, info = torch.linalg.cholesky_ex(schur)
+    j_inv = torch.cholesky_inverse(cholesky)
+    top_right = d_inv_lower_t @ j_inv
+    m_matrix = _blocks(top_right @ d_inv_lower_t.mT - eye / d.unsqueeze(-1), top_right, top_right.mT, j_inv)
     w_rows = torch.stack((y, theta * s), -3).reshape(2 * m, y.shape[-1])
-    return CompactHessian(theta, w_rows, middle, torch.linalg.lu_factor(middle))
+    return CompactHessian(theta, w_rows, middle, m_matrix, info == 0)
 
 
 class CauchyPoint(NamedTuple):
@@ -141,6 +167,12 @@ def _breakpoints(x: torch.Tensor, grad: torch.Tensor, bounds: Bounds) -> torch.T
     to_bound = torch.where(grad < 0, x - bounds.upper, torch.where(grad > 0, x - bounds.lower, torch.inf))
     t = torch.where(grad != 0, to_bound / grad, torch.inf)
     return torch.clamp(torch.nan_to_num(t, nan=torch.inf), min=0.0)
+
+
+def _row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(a * b).sum(-1)`` for ``(k, 2m)`` rows, as a batched matrix product: Inductor turned the
+    elementwise form, fused with the segment arithmetic, into an OpenMP region per row."""
+    return (a.unsqueeze(-2) @ b.unsqueeze(-1)).reshape(a.shape[:-1])
 
 
 def _suffix_sums(values: torch.Tensor) -> torch.Tensor:
@@ -185,16 +217,18 @@ def cauchy_point(x: torch.Tensor, grad: torch.Tensor, bounds: Bounds, hessian: C
     safe_starts = torch.where(starts_finite, starts, torch.zeros_like(starts))
     c = -tb_held + safe_starts.unsqueeze(-1) * p  # c_j = W'(x(t_j) - x)
     m_p = hessian.apply_m(p.mT).mT  # M p_j, every segment at once
-    slope = -free_g2 + theta * safe_starts * free_g2 - (c * m_p).sum(-1)
-    curvature = theta * free_g2 - (p * m_p).sum(-1)
+    slope = -free_g2 + theta * safe_starts * free_g2 - _row_dots(c, m_p)
+    curvature = theta * free_g2 - _row_dots(p, m_p)
     length = ends - starts
     inside = (curvature > 0) & (-slope < length * curvature)
     holds = starts_finite & ((slope >= 0) | inside)
     holds = holds | (torch.arange(holds.shape[-1], device=holds.device) == holds.shape[-1] - 1)  # fallback
-    j = torch.argmax(holds.to(torch.int8), dim=-1)
-    # Picked by a mask: indexing by a 0-d tensor is data-dependent to torch.compile, and a gather
-    # under a compiled vmap fixes the batch size.
-    chosen = torch.arange(holds.shape[-1], device=holds.device) == j
+    # The first segment that holds, as a mask (its cumulative count is 1 there for the first
+    # time): indexing by a 0-d tensor is data-dependent to torch.compile, a gather under a
+    # compiled vmap fixes the batch size, and an argmax got fused with the segment arithmetic
+    # into one slow kernel.
+    count = torch.cumsum(holds.to(torch.int32), -1)
+    chosen = holds & (count == 1)
     t_j, slope_j, curvature_j = (
         torch.where(chosen, values, 0.0).sum(-1) for values in (starts, slope, curvature)
     )
@@ -225,7 +259,7 @@ def subspace_step(
     model_grad = grad + hessian.times(cauchy.point - x)
     r = torch.where(free, model_grad, zero)
     w_free = torch.where(free, w_rows, zero)
-    reduced = hessian.middle - _row_products(w_free, w_free) / theta
+    reduced = hessian.middle - (w_free @ w_free.mT) / theta
     v = _solve(reduced, buffer_dot(w_rows, r).unsqueeze(-1)).squeeze(-1)
     return -r / theta - torch.where(free, add_buffer_rows(zero, w_rows, v), zero) / theta**2
 
@@ -256,4 +290,7 @@ def bounded_direction(x: torch.Tensor, grad: torch.Tensor, history: History, bou
     )
     fraction = torch.clamp(torch.where(step != 0, room / step, torch.inf).amin(-1), min=0.0, max=1.0)
     backtracked = project(cauchy.point + fraction * step, bounds)
-    return torch.where(descends, projected, backtracked) - x
+    direction = torch.where(descends, projected, backtracked) - x
+    # A memory too ill-conditioned to factor: the projected steepest-descent step instead.
+    usable = hessian.factored & torch.isfinite(direction).all()
+    return torch.where(usable, direction, project(x - grad, bounds) - x)
