@@ -221,7 +221,7 @@ def test_update_with_bounds_leaves_its_inputs_unchanged():
 # --- Feasibility: a property of every point evaluated and every iterate --------------------------
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(
     seed=st.integers(0, 10_000),
     n=st.integers(1, 8),

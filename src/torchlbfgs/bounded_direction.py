@@ -199,8 +199,9 @@ def cauchy_point(x: torch.Tensor, grad: torch.Tensor, bounds: Bounds, hessian: C
     t_break = _breakpoints(x, grad, bounds)
     moving = t_break > 0  # a variable at a bound that the gradient pushes out never moves
     g = torch.where(moving, grad, torch.zeros_like(grad))
-    order = torch.argsort(t_break, stable=True)
-    t_sorted = t_break[order]
+    # The sorted values straight from the sort: re-gathered through `order`, a compiled round
+    # would gather them again in every expression that reads them.
+    t_sorted, order = torch.sort(t_break, stable=True)
     finite = torch.isfinite(t_sorted)
     g2_sorted = (g * g)[order]
     b_sorted = (w_rows * g).mT[order]  # (n, 2m): g_i w_i in breakpoint order

@@ -18,7 +18,7 @@ Examples:
     >>> project(torch.tensor([-1.0, 0.5]), box)
     tensor([0.0000, 0.5000])
     >>> projected_gradient(torch.tensor([0.0, 0.5]), torch.tensor([3.0, 1.0]), box)  # the first is held by l
-    tensor([ 0., -1.])
+    tensor([ 0.0000, -0.5000])
 """
 
 from __future__ import annotations
