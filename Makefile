@@ -42,14 +42,17 @@ typecheck: $(VENV)/.installed-test,dev,docs
 docs: $(VENV)/.installed-test,dev,docs
 	PYTHON=$(PY) bash .ci/build-docs mkdocs.yml $(VENV)/site
 
+# Two pytest workers, each taking whole files (module fixtures stay in one process).
+PYTEST := $(PY) -m pytest -n 2 --dist loadfile
+
 pytest: $(VENV)/.installed-test,dev,docs
-	$(PY) -m pytest
+	$(PYTEST)
 
 # The checks run beside pytest (their log is shown after it): on two cores that saves their
 # half-minute, and `make test` stays under five minutes on this project's machines.
 test: $(VENV)/.installed-test,dev,docs
 	@$(MAKE) --no-print-directory lint typecheck docs > $(VENV)/checks.log 2>&1 & checks=$$!; \
-	$(PY) -m pytest; tests=$$?; \
+	$(PYTEST); tests=$$?; \
 	wait $$checks; status=$$?; \
 	echo "=== ruff, mypy and the strict docs build:"; cat $(VENV)/checks.log; \
 	if [ $$status -ne 0 ]; then echo "make test: ruff, mypy or the docs build failed (log above)"; fi; \
