@@ -31,8 +31,10 @@ B (z - x)` uses the L-BFGS Hessian approximation in compact form (Byrd, Nocedal 
 The direction is :math:`d = \bar x - x`, with :math:`\bar x` feasible, so steps up to 1 (and up to
 :func:`~torchlbfgs.bounds.max_step`) stay in the box.
 
-Cost per iteration: a sort of the ``n`` breakpoints, ``O(mn)`` arithmetic and an ``(n, 2m)``
-temporary for the cumulative sums, and a few ``2m x 2m`` solves.
+Cost per iteration: a sort of the ``n`` breakpoints, ``O(m^2 n)`` arithmetic (the pairs'
+products and :math:`M p_j` on every segment) with ``(n, 2m)`` temporaries, one ``m x m``
+Cholesky factorization (:math:`M`, in :func:`compact_hessian`) and one ``2m x 2m`` LU solve
+(the subspace system).
 """
 
 from __future__ import annotations
