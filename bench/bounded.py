@@ -143,18 +143,20 @@ from dataclasses import asdict, dataclass, field, replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
+import convergence  # noqa: E402
 import numpy as np  # noqa: E402
 import scipy.optimize  # noqa: E402
 import torch  # noqa: E402
 from convergence import (  # noqa: E402
-    TORCH_OPS,
     Counter,
     Ops,
+    Run,
     beale,
     git_state,
     logistic,
     powell,
     quadratic,
+    value_and_grad,
     wood,
 )
 
@@ -207,16 +209,6 @@ class Problem:
 
     def active(self, x: np.ndarray) -> np.ndarray:
         return (x == self.lower) | (x == self.upper)
-
-
-def value_and_grad(
-    problem: Problem, x: np.ndarray, data: dict[str, torch.Tensor]
-) -> tuple[float, np.ndarray]:
-    """The torch objective and its autograd gradient at ``x``, in float64."""
-    xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
-    value = problem.fun(xt, data, TORCH_OPS)
-    (grad,) = torch.autograd.grad(value, xt)
-    return float(value.detach()), grad.numpy()
 
 
 def projected_gradient_max(problem: Problem, x: np.ndarray, grad: np.ndarray) -> float:
@@ -360,77 +352,17 @@ def make_problems() -> list[Problem]:
 # ------------------------------------------------------------------------------------- solvers
 
 
-@dataclass
-class Run:
-    """What one solver returned on one problem."""
-
-    x: np.ndarray
-    evals: int  # counted by us
-    iterations: int
-    seconds: float
-    stop: str  # the solver's own stop reason, short
-    claims_converged: bool | None
-    reported_evals: int | None
-    compile_seconds: float | None = None
-
-
 Solver = Callable[[Problem, int], Run]
-STOP_NAMES = {
-    torchlbfgs.StopReason.GRADIENT_TOLERANCE: "gtol",
-    torchlbfgs.StopReason.VALUE_CHANGE_TOLERANCE: "value change",
-    torchlbfgs.StopReason.STEP_TOLERANCE: "step tol",
-    torchlbfgs.StopReason.DIRECTIONAL_DERIVATIVE_TOLERANCE: "no descent",
-    torchlbfgs.StopReason.LINE_SEARCH_FAILED: "ls failed",
-    torchlbfgs.StopReason.NON_FINITE: "non-finite",
-    torchlbfgs.StopReason.MAX_EVALS: "cap",
-    torchlbfgs.StopReason.MAX_ITERATIONS: "max_iter",
-    torchlbfgs.StopReason.PRECISION_LIMIT: "precision",
-}
 
 
 def run_minimize(problem: Problem, cap: int, line_search: str) -> Run:
-    data, calls = problem.torch_data(), Counter()
-
-    def fun(x: torch.Tensor) -> torch.Tensor:
-        calls.tick()
-        value: torch.Tensor = problem.fun(x, data, TORCH_OPS)
-        return value
-
-    x0 = torch.from_numpy(problem.x0.copy())
     bounds = (torch.from_numpy(problem.lower), torch.from_numpy(problem.upper))
-    start = time.perf_counter()
-    result = torchlbfgs.minimize(
-        fun, x0, bounds=bounds, max_iter=cap, max_evals=cap, tolerance_grad=TOL, tolerance_change=0.0,
-        history_size=HISTORY, line_search=line_search,  # type: ignore[arg-type]
-    )  # fmt: skip
-    seconds = time.perf_counter() - start
-    status = torchlbfgs.StopReason(int(result.status))
-    return Run(result.params.numpy().copy(), calls.count, int(result.n_iter), seconds,
-               STOP_NAMES.get(status, status.name.lower()), bool(result.converged),
-               int(result.n_evals))  # fmt: skip
+    return convergence.run_minimize(problem, cap, line_search, bounds=bounds)  # type: ignore[arg-type]
 
 
 def run_scipy(problem: Problem, cap: int) -> Run:
-    data, calls = problem.torch_data(), Counter()
-
-    def fun(x: np.ndarray) -> tuple[float, np.ndarray]:
-        calls.tick()
-        return value_and_grad(problem, x, data)
-
-    options = {"maxcor": HISTORY, "gtol": TOL, "ftol": 0.0, "maxiter": cap, "maxfun": cap}
     bounds = scipy.optimize.Bounds(problem.lower, problem.upper)
-    start = time.perf_counter()
-    found = scipy.optimize.minimize(
-        fun, problem.x0.copy(), jac=True, method="L-BFGS-B", bounds=bounds, options=options
-    )
-    seconds = time.perf_counter() - start
-    message = str(found.message)
-    stops = {"PROJECTED GRADIENT": "gtol", "REDUCTION OF F": "ftol", "EVALUATIONS": "cap",
-             "ITERATIONS": "max_iter", "ABNORMAL": "ls failed"}  # fmt: skip
-    stop = next((short for key, short in stops.items() if key in message), message[:20])
-    return Run(
-        np.asarray(found.x), calls.count, int(found.nit), seconds, stop, stop == "gtol", int(found.nfev)
-    )
+    return convergence.run_scipy(problem, cap, bounds=bounds)  # type: ignore[arg-type]
 
 
 def import_jax() -> Any:
@@ -710,12 +642,8 @@ def ours_entry(result: torchlbfgs.Result, seconds: float) -> dict[str, Any]:
 def run_eager(A: np.ndarray, b: np.ndarray, repeats: int) -> dict[str, Any]:
     At, bt = torch.from_numpy(A), torch.from_numpy(b)
     solve_ours(At[:4], bt[:4])  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = solve_ours(At, bt)
-        times.append(time.perf_counter() - start)
-    return ours_entry(result, statistics.median(times))
+    seconds, result = common.timed_runs(lambda: solve_ours(At, bt), repeats)
+    return ours_entry(result, seconds)
 
 
 def run_compiled(A: np.ndarray, b: np.ndarray, repeats: int) -> dict[str, Any]:
@@ -724,12 +652,7 @@ def run_compiled(A: np.ndarray, b: np.ndarray, repeats: int) -> dict[str, Any]:
     start = time.perf_counter()
     solve_ours(At, bt, compile=True)
     first, graphs_first = time.perf_counter() - start, graphs["unique_graphs"]
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = solve_ours(At, bt, compile=True)
-        times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
+    seconds, result = common.timed_runs(lambda: solve_ours(At, bt, compile=True), repeats)
     return {**ours_entry(result, seconds), "compile_seconds": first - seconds, "first_call_seconds": first,
             "graphs_after_first_call": graphs_first,
             "graphs_after_timed_calls": graphs["unique_graphs"]}  # fmt: skip
@@ -776,12 +699,10 @@ def run_jaxopt_vmap(A: np.ndarray, b: np.ndarray, repeats: int) -> dict[str, Any
     compiled = jax.jit(jax.vmap(solve_one)).lower(Aj, bj).compile()
     compile_seconds = time.perf_counter() - start
     jax.block_until_ready(compiled(Aj, bj))  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        x, iterations, evals, error = jax.block_until_ready(compiled(Aj, bj))
-        times.append(time.perf_counter() - start)
-    return {"seconds": statistics.median(times), "params": np.asarray(x),
+    seconds, (x, iterations, evals, error) = common.timed_runs(
+        lambda: jax.block_until_ready(compiled(Aj, bj)), repeats
+    )
+    return {"seconds": seconds, "params": np.asarray(x),
             "evals_mean": float(np.mean(evals)), "iterations_mean": float(np.mean(iterations)),
             "not_converged": int(np.sum(~(np.asarray(error) <= TOL_B))),
             "compile_seconds": compile_seconds}  # fmt: skip

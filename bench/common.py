@@ -96,3 +96,14 @@ def timed_ms(
         synchronize(device)
         times.append(time.perf_counter() - start)
     return 1e3 * statistic(times)
+
+
+def timed_runs(work: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    """The median over ``repeats`` calls of ``work()`` in seconds, and the last call's result
+    (for benchmarks that report what the timed solve returned)."""
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = work()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result

@@ -305,10 +305,13 @@ STOP_NAMES = {
     torchlbfgs.StopReason.NON_FINITE: "non-finite",
     torchlbfgs.StopReason.MAX_EVALS: "cap",
     torchlbfgs.StopReason.MAX_ITERATIONS: "max_iter",
+    torchlbfgs.StopReason.PRECISION_LIMIT: "precision",
+    torchlbfgs.StopReason.INVALID_BOUNDS: "bad bounds",
 }
 
 
-def run_minimize(problem: Problem, cap: int, line_search: str) -> Run:
+def run_minimize(problem: Problem, cap: int, line_search: str, bounds: Any = None) -> Run:
+    """``torchlbfgs.minimize`` from the problem's start (``bounds`` passed on; bench/bounded.py)."""
     data, calls = problem.torch_data(), Counter()
 
     def fun(x: torch.Tensor) -> torch.Tensor:
@@ -320,7 +323,7 @@ def run_minimize(problem: Problem, cap: int, line_search: str) -> Run:
     start = time.perf_counter()
     result = torchlbfgs.minimize(
         fun, x0, max_iter=cap, max_evals=cap, tolerance_grad=TOL, tolerance_change=0.0,
-        history_size=HISTORY, line_search=line_search,  # type: ignore[arg-type]
+        history_size=HISTORY, line_search=line_search, bounds=bounds,  # type: ignore[arg-type]
     )  # fmt: skip
     seconds = time.perf_counter() - start
     status = torchlbfgs.StopReason(int(result.status))
@@ -355,7 +358,8 @@ def run_optimizer(problem: Problem, cap: int, optimizer_class: type[torch.optim.
     return Run(p.detach().numpy().copy(), calls.count, iterations, seconds, stop, None, reported)
 
 
-def run_scipy(problem: Problem, cap: int) -> Run:
+def run_scipy(problem: Problem, cap: int, bounds: Any = None) -> Run:
+    """scipy's L-BFGS-B from the problem's start (``bounds``: a ``scipy.optimize.Bounds``)."""
     import scipy.optimize
 
     data, calls = problem.torch_data(), Counter()
@@ -366,7 +370,9 @@ def run_scipy(problem: Problem, cap: int) -> Run:
 
     options = {"maxcor": HISTORY, "gtol": TOL, "ftol": 0.0, "maxiter": cap, "maxfun": cap}
     start = time.perf_counter()
-    found = scipy.optimize.minimize(fun, problem.x0.copy(), jac=True, method="L-BFGS-B", options=options)
+    found = scipy.optimize.minimize(
+        fun, problem.x0.copy(), jac=True, method="L-BFGS-B", bounds=bounds, options=options
+    )
     seconds = time.perf_counter() - start
     message = str(found.message)
     stops = {"PROJECTED GRADIENT": "gtol", "REDUCTION OF F": "ftol", "EVALUATIONS": "cap",

@@ -35,6 +35,7 @@ __all__ = [
     "Bounds",
     "BoundsLike",
     "active_count",
+    "broadcast_bound",
     "flat_bounds",
     "given_bounds",
     "infeasible",
@@ -60,8 +61,9 @@ class Bounds(NamedTuple):
     upper: torch.Tensor
 
 
-def _leaf_bound(bound: Any, leaf: torch.Tensor, fill: float, side: str, where: str) -> torch.Tensor:
-    """``bound`` broadcast to ``leaf``'s shape (``fill`` where it is ``None``)."""
+def broadcast_bound(bound: Any, leaf: torch.Tensor, fill: float, side: str, where: str) -> torch.Tensor:
+    """One side's ``bound`` (a number, a tensor or ``None``) broadcast to ``leaf``'s shape and
+    dtype (``fill`` where it is ``None``); ``ValueError`` naming ``where`` if it does not fit."""
     if bound is None:
         return torch.full(leaf.shape, fill, dtype=leaf.dtype, device=leaf.device)
     tensor = torch.as_tensor(bound, dtype=leaf.dtype, device=leaf.device)
@@ -106,8 +108,8 @@ def leaf_bounds(bounds: tuple[Any, Any], params: PyTree) -> list[tuple[str, torc
         where = _path_name(path)
         if not isinstance(leaf, torch.Tensor) or not leaf.is_floating_point():
             raise TypeError(f"{where} is not a real floating-point tensor; bounds need real parameters")
-        low = _leaf_bound(lower, leaf, -torch.inf, "lower", where)
-        high = _leaf_bound(upper, leaf, torch.inf, "upper", where)
+        low = broadcast_bound(lower, leaf, -torch.inf, "lower", where)
+        high = broadcast_bound(upper, leaf, torch.inf, "upper", where)
         if _can_read(low) and _can_read(high):
             crossed = ~(low <= high)
             if bool(crossed.any()):  # sync-ok: where reading is free

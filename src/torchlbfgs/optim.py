@@ -26,7 +26,7 @@ import torch
 from torch._compile import _disable_dynamo
 from torch.optim import Optimizer
 
-from torchlbfgs.bounds import Bounds, active_count
+from torchlbfgs.bounds import Bounds, active_count, broadcast_bound
 from torchlbfgs.checkpoint import (
     PARAM_SHAPES,
     OptimizerState,
@@ -211,14 +211,7 @@ def _group_bounds(group: Mapping[str, Any], index: int) -> list[tuple[torch.Tens
                 raise TypeError(
                     f"{where}: {name} must be a float, a tensor or None, got {type(value).__name__}"
                 )
-            tensor = torch.as_tensor(fill if value is None else value, dtype=p.dtype, device=p.device)
-            try:
-                per_side.append(torch.broadcast_to(tensor, p.shape))
-            except RuntimeError:
-                raise ValueError(
-                    f"{where}: {name} has shape {tuple(tensor.shape)}, which does not broadcast to the "
-                    f"parameter's shape {tuple(p.shape)}"
-                ) from None
+            per_side.append(broadcast_bound(value, p.detach(), fill, name, where))
         if not bool((per_side[0] <= per_side[1]).all()):  # sync-ok: options, checked on the host
             raise ValueError(
                 f"{where}: lower > upper (or NaN) somewhere; every lower bound must be <= its upper"

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from torchlbfgs.bounds import Bounds, given_bounds, infeasible, no_bounds, project
+from torchlbfgs.bounds import Bounds, given_bounds, no_bounds, project
 from torchlbfgs.direction import DIRECTIONS, Direction
 from torchlbfgs.history import CURVATURE_RULES, CurvatureRule, History
 from torchlbfgs.line_searches import LineSearch, check_line_search_options, search_method
@@ -152,12 +152,9 @@ def start(
         x = project(x, bounds)
     value, grad = objective(x)
     lbfgs = initial_state(
-        value.to(x.dtype), grad, history_size=settings.history_size, direction=settings.direction
-    )
-    if bounds is not None:
-        lbfgs = lbfgs._replace(
-            status=torch.where(infeasible(bounds), StopReason.INVALID_BOUNDS.value, lbfgs.status)
-        )
+        value.to(x.dtype), grad, history_size=settings.history_size, direction=settings.direction,
+        bounds=bounds,
+    )  # fmt: skip
     return _begin_iteration(x, lbfgs, settings, bounds)
 
 

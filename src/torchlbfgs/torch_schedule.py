@@ -268,8 +268,11 @@ def _step(
     moved_into_box = bounds is not None and _project_start(params, bounds)
     loss, value, grad = params.evaluate()
     core = stored.core
-    x = params.read() if bounds is not None else None
-    low, high = torch.aminmax(grad if x is None or bounds is None else projected_gradient(x, grad, bounds))
+    x, tested = None, grad  # what tolerance_grad tests: with bounds, the projected gradient
+    if bounds is not None:
+        x = params.read()
+        tested = projected_gradient(x, grad, bounds)
+    low, high = torch.aminmax(tested)
     f, low, high, head, n_pairs, iteration, pending = _read(
         value, low, high, core.head, core.n_pairs, core.iteration, stored.has_pending
     )  # once per step

@@ -114,7 +114,7 @@ def init(
     checks = check_finite if check_finite is not None else (
         exits_early(None, value) and not is_functorch_wrapped_tensor(value)
     )  # fmt: skip
-    state = initial_state(value.to(x.dtype), grad, history_size=history_size, direction=direction)
+    state = initial_state(value.to(x.dtype), grad, history_size=history_size, direction=direction, bounds=box)
     # initial_state has already tested finiteness: its status is the one value to read
     if checks and bool(state.status == StopReason.NON_FINITE.value):  # sync-ok: check_finite
         what = "gradient" if bool(torch.isfinite(value)) else "value"  # sync-ok: the error path
@@ -123,21 +123,26 @@ def init(
             "where fun and its gradient are finite (or pass check_finite=False to get a state "
             "with status NON_FINITE instead)"
         )
-    if box is not None:
-        state = state._replace(
-            status=torch.where(infeasible(box), StopReason.INVALID_BOUNDS.value, state.status)
-        )
     return state
 
 
 def initial_state(
-    value: torch.Tensor, grad: torch.Tensor, *, history_size: int, direction: Direction = "two_loop"
+    value: torch.Tensor,
+    grad: torch.Tensor,
+    *,
+    history_size: int,
+    direction: Direction = "two_loop",
+    bounds: Bounds | None = None,
 ) -> LBFGSState:
     """The state at a point with value ``value`` and flat gradient ``grad`` (one evaluation
-    counted, empty history). :func:`init` is this after evaluating ``fun``."""
+    counted, empty history); status ``INVALID_BOUNDS`` where ``bounds`` cross, ``NON_FINITE``
+    where the point is not finite. :func:`init` is this after evaluating ``fun``."""
     require_count("history_size", history_size, 1)
     products = history_size if uses_compact_form(direction) else 0
     finite = torch.isfinite(value) & torch.isfinite(grad).all()
+    status = torch.where(finite, _status(StopReason.RUNNING, grad), _status(StopReason.NON_FINITE, grad))
+    if bounds is not None:
+        status = torch.where(infeasible(bounds), StopReason.INVALID_BOUNDS.value, status)
     # Every leaf is built from value/grad, so that under vmap each is a real batched tensor
     # (not a shared, stride-0 expansion): compile guards and in-place owners rely on it.
     return LBFGSState(
@@ -153,7 +158,7 @@ def initial_state(
         yy_products=torch.zeros_like(value).expand(products, products).contiguous(),
         iteration=torch.zeros_like(value, dtype=torch.int64),
         n_evals=torch.ones_like(value, dtype=torch.int64),
-        status=torch.where(finite, _status(StopReason.RUNNING, grad), _status(StopReason.NON_FINITE, grad)),
+        status=status,
     )
 
 
@@ -202,7 +207,7 @@ class Proposal(NamedTuple):
     searching: torch.Tensor
     attempted: torch.Tensor
     status: torch.Tensor
-    max_step: torch.Tensor | None = None
+    max_step: torch.Tensor
 
 
 def propose(
