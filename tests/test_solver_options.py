@@ -97,7 +97,7 @@ def test_the_functional_api_names_one_option_one_way() -> None:
         defaults = {api: params[name].default for api, params in signatures.items() if name in params}
         assert len(set(map(repr, defaults.values()))) == 1, (name, defaults)
     batched_options = set(torchlbfgs.batched.SETTINGS_NAMES)
-    assert set(signatures["minimize"]) - {"fun", "params0"} <= batched_options
+    assert set(signatures["minimize"]) - {"fun", "params0", "args"} <= batched_options
     torch_names = set(inspect.signature(torchlbfgs.LBFGS).parameters) - {"params", "lower", "upper"}
     assert torch_names == set(inspect.signature(torch.optim.LBFGS).parameters) - {"params"}
 

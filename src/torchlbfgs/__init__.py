@@ -13,6 +13,7 @@ Examples:
 
 from torchlbfgs.batched import batched_minimize
 from torchlbfgs.direction import inv_hessian_product
+from torchlbfgs.implicit import BackwardSolve, BackwardSolveWarning, ImplicitDiff
 from torchlbfgs.line_searches import LineSearchResult, line_search
 from torchlbfgs.minimize import Progress, Result, minimize, print_progress
 from torchlbfgs.optim import LBFGS, to_torch_state_dict
@@ -23,6 +24,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LBFGS",
+    "BackwardSolve",
+    "BackwardSolveWarning",
+    "ImplicitDiff",
     "LBFGSState",
     "LineSearchResult",
     "Progress",

@@ -20,12 +20,18 @@ import optree
 import torch
 
 from torchlbfgs.bounds import Bounds, BoundsLike, leaf_bounds
+from torchlbfgs.history import History
+from torchlbfgs.implicit import ImplicitDiff, implicit_solution
+from torchlbfgs.line_searches.loop import stop_check_interval
 from torchlbfgs.minimize import (
     Progress,
     Result,
+    detached,
+    differentiable_result,
+    implicit_options,
     progress_of,
     result_of,
-    stop_check_interval,
+    solving_without_autodiff,
 )
 from torchlbfgs.objective import FlatObjective, flat_objective
 from torchlbfgs.options import reject_unknown_options, require_count
@@ -40,6 +46,7 @@ __all__ = ["batched_minimize"]
 SETTINGS_NAMES = (
     *(field.name for field in dataclasses.fields(Settings)),
     "in_dims", "compile", "callback", "callback_every", "value_and_grad", "progress", "bounds",
+    "implicit_diff",
 )  # fmt: skip
 
 PyTree = Any
@@ -111,6 +118,7 @@ def batched_minimize(
     value_and_grad: bool = False,
     progress: bool | None = None,
     bounds: BoundsLike = None,
+    implicit_diff: bool | ImplicitDiff = False,
     **options: Any,
 ) -> Result:
     """Solve a batch of independent problems ``fun(params, *args)`` in one vectorised run.
@@ -145,6 +153,10 @@ def batched_minimize(
             with the batch dimension gives each problem its own (``-inf``/``inf``/``None``:
             unbounded). ``params0`` must then be batched along one dimension (an int in
             ``in_dims``).
+        implicit_diff: as in :func:`~torchlbfgs.minimize`: every problem's params (and value)
+            differentiable with respect to ``args`` and the tensors ``fun`` closes over, by
+            implicit differentiation; the backward pass solves all problems' linear systems in
+            one batched conjugate-gradient run.
         **options: the other options of :func:`~torchlbfgs.minimize` (``max_iter``,
             tolerances, ``line_search``, ...).
 
@@ -167,13 +179,54 @@ def batched_minimize(
     require_count("callback_every", callback_every, 1)
     reject_unknown_options("torchlbfgs.batched_minimize", options, SETTINGS_NAMES)
     settings = Settings(**options)
+    implicit = implicit_options(implicit_diff, value_and_grad)
     dims = (in_dims,) * (1 + len(args)) if isinstance(in_dims, int) else tuple(in_dims)
     if len(dims) != 1 + len(args):
         raise ValueError(
             f"in_dims has {len(dims)} entries but there are {1 + len(args)} inputs "
             f"(params0 and {len(args)} args)"
         )
-    box = _batched_bounds(bounds, params0, dims[0])
+    box = _batched_bounds(bounds, params0, dims[0])  # with autodiff, for implicit_diff
+    with solving_without_autodiff(implicit is not None):
+        solved = _solve(
+            fun, *((params0, args, box) if implicit is None else detached((params0, args, box))),
+            dims=dims, settings=settings, compile=compile, callback=callback,
+            callback_every=callback_every, value_and_grad=value_and_grad, progress=progress,
+        )  # fmt: skip
+    state, unravel = solved
+    result: Result = torch.func.vmap(lambda s: result_of(s, unravel))(state)
+    if implicit is None:
+        return result
+
+    def differentiable_one(
+        x: torch.Tensor, memory: History, box: Bounds | None, *data: Any
+    ) -> tuple[PyTree, torch.Tensor]:
+        solution, value = implicit_solution(lambda z: fun(unravel(z), *data), x, memory, box, implicit)
+        return unravel(solution), value
+
+    differentiable = torch.func.vmap(
+        differentiable_one, in_dims=(0, 0, None if box is None else 0, *dims[1:])
+    )
+    params, value = differentiable(state.x, state.lbfgs.history, box, *args)
+    return differentiable_result(result, params, value)
+
+
+def _solve(
+    fun: Callable[..., Any],
+    params0: PyTree,
+    args: tuple[Any, ...],
+    box: Bounds | None,
+    *,
+    dims: tuple[Any, ...],
+    settings: Settings,
+    compile: bool | Mapping[str, Any],
+    callback: Callable[[Progress], None] | None,
+    callback_every: int,
+    value_and_grad: bool,
+    progress: bool | None,
+) -> tuple[RoundState, Unravel]:
+    """The rounds of :func:`batched_minimize`: every problem's final state, and the layout of one
+    problem's params."""
     structure: list[Unravel] = []
 
     def objective(data: tuple[Any, ...], unravel: Unravel) -> FlatObjective:
@@ -243,4 +296,4 @@ def batched_minimize(
             bar.update(rounds=done, running=int(still.sum()), values=whole.lbfgs.value)
     finally:
         bar.close()
-    return torch.func.vmap(lambda s: result_of(s, unravel))(active.whole())
+    return active.whole(), unravel

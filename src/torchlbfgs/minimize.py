@@ -9,22 +9,26 @@ problem that has stopped is frozen (its params, value and counters no longer cha
 others continue. The loop ends once every problem has stopped; it checks that on the host
 every round where the read is free (eager CPU), every 16 rounds on other devices (one sync
 each) and never under ``torch.compile`` or with ``early_exit=False`` (see
-:func:`stop_check_interval`). The rounds themselves make no host reads on devices.
+:func:`~torchlbfgs.line_searches.loop.stop_check_interval`). The rounds themselves make no
+host reads on devices.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import optree
 import torch
 from torch._C._functorch import is_functorch_wrapped_tensor
 
 from torchlbfgs.bounds import BoundsLike, active_count, flat_bounds, given_bounds, projected_gradient
 from torchlbfgs.direction import Direction
 from torchlbfgs.history import CurvatureRule
+from torchlbfgs.implicit import ImplicitDiff, implicit_solution
 from torchlbfgs.line_searches import LineSearch
-from torchlbfgs.line_searches.loop import batch_view, exits_early
+from torchlbfgs.line_searches.loop import batch_view, stop_check_interval
 from torchlbfgs.objective import flat_objective
 from torchlbfgs.options import checks_option_names, require_count
 from torchlbfgs.progress import ProgressBar, progress_wanted
@@ -212,29 +216,11 @@ def result_of(state: RoundState, unravel: Unravel) -> Result:
     )
 
 
-DEVICE_CHECK_EVERY = 16
-"""Off the CPU, a solve reads its stop flags (one device sync) every this many rounds."""
-
-
-def stop_check_interval(early_exit: bool | None, flag: torch.Tensor) -> int | None:
-    """Every how many rounds a solve reads on the host whether all problems have stopped.
-
-    Every round where the read is free (eager CPU tensors, or ``early_exit=True``); every
-    :data:`DEVICE_CHECK_EVERY` rounds on other devices; never under ``torch.compile`` or with
-    ``early_exit=False`` (then all :func:`~torchlbfgs.rounds.max_rounds` rounds run).
-    """
-    if exits_early(early_exit, flag):
-        return 1
-    if early_exit is False or torch.compiler.is_compiling():
-        return None
-    return DEVICE_CHECK_EVERY
-
-
 @checks_option_names
 def minimize(
     fun: Callable[..., Any],
     params0: PyTree,
-    *,
+    *args: Any,
     max_iter: int = 100,
     tolerance_grad: float = 1e-7,
     tolerance_change: float | None = None,
@@ -254,12 +240,15 @@ def minimize(
     callback_every: int = 10,
     progress: bool | None = None,
     bounds: BoundsLike = None,
+    implicit_diff: bool | ImplicitDiff = False,
 ) -> Result:
     """Minimise ``fun`` from ``params0`` with L-BFGS; works as is under ``torch.func.vmap``.
 
     Args:
-        fun: ``fun(params) -> scalar tensor`` (or ``(value, grad)`` with ``value_and_grad``).
+        fun: ``fun(params, *args) -> scalar tensor`` (or ``(value, grad)`` with
+            ``value_and_grad``).
         params0: the starting point, any pytree of floating tensors of one dtype.
+        *args: the problem's data, passed on to ``fun`` (any pytrees).
         max_iter: at most this many iterations.
         tolerance_grad: as in :func:`torchlbfgs.update`.
         tolerance_change: as in :func:`torchlbfgs.update`.
@@ -284,6 +273,14 @@ def minimize(
             terminal. Never inside ``vmap`` or ``torch.compile``.
         bounds: ``(lower, upper)`` box constraints, solved by L-BFGS-B: as in
             :func:`torchlbfgs.update` (a start outside the box is projected onto it).
+        implicit_diff: make ``Result.params`` (and ``Result.value``) differentiable as the
+            exact minimiser, with respect to every tensor in ``args`` and every tensor ``fun``
+            closes over, by implicit differentiation (:mod:`torchlbfgs.implicit`): with
+            ``torch.autograd`` and with ``torch.func`` transforms, ``vmap`` included. The solve
+            itself then runs without autodiff and stores nothing for the backward pass, which
+            costs one linear solve with Hessian-vector products. ``True`` or a
+            :class:`~torchlbfgs.ImplicitDiff` with the options of that solve. ``params0`` gets
+            no gradient. Needs ``value_and_grad=False``.
 
     Returns:
         a :class:`Result`.
@@ -312,18 +309,61 @@ def minimize(
         curvature_rule=curvature_rule, c1=c1, c2=c2, max_ls=max_ls, max_evals=max_evals,
         early_exit=early_exit,
     )  # fmt: skip
+    implicit = implicit_options(implicit_diff, value_and_grad)
     x, unravel = ravel_pytree(params0)
-    objective = flat_objective(fun, unravel, value_and_grad=value_and_grad)
-    state = start(objective, x, settings, flat_bounds(bounds, params0))
-    check_every = stop_check_interval(early_exit, state.lbfgs.status)
-    on_host = not torch.compiler.is_compiling() and not is_functorch_wrapped_tensor(state.lbfgs.value)
-    shown = on_host and progress_wanted(progress)
-    bar = ProgressBar(enabled=shown, total=max_rounds(settings), label="minimize")
-    try:
-        state = _run_rounds(
-            lambda s: advance(objective, s, settings), state, settings, check_every, callback,
-            callback_every, bar,
-        )  # fmt: skip
-    finally:
-        bar.close()
-    return result_of(state, unravel)
+    box = flat_bounds(bounds, params0)  # with autodiff, for implicit_diff
+    with solving_without_autodiff(implicit is not None):
+        x0, data, box0 = (x, args, box) if implicit is None else detached((x, args, box))
+        objective = flat_objective(lambda p: fun(p, *data), unravel, value_and_grad=value_and_grad)
+        state = start(objective, x0, settings, box0)
+        check_every = stop_check_interval(early_exit, state.lbfgs.status)
+        on_host = not torch.compiler.is_compiling() and not is_functorch_wrapped_tensor(state.lbfgs.value)
+        shown = on_host and progress_wanted(progress)
+        bar = ProgressBar(enabled=shown, total=max_rounds(settings), label="minimize")
+        try:
+            state = _run_rounds(
+                lambda s: advance(objective, s, settings), state, settings, check_every, callback,
+                callback_every, bar,
+            )  # fmt: skip
+        finally:
+            bar.close()
+    result = result_of(state, unravel)
+    if implicit is None:
+        return result
+    solution, value = implicit_solution(
+        lambda z: fun(unravel(z), *args), state.x, state.lbfgs.history, box, implicit
+    )
+    return differentiable_result(result, unravel(solution), value)
+
+
+def implicit_options(implicit_diff: bool | ImplicitDiff, value_and_grad: bool) -> ImplicitDiff | None:
+    """The ``implicit_diff`` argument as options (``None``: off), checked against ``value_and_grad``."""
+    implicit = ImplicitDiff.of(implicit_diff)
+    if implicit is not None and value_and_grad:
+        raise ValueError(
+            "implicit_diff needs value_and_grad=False: it differentiates fun itself (Hessian-vector "
+            "products with torch.func), so fun must return the value only"
+        )
+    return implicit
+
+
+def solving_without_autodiff(enabled: bool) -> contextlib.AbstractContextManager[Any]:
+    """Around a solve that implicit differentiation replaces: no autodiff records its
+    iterations (``torch.no_grad`` also stops ``torch.func.grad`` levels outside the solve,
+    while the solve's own ``torch.func.grad_and_value`` still works)."""
+    return torch.no_grad() if enabled else contextlib.nullcontext()
+
+
+def detached(tree: Any) -> Any:
+    """``tree`` with every tensor leaf detached (from autograd, ``torch.func.grad`` levels and
+    forward-mode tangents alike; ``vmap`` batching is kept)."""
+    return optree.tree_map(
+        lambda leaf: leaf.detach() if isinstance(leaf, torch.Tensor) else leaf, tree, none_is_leaf=True
+    )
+
+
+def differentiable_result(result: Result, params: PyTree, value: torch.Tensor) -> Result:
+    """``result`` with the differentiable ``params`` of
+    :func:`~torchlbfgs.implicit.implicit_solution` and its value's derivative (the value
+    itself stays the solve's, bit for bit)."""
+    return result._replace(params=params, value=result.value + (value - value.detach()))

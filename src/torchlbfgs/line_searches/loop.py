@@ -30,7 +30,14 @@ from torch._C._functorch import get_unwrapped, is_batchedtensor, is_functorch_wr
 from torch._higher_order_ops import while_loop
 from torch._subclasses.fake_tensor import FakeTensor
 
-__all__ = ["batch_view", "exits_early", "run_masked_loop", "trial_point"]
+__all__ = [
+    "DEVICE_CHECK_EVERY",
+    "batch_view",
+    "exits_early",
+    "run_masked_loop",
+    "stop_check_interval",
+    "trial_point",
+]
 
 Carry = TypeVar("Carry")
 
@@ -50,6 +57,25 @@ def exits_early(early_exit: bool | None, flag: torch.Tensor) -> bool:
         return False
     flag = batch_view(flag)
     return flag.device.type == "cpu" and not isinstance(flag, FakeTensor)
+
+
+DEVICE_CHECK_EVERY = 16
+"""Off the CPU, a solve reads its stop flags (one device sync) every this many rounds (or
+iterations of a loop that uses :func:`stop_check_interval`)."""
+
+
+def stop_check_interval(early_exit: bool | None, flag: torch.Tensor) -> int | None:
+    """Every how many rounds a solve reads on the host whether all problems have stopped.
+
+    Every round where the read is free (eager CPU tensors, or ``early_exit=True``); every
+    :data:`DEVICE_CHECK_EVERY` rounds on other devices; never under ``torch.compile`` or with
+    ``early_exit=False`` (then all :func:`~torchlbfgs.rounds.max_rounds` rounds run).
+    """
+    if exits_early(early_exit, flag):
+        return 1
+    if early_exit is False or torch.compiler.is_compiling():
+        return None
+    return DEVICE_CHECK_EVERY
 
 
 def run_masked_loop(
