@@ -132,7 +132,11 @@ def two_loop_recursion(
     # One working vector updated in place where that is allowed (eagerly, outside torch.func
     # transforms; compiled graphs reuse buffers themselves): a fresh length-n tensor per update
     # costs an allocation, and for large n the page faults cost more than the arithmetic.
-    in_place = not torch.compiler.is_compiling() and not is_functorch_wrapped_tensor(vector)
+    in_place = (
+        not torch.compiler.is_compiling()
+        and not is_functorch_wrapped_tensor(vector)
+        and not _autograd_records(vector, *s_rows, *y_rows)  # in-place would clobber saved tensors
+    )
     alpha = []
     q = vector if overwrite or not in_place else vector.clone()
     for i in rows:  # newest to oldest
@@ -144,6 +148,11 @@ def two_loop_recursion(
         b = ops.dot(y_rows[i], r) * rho[i]
         r = ops.add_scaled(r, s_rows[i], a - b, in_place=in_place)
     return r
+
+
+def _autograd_records(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records operations on ``tensors`` (unrolled differentiation)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _compact_form(history: History, vector: torch.Tensor) -> torch.Tensor:
