@@ -258,7 +258,7 @@ class _Adjoint:
         # H p as the vector-Jacobian product of the gradient (H is symmetric): the gradient's
         # graph at x is built once and reused by every product, which then costs one backward
         # pass through it (several times cheaper than torch.func.jvp of the gradient).
-        _, gradient_vjp = torch.func.vjp(torch.func.grad(self.value_of), x)
+        gradient_vjp = torch.func.vjp(torch.func.grad(self.value_of), x)[1]
 
         def hessian_times(p: torch.Tensor) -> torch.Tensor:
             (product,) = gradient_vjp(torch.where(free, p, 0.0))
