@@ -60,6 +60,9 @@ class Result(NamedTuple):
         n_active_bounds: ``()`` int64 - how many variables of ``params`` sit on a bound (0
             without bounds).
 
+    With ``implicit_diff``, ``params`` and ``value`` are differentiable with respect to what
+    ``fun`` depends on (:mod:`torchlbfgs.implicit`); the other fields never are.
+
     Examples:
         >>> import torch, torchlbfgs
         >>> result = torchlbfgs.minimize(lambda x: ((x - 3.0) ** 2).sum(), torch.zeros(2))
@@ -287,13 +290,12 @@ def minimize(
 
     Examples:
         >>> import torch, torchlbfgs
-        >>> from functools import partial
         >>> def loss(w, X, y):
         ...     return torch.nn.functional.binary_cross_entropy_with_logits(X @ w, y) + 1e-2 * w @ w
         >>> Xs = torch.randn(100, 50, 3, dtype=torch.float64)
         >>> ys = torch.randint(0, 2, (100, 50)).double()
         >>> w0 = torch.zeros(3, dtype=torch.float64)
-        >>> solve = lambda X, y: torchlbfgs.minimize(partial(loss, X=X, y=y), w0)
+        >>> solve = lambda X, y: torchlbfgs.minimize(loss, w0, X, y)  # fun(w0, X, y)
         >>> result = torch.func.vmap(solve)(Xs, ys)   # 100 problems, each with its own L-BFGS
         >>> result.params.shape, bool(result.converged.all())
         (torch.Size([100, 3]), True)
