@@ -132,8 +132,11 @@ class ImplicitDiff:
     ``implicit_diff=True`` means ``ImplicitDiff()``, the defaults below.
 
     Attributes:
-        solver: ``"preconditioned_cg"`` (default): conjugate gradients preconditioned by the
-            solve's final L-BFGS memory; ``"cg"``: plain conjugate gradients.
+        solver: ``"cg"`` (default): conjugate gradients; ``"preconditioned_cg"``: conjugate
+            gradients preconditioned by the solve's final L-BFGS memory, which saved 5-15% of
+            the iterations where we measured (``bench/implicit.py``, the tests' quartic) and
+            pays where a Hessian-vector product costs much more than the ``4m`` vector
+            operations of the two-loop recursion (not on small batched problems).
         tolerance: stop once :math:`\\|H u - v\\| \\le` ``tolerance`` :math:`\\|v\\|`;
             ``None``: :math:`\\epsilon^{3/4}` of the dtype (about ``2e-12`` in float64,
             ``6e-6`` in float32).
@@ -157,7 +160,7 @@ class ImplicitDiff:
         (True, 2)
     """
 
-    solver: BackwardSolver = "preconditioned_cg"
+    solver: BackwardSolver = "cg"
     tolerance: float | None = None
     max_iter: int | None = None
     on_solve: Callable[[BackwardSolve], None] | None = None
