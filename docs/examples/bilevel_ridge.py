@@ -82,8 +82,9 @@ error = float((log_lam.grad - exact).abs().max() / exact.abs().max())
 print(f"hypergradient vs closed form: max relative error {error:.1e}")
 assert error < 1e-5
 improved = float((final_losses < first_losses).double().mean())
+lam = log_lam.detach().exp()
 print(
     f"validation loss went down for {improved:.1%} of the problems; "
-    f"lam now ranges over [{float(log_lam.detach().exp().min()):.3g}, {float(log_lam.detach().exp().max()):.3g}]"
+    f"lam now ranges over [{float(lam.min()):.3g}, {float(lam.max()):.3g}]"
 )
 assert improved > 0.95
