@@ -134,7 +134,6 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:  # a cold compile: Inductor read
 
 import argparse  # noqa: E402
 import functools  # noqa: E402
-import json  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
@@ -815,11 +814,7 @@ def main() -> None:
         report["batched"] = batched_part(
             args.batch, args.loop_max, args.repeats, args.no_compile, args.no_jax
         )
-    report["runtime_seconds"] = runtime = time.perf_counter() - began
-    print(f"\nruntime {runtime:.1f} s")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.output}")
+    common.write_report(report, began, args.output)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ variables when they start.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import platform
 import statistics
@@ -107,3 +108,13 @@ def timed_runs(work: Callable[[], Any], repeats: int) -> tuple[float, Any]:
         result = work()
         times.append(time.perf_counter() - start)
     return statistics.median(times), result
+
+
+def write_report(report: dict[str, Any], began: float, output: Path) -> None:
+    """Add the run's duration (since ``began``, a ``time.perf_counter()``) to ``report``, print
+    it, and write the report as JSON to ``output``."""
+    report["runtime_seconds"] = runtime = time.perf_counter() - began
+    print(f"\nruntime {runtime:.1f} s")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2))
+    print(f"wrote {output}")

@@ -91,7 +91,6 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:  # a cold compile: Inductor read
 
 import argparse  # noqa: E402
 import functools  # noqa: E402
-import json  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
@@ -606,11 +605,7 @@ def main() -> None:
     }  # fmt: skip
     report: dict[str, Any] = {"meta": meta, "config": config, "reference": checks}
     report["dtypes"] = {dtype: run_dtype(problems, ref, dtype, args) for dtype in args.dtypes}
-    report["runtime_seconds"] = runtime = time.perf_counter() - began
-    print(f"\nruntime {runtime:.1f} s")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.output}")
+    common.write_report(report, began, args.output)
 
 
 if __name__ == "__main__":
