@@ -59,7 +59,6 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-import warnings  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -183,15 +182,10 @@ def run_scipy_loop(X: np.ndarray, y: np.ndarray, count: int) -> dict[str, Any]:
 
 def jax_solvers() -> dict[str, Callable[..., Any]] | str:
     """The two jitted, vmapped JAX solvers, or why they are unavailable."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import jax
-            import jax.numpy as jnp
-            import jaxopt
-            import optax
-    except ImportError as error:
-        return f"not installed ({error.name})"
+    imported = common.import_jax(x64=False)
+    if isinstance(imported, str):
+        return imported
+    jax, jnp, jaxopt, optax = imported
 
     def loss(w: Any, X: Any, y: Any) -> Any:
         z = X @ w

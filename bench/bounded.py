@@ -136,7 +136,6 @@ import argparse  # noqa: E402
 import functools  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
-import warnings  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from dataclasses import asdict, dataclass, field, replace  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -364,26 +363,12 @@ def run_scipy(problem: Problem, cap: int) -> Run:
     return convergence.run_scipy(problem, cap, bounds=bounds)  # type: ignore[arg-type]
 
 
-def import_jax() -> Any:
-    """``(jax, jnp, jaxopt)`` with float64 enabled, or why they are unavailable (a string)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import jax
-            import jax.numpy as jnp
-            import jaxopt
-    except ImportError as error:
-        return f"not installed ({error.name})"
-    jax.config.update("jax_enable_x64", True)
-    return jax, jnp, jaxopt
-
-
 def jax_solvers() -> dict[str, Solver] | str:
     """The jaxopt.LBFGSB solver, or why it is unavailable."""
-    imported = import_jax()
+    imported = common.import_jax()
     if isinstance(imported, str):
         return imported
-    jax, jnp, jaxopt = imported
+    jax, jnp, jaxopt, _ = imported
     ops = Ops(jnp.cos, jnp.sin, jnp.sum, lambda z: jnp.logaddexp(z, 0.0))
 
     def run_jaxopt(problem: Problem, cap: int) -> Run:
@@ -678,10 +663,10 @@ def run_scipy_loop(A: np.ndarray, b: np.ndarray, count: int) -> dict[str, Any]:
 
 
 def run_jaxopt_vmap(A: np.ndarray, b: np.ndarray, repeats: int) -> dict[str, Any] | str:
-    imported = import_jax()
+    imported = common.import_jax()
     if isinstance(imported, str):
         return imported
-    jax, jnp, jaxopt = imported
+    jax, jnp, jaxopt, _ = imported
 
     def loss(x: Any, A: Any, b: Any) -> Any:
         residual = A @ x - b

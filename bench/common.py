@@ -13,6 +13,7 @@ import os
 import platform
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -118,3 +119,20 @@ def write_report(report: dict[str, Any], began: float, output: Path) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2))
     print(f"wrote {output}")
+
+
+def import_jax(*, x64: bool = True) -> tuple[Any, Any, Any, Any] | str:
+    """``(jax, jax.numpy, jaxopt, optax)`` (with float64 enabled unless ``x64=False``), or why
+    they are unavailable (a string)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import jax
+            import jax.numpy as jnp
+            import jaxopt
+            import optax
+    except ImportError as error:
+        return f"not installed ({error.name})"
+    if x64:
+        jax.config.update("jax_enable_x64", True)
+    return jax, jnp, jaxopt, optax

@@ -86,7 +86,6 @@ import math  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
-import warnings  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from dataclasses import asdict, dataclass, field, replace  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -385,16 +384,10 @@ def run_scipy(problem: Problem, cap: int, bounds: Any = None) -> Run:
 
 def jax_solvers() -> dict[str, Solver] | str:
     """The optax and jaxopt solvers, or why they are unavailable."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import jax
-            import jax.numpy as jnp
-            import jaxopt
-            import optax
-    except ImportError as error:
-        return f"not installed ({error.name})"
-    jax.config.update("jax_enable_x64", True)
+    imported = common.import_jax()
+    if isinstance(imported, str):
+        return imported
+    jax, jnp, jaxopt, optax = imported
     ops = Ops(jnp.cos, jnp.sin, jnp.sum, lambda z: jnp.logaddexp(z, 0.0))
 
     def counted(problem: Problem, calls: Counter) -> Callable[[Array, dict[str, Array]], Array]:

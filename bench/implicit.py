@@ -101,7 +101,7 @@ from typing import Any  # noqa: E402
 import batched  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from bounded import import_jax, markdown  # noqa: E402
+from bounded import markdown  # noqa: E402
 from convergence import git_state  # noqa: E402
 
 import torchlbfgs  # noqa: E402
@@ -339,10 +339,10 @@ def run_jaxopt(
 ) -> dict[str, dict[str, Any]] | str:
     """jaxopt's solve alone and solve + hypergradient (with our CG settings, and as shipped):
     ``jax_repeats`` timed calls of each solve, ``repeats`` of each backward pass alone."""
-    imported = import_jax()
+    imported = common.import_jax()
     if isinstance(imported, str):
         return imported
-    jax, jnp, jaxopt = imported
+    jax, jnp, jaxopt, _ = imported
 
     def jloss(w: Any, lam: Any, X: Any, y: Any) -> Any:
         z = X @ w
