@@ -21,17 +21,14 @@ import torch
 
 from torchlbfgs.bounds import Bounds, BoundsLike, leaf_bounds
 from torchlbfgs.history import History
-from torchlbfgs.implicit import ImplicitDiff, implicit_solution
+from torchlbfgs.implicit import ImplicitDiff, implicit_solution, solve_inputs
 from torchlbfgs.line_searches.loop import stop_check_interval
 from torchlbfgs.minimize import (
     Progress,
     Result,
-    detached,
     differentiable_result,
-    implicit_options,
     progress_of,
     result_of,
-    solving_without_autodiff,
 )
 from torchlbfgs.objective import FlatObjective, flat_objective
 from torchlbfgs.options import reject_unknown_options, require_count
@@ -179,7 +176,7 @@ def batched_minimize(
     require_count("callback_every", callback_every, 1)
     reject_unknown_options("torchlbfgs.batched_minimize", options, SETTINGS_NAMES)
     settings = Settings(**options)
-    implicit = implicit_options(implicit_diff, value_and_grad)
+    implicit = ImplicitDiff.of(implicit_diff, value_and_grad=value_and_grad)
     dims = (in_dims,) * (1 + len(args)) if isinstance(in_dims, int) else tuple(in_dims)
     if len(dims) != 1 + len(args):
         raise ValueError(
@@ -187,13 +184,11 @@ def batched_minimize(
             f"(params0 and {len(args)} args)"
         )
     box = _batched_bounds(bounds, params0, dims[0])  # with autodiff, for implicit_diff
-    with solving_without_autodiff(implicit is not None):
-        solved = _solve(
-            fun, *((params0, args, box) if implicit is None else detached((params0, args, box))),
-            dims=dims, settings=settings, compile=compile, callback=callback,
+    with solve_inputs(implicit, (params0, args, box)) as (params0_, data, box_):
+        state, unravel = _solve(
+            fun, params0_, data, box_, dims=dims, settings=settings, compile=compile, callback=callback,
             callback_every=callback_every, value_and_grad=value_and_grad, progress=progress,
         )  # fmt: skip
-    state, unravel = solved
     result: Result = torch.func.vmap(lambda s: result_of(s, unravel))(state)
     if implicit is None:
         return result

@@ -55,11 +55,13 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
+import optree
 import torch
 
 from torchlbfgs.bounds import Bounds
@@ -74,6 +76,7 @@ __all__ = [
     "ImplicitDiff",
     "conjugate_gradient",
     "implicit_solution",
+    "solve_inputs",
 ]
 
 BackwardSolver = Literal["cg", "preconditioned_cg"]
@@ -173,16 +176,36 @@ class ImplicitDiff:
             require_count("ImplicitDiff.max_iter", self.max_iter, 1)
 
     @staticmethod
-    def of(option: bool | ImplicitDiff) -> ImplicitDiff | None:
+    def of(option: bool | ImplicitDiff, *, value_and_grad: bool = False) -> ImplicitDiff | None:
         """The options an ``implicit_diff=`` argument asks for (``None``: no implicit
-        differentiation)."""
+        differentiation), for a solve with the given ``value_and_grad``."""
         if option is False:
             return None
-        if option is True:
-            return ImplicitDiff()
-        if isinstance(option, ImplicitDiff):
-            return option
-        raise TypeError(f"implicit_diff must be True, False or a torchlbfgs.ImplicitDiff, got {option!r}")
+        if not (option is True or isinstance(option, ImplicitDiff)):
+            raise TypeError(f"implicit_diff must be True, False or a torchlbfgs.ImplicitDiff, got {option!r}")
+        if value_and_grad:
+            raise ValueError(
+                "implicit_diff needs value_and_grad=False: it differentiates fun itself (Hessian-vector "
+                "products with torch.func), so fun must return the value only"
+            )
+        return ImplicitDiff() if option is True else option
+
+
+@contextlib.contextmanager
+def solve_inputs(implicit: ImplicitDiff | None, inputs: Any) -> Iterator[Any]:
+    """``inputs`` (a pytree) for a solve: as they are, or, for a solve that implicit
+    differentiation replaces, with every tensor detached (from autograd, ``torch.func.grad``
+    levels and forward-mode tangents; ``vmap`` batching is kept) and under ``torch.no_grad``,
+    so that no autodiff records the iterations (``no_grad`` also stops ``torch.func.grad``
+    levels outside the solve, and closed-over tensors, while the solve's own
+    ``torch.func.grad_and_value`` still works)."""
+    if implicit is None:
+        yield inputs
+        return
+    with torch.no_grad():
+        yield optree.tree_map(
+            lambda leaf: leaf.detach() if isinstance(leaf, torch.Tensor) else leaf, inputs, none_is_leaf=True
+        )
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -15,18 +15,16 @@ host reads on devices.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import optree
 import torch
 from torch._C._functorch import is_functorch_wrapped_tensor
 
 from torchlbfgs.bounds import BoundsLike, active_count, flat_bounds, given_bounds, projected_gradient
 from torchlbfgs.direction import Direction
 from torchlbfgs.history import CurvatureRule
-from torchlbfgs.implicit import ImplicitDiff, implicit_solution
+from torchlbfgs.implicit import ImplicitDiff, implicit_solution, solve_inputs
 from torchlbfgs.line_searches import LineSearch
 from torchlbfgs.line_searches.loop import batch_view, stop_check_interval
 from torchlbfgs.objective import flat_objective
@@ -311,11 +309,10 @@ def minimize(
         curvature_rule=curvature_rule, c1=c1, c2=c2, max_ls=max_ls, max_evals=max_evals,
         early_exit=early_exit,
     )  # fmt: skip
-    implicit = implicit_options(implicit_diff, value_and_grad)
+    implicit = ImplicitDiff.of(implicit_diff, value_and_grad=value_and_grad)
     x, unravel = ravel_pytree(params0)
     box = flat_bounds(bounds, params0)  # with autodiff, for implicit_diff
-    with solving_without_autodiff(implicit is not None):
-        x0, data, box0 = (x, args, box) if implicit is None else detached((x, args, box))
+    with solve_inputs(implicit, (x, args, box)) as (x0, data, box0):
         objective = flat_objective(lambda p: fun(p, *data), unravel, value_and_grad=value_and_grad)
         state = start(objective, x0, settings, box0)
         check_every = stop_check_interval(early_exit, state.lbfgs.status)
@@ -336,32 +333,6 @@ def minimize(
         lambda z: fun(unravel(z), *args), state.x, state.lbfgs.history, box, implicit
     )
     return differentiable_result(result, unravel(solution), value)
-
-
-def implicit_options(implicit_diff: bool | ImplicitDiff, value_and_grad: bool) -> ImplicitDiff | None:
-    """The ``implicit_diff`` argument as options (``None``: off), checked against ``value_and_grad``."""
-    implicit = ImplicitDiff.of(implicit_diff)
-    if implicit is not None and value_and_grad:
-        raise ValueError(
-            "implicit_diff needs value_and_grad=False: it differentiates fun itself (Hessian-vector "
-            "products with torch.func), so fun must return the value only"
-        )
-    return implicit
-
-
-def solving_without_autodiff(enabled: bool) -> contextlib.AbstractContextManager[Any]:
-    """Around a solve that implicit differentiation replaces: no autodiff records its
-    iterations (``torch.no_grad`` also stops ``torch.func.grad`` levels outside the solve,
-    while the solve's own ``torch.func.grad_and_value`` still works)."""
-    return torch.no_grad() if enabled else contextlib.nullcontext()
-
-
-def detached(tree: Any) -> Any:
-    """``tree`` with every tensor leaf detached (from autograd, ``torch.func.grad`` levels and
-    forward-mode tangents alike; ``vmap`` batching is kept)."""
-    return optree.tree_map(
-        lambda leaf: leaf.detach() if isinstance(leaf, torch.Tensor) else leaf, tree, none_is_leaf=True
-    )
 
 
 def differentiable_result(result: Result, params: PyTree, value: torch.Tensor) -> Result:
