@@ -16,12 +16,12 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import optree
 import torch
 
+from torchlbfgs.batched_implicit import BatchedAdjoint
 from torchlbfgs.bounds import Bounds, BoundsLike, leaf_bounds
-from torchlbfgs.history import History
-from torchlbfgs.implicit import ImplicitDiff, implicit_solution, solve_inputs
+from torchlbfgs.compaction import ActiveBatch, map_leaves, mark_batch_dynamic, should_shrink
+from torchlbfgs.implicit import ImplicitDiff, join_solution, solve_inputs
 from torchlbfgs.line_searches.loop import stop_check_interval
 from torchlbfgs.minimize import (
     Progress,
@@ -47,46 +47,6 @@ SETTINGS_NAMES = (
 )  # fmt: skip
 
 PyTree = Any
-
-
-def _map_leaves(function: Callable[..., torch.Tensor], *trees: Any) -> Any:
-    """``function`` applied leaf by leaf to (nested) NamedTuples of tensors of one structure."""
-    if isinstance(trees[0], tuple):
-        return type(trees[0])(*(_map_leaves(function, *leaves) for leaves in zip(*trees, strict=True)))
-    return function(*trees)
-
-
-class _ActiveBatch:
-    """The problems the rounds still run on, and the results of those set aside."""
-
-    def __init__(self, state: RoundState, args: tuple[Any, ...], dims: tuple[Any, ...]) -> None:
-        self.state, self.args, self.dims = state, args, dims
-        self._all = state  # the whole batch, up to date except in the rows of `rows`
-        self._rows: torch.Tensor | None = None  # rows of the whole batch in `state`; None: all
-
-    @property
-    def can_shrink(self) -> bool:
-        return all(dim is None or isinstance(dim, int) for dim in self.dims)
-
-    def shrink(self, keep: torch.Tensor) -> None:
-        """Go on with the problems at positions ``keep`` of the current batch."""
-        self._all = self.whole()
-        self._rows = keep if self._rows is None else self._rows[keep]
-        self.state = _map_leaves(lambda leaf: leaf.index_select(0, keep), self.state)
-        self.args = tuple(
-            arg if dim is None else optree.tree_map(lambda t, dim=dim: t.index_select(dim, keep), arg)
-            for arg, dim in zip(self.args, self.dims, strict=True)
-        )
-
-    def whole(self) -> RoundState:
-        """The state of every problem of the original batch."""
-        if self._rows is None:
-            return self.state
-        rows = self._rows
-        whole: RoundState = _map_leaves(
-            lambda all_, part: all_.index_copy(0, rows, part), self._all, self.state
-        )
-        return whole
 
 
 def _batched_bounds(bounds: BoundsLike, params0: PyTree, dim: Any) -> Bounds | None:
@@ -193,16 +153,18 @@ def batched_minimize(
     if implicit is None:
         return result
 
-    def differentiable_one(
-        x: torch.Tensor, memory: History, box: Bounds | None, *data: Any
-    ) -> tuple[PyTree, torch.Tensor]:
-        solution, value = implicit_solution(lambda z: fun(unravel(z), *data), x, memory, box, implicit)
-        return unravel(solution), value
+    value_dims = (0, None, *dims[1:])
+    adjoint = BatchedAdjoint(
+        fun, template=unravel(state.x[0]), data=data, dims=dims[1:], options=implicit,
+        bounded=box is not None, compile=compile,
+    )  # fmt: skip
 
-    differentiable = torch.func.vmap(
-        differentiable_one, in_dims=(0, 0, None if box is None else 0, *dims[1:])
-    )
-    params, value = differentiable(state.x, state.lbfgs.history, box, *args)
+    def gradient_and_value(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        one = torch.func.grad_and_value(adjoint.value_of_one)
+        return torch.func.vmap(one, in_dims=value_dims)(x, adjoint.template, *args)
+
+    solution, value = join_solution(gradient_and_value, state.x, state.lbfgs.history, box, adjoint)
+    params = torch.func.vmap(unravel)(solution)
     return differentiable_result(result, params, value)
 
 
@@ -235,7 +197,7 @@ def _solve(
     # Distinct, contiguous leaves, as a round returns them: vmap returns a leaf that does not
     # depend on the batch as a stride-0 expansion, and the start shares some leaves (the first
     # trial step is the proposal's); a compiled round would guard on both and compile again.
-    state = _map_leaves(
+    state = map_leaves(
         lambda leaf: leaf.clone(memory_format=torch.contiguous_format),
         torch.func.vmap(start_one, in_dims=(dims[0], None if box is None else 0, *dims[1:]))(
             params0, box, *args
@@ -252,15 +214,10 @@ def _solve(
     advance_batch = torch.func.vmap(advance_one, in_dims=(0, None, *dims[1:]))
     if compile is not False:
         advance_batch = torch.compile(advance_batch, fullgraph=True, **({} if compile is True else compile))
-        # The batch dimension is dynamic from the first compilation on, so the shrinking
-        # batch reuses the graph (everything else, floats included, stays specialised).
-        _map_leaves(lambda leaf: torch._dynamo.mark_dynamic(leaf, 0), state)
-        for arg, dim in zip(args, dims[1:], strict=True):
-            if isinstance(dim, int):
-                optree.tree_map(lambda t, dim=dim: torch._dynamo.mark_dynamic(t, dim), arg)
+        mark_batch_dynamic(state, args, dims[1:])
 
     check_every = stop_check_interval(settings.early_exit, state.lbfgs.status)
-    active = _ActiveBatch(state, args, dims[1:])
+    active = ActiveBatch(state, args, dims[1:])
     bar = ProgressBar(enabled=progress_wanted(progress), total=max_rounds(settings), label="batched_minimize")
     done = 0  # rounds run
     try:
@@ -274,8 +231,8 @@ def _solve(
                 if bar.enabled:  # sync-ok: the bar reads the running problems' values
                     values = active.state.lbfgs.value[keep]
                     bar.update(rounds=rounds - 1, running=running_count, values=values)
-                # Never below two problems: torch.compile specialises a batch of one.
-                if 2 <= running_count <= running.numel() // 2 and active.can_shrink:
+                compiled = compile is not False
+                if should_shrink(running_count, running.numel(), compiled=compiled) and active.can_shrink:
                     active.shrink(keep)
             if rounds == 1 and compile is not False:
                 with bar.compiling("one round (vmapped advance)"):

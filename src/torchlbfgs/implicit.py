@@ -59,7 +59,7 @@ import contextlib
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, Protocol
 
 import optree
 import torch
@@ -71,12 +71,20 @@ from torchlbfgs.line_searches.loop import batch_view, stop_check_interval
 from torchlbfgs.options import require_choice, require_count, require_tolerance
 
 __all__ = [
+    "Adjoint",
     "BackwardSolve",
     "BackwardSolveWarning",
+    "ConjugateGradients",
     "ImplicitDiff",
+    "cg_iteration",
+    "cg_outcome",
+    "cg_start",
     "conjugate_gradient",
     "implicit_solution",
+    "join_solution",
+    "report_solve",
     "solve_inputs",
+    "solve_limits",
 ]
 
 BackwardSolver = Literal["cg", "preconditioned_cg"]
@@ -212,6 +220,78 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(-1)
 
 
+class ConjugateGradients(NamedTuple):
+    """Where a (batched) conjugate-gradient solve stands; every leaf has the problems' leading
+    dimensions, so a batch can be indexed, compacted and reassembled leaf by leaf.
+
+    Attributes:
+        u: the solution so far; ``r``: the residual ``rhs - A u``; ``p``: the search direction;
+        ``rz``: ``r . z`` with ``z`` the preconditioned residual.
+        target: stop once ``|r| <= target`` (``tolerance |rhs|``); ``rhs_norm``: ``|rhs|``.
+        done: stopped (converged, or no minimum); ``failed``: met non-positive curvature;
+        ``iterations``: products taken.
+    """
+
+    u: torch.Tensor
+    r: torch.Tensor
+    p: torch.Tensor
+    rz: torch.Tensor
+    target: torch.Tensor
+    rhs_norm: torch.Tensor
+    done: torch.Tensor
+    failed: torch.Tensor
+    iterations: torch.Tensor
+
+
+def cg_start(
+    rhs: torch.Tensor, precondition: Callable[[torch.Tensor], torch.Tensor], tolerance: float
+) -> ConjugateGradients:
+    """Conjugate gradients for ``A u = rhs`` from ``u = 0``."""
+    rhs_norm = torch.linalg.vector_norm(rhs, dim=-1)
+    target = tolerance * rhs_norm
+    z = precondition(rhs)
+    done = rhs_norm <= target
+    return ConjugateGradients(
+        u=torch.zeros_like(rhs), r=rhs, p=z, rz=_dot(rhs, z), target=target, rhs_norm=rhs_norm,
+        done=done, failed=torch.zeros_like(done),
+        iterations=torch.zeros(done.shape, dtype=torch.int64, device=rhs.device),
+    )  # fmt: skip
+
+
+def cg_iteration(
+    cg: ConjugateGradients,
+    matvec: Callable[[torch.Tensor], torch.Tensor],
+    precondition: Callable[[torch.Tensor], torch.Tensor],
+) -> ConjugateGradients:
+    """One iteration of (preconditioned) conjugate gradients (N&W Algorithm 5.3), branch-free:
+    problems that are done stay as they are, and one that meets a direction of non-positive
+    curvature stops where it is, failed."""
+    hp = matvec(cg.p)
+    curvature = _dot(cg.p, hp)
+    no_minimum = ~cg.done & ~(curvature > 0)  # non-positive (or NaN) curvature along p
+    moving = ~cg.done & ~no_minimum
+    alpha = torch.where(moving, cg.rz / torch.where(moving, curvature, 1.0), 0.0)
+    u = cg.u + alpha.unsqueeze(-1) * cg.p
+    r = cg.r - alpha.unsqueeze(-1) * hp
+    z = precondition(r)
+    rz_next = _dot(r, z)
+    beta = torch.where(moving, rz_next / torch.where(moving, cg.rz, 1.0), 0.0)
+    return cg._replace(
+        u=u, r=r, p=torch.where(moving.unsqueeze(-1), z + beta.unsqueeze(-1) * cg.p, cg.p),
+        rz=torch.where(moving, rz_next, cg.rz),
+        done=cg.done | no_minimum | (torch.linalg.vector_norm(r, dim=-1) <= cg.target),
+        failed=cg.failed | no_minimum, iterations=cg.iterations + moving.long(),
+    )  # fmt: skip
+
+
+def cg_outcome(cg: ConjugateGradients) -> BackwardSolve:
+    """The report of a finished solve."""
+    residual_norm = torch.linalg.vector_norm(cg.r, dim=-1)
+    has_rhs = cg.rhs_norm > 0
+    residual = torch.where(has_rhs, residual_norm / torch.where(has_rhs, cg.rhs_norm, 1.0), 0.0)
+    return BackwardSolve(~cg.failed & (residual_norm <= cg.target), cg.iterations, residual)
+
+
 def conjugate_gradient(
     matvec: Callable[[torch.Tensor], torch.Tensor],
     rhs: torch.Tensor,
@@ -237,39 +317,56 @@ def conjugate_gradient(
         >>> bool(torch.allclose(A @ u, b)), int(report.iterations)
         (True, 2)
     """
-    precondition = precondition or (lambda r: r)
-    target = tolerance * torch.linalg.vector_norm(rhs, dim=-1)
-    u = torch.zeros_like(rhs)
-    r = rhs
-    z = precondition(r)
-    p, rz = z, _dot(r, z)
-    done = torch.linalg.vector_norm(r, dim=-1) <= target
-    failed = torch.zeros_like(done)
-    iterations = torch.zeros(done.shape, dtype=torch.int64, device=rhs.device)
-    check_every = stop_check_interval(None, done)
+    precondition = precondition or _identity
+    cg = cg_start(rhs, precondition, tolerance)
+    check_every = stop_check_interval(None, cg.done)
     for k in range(max_iter):
         checking = check_every is not None and k % check_every == 0
-        if checking and bool(batch_view(done).all()):  # sync-ok: as often as stop_check_interval allows
+        if checking and bool(batch_view(cg.done).all()):  # sync-ok: as often as stop_check_interval allows
             break
-        hp = matvec(p)
-        curvature = _dot(p, hp)
-        no_minimum = ~done & ~(curvature > 0)  # non-positive (or NaN) curvature along p
-        moving = ~done & ~no_minimum
-        alpha = torch.where(moving, rz / torch.where(moving, curvature, 1.0), 0.0)
-        u = u + alpha.unsqueeze(-1) * p
-        r = r - alpha.unsqueeze(-1) * hp
-        z = precondition(r)
-        rz_next = _dot(r, z)
-        beta = torch.where(moving, rz_next / torch.where(moving, rz, 1.0), 0.0)
-        p = torch.where(moving.unsqueeze(-1), z + beta.unsqueeze(-1) * p, p)
-        rz = torch.where(moving, rz_next, rz)
-        iterations = iterations + moving.long()
-        failed = failed | no_minimum
-        done = done | no_minimum | (torch.linalg.vector_norm(r, dim=-1) <= target)
-    rhs_norm = torch.linalg.vector_norm(rhs, dim=-1)
-    residual_norm = torch.linalg.vector_norm(r, dim=-1)
-    residual = torch.where(rhs_norm > 0, residual_norm / torch.where(rhs_norm > 0, rhs_norm, 1.0), 0.0)
-    return u, BackwardSolve(~failed & (residual_norm <= target), iterations, residual)
+        cg = cg_iteration(cg, matvec, precondition)
+    return cg.u, cg_outcome(cg)
+
+
+def _identity(r: torch.Tensor) -> torch.Tensor:
+    return r
+
+
+def solve_limits(options: ImplicitDiff, x: torch.Tensor) -> tuple[float, int]:
+    """The tolerance and iteration cap of a backward solve for the iterate ``x`` (``(..., n)``)."""
+    tolerance = torch.finfo(x.dtype).eps ** 0.75 if options.tolerance is None else options.tolerance
+    return tolerance, 10 * x.shape[-1] if options.max_iter is None else options.max_iter
+
+
+def report_solve(options: ImplicitDiff, report: BackwardSolve, tolerance: float, max_iter: int) -> None:
+    """Hand a backward solve's outcome to ``on_solve``, and warn if any problem missed its tolerance."""
+    if torch.compiler.is_compiling():
+        return
+    whole = BackwardSolve(*(batch_view(field) for field in report))
+    if options.on_solve is not None:
+        options.on_solve(whole)
+    missed = ~whole.converged
+    if bool(missed.any()):  # sync-ok: one read per backward pass, to warn
+        worst = float(whole.residual[missed].max())  # sync-ok: the warning's text
+        warnings.warn(
+            f"torchlbfgs: the backward solve of implicit differentiation missed its tolerance "
+            f"for {int(missed.sum())} of {missed.numel()} problem(s) (relative residual up to "
+            f"{worst:.2e}, tolerance {tolerance:.2e}, at most {max_iter} iterations): their "
+            "gradients are inexact. Raise ImplicitDiff(max_iter=...), loosen its tolerance, or "
+            "check that the solution is a strict local minimum (Hessian positive definite).",
+            BackwardSolveWarning,
+            stacklevel=3,
+        )
+
+
+class Adjoint(Protocol):
+    """The backward solve of :func:`join_solution`: :math:`u` with :math:`H_{FF} u_F = v_F` and
+    :math:`u = 0` off the free set ``F``, at ``x`` (the solution) with the solve's final
+    L-BFGS ``memory``."""
+
+    def solve(
+        self, x: torch.Tensor, free: torch.Tensor, memory: list[torch.Tensor], v: torch.Tensor
+    ) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True, eq=False)
@@ -299,34 +396,13 @@ class _Adjoint:
             def precondition(r: torch.Tensor) -> torch.Tensor:
                 return torch.where(free, inv_hessian_product(history, torch.where(free, r, 0.0)), r)
 
-        options = self.options
-        tolerance = torch.finfo(x.dtype).eps ** 0.75 if options.tolerance is None else options.tolerance
-        max_iter = 10 * x.shape[-1] if options.max_iter is None else options.max_iter
-        rhs = torch.where(free, v, 0.0)
+        tolerance, max_iter = solve_limits(self.options, x)
         u, report = conjugate_gradient(
-            hessian_times, rhs, precondition=precondition, tolerance=tolerance, max_iter=max_iter
-        )
-        self._report(report, tolerance, max_iter)
+            hessian_times, torch.where(free, v, 0.0), precondition=precondition, tolerance=tolerance,
+            max_iter=max_iter,
+        )  # fmt: skip
+        report_solve(self.options, report, tolerance, max_iter)
         return u
-
-    def _report(self, report: BackwardSolve, tolerance: float, max_iter: int) -> None:
-        if torch.compiler.is_compiling():
-            return
-        whole = BackwardSolve(*(batch_view(field) for field in report))
-        if self.options.on_solve is not None:
-            self.options.on_solve(whole)
-        missed = ~whole.converged
-        if bool(missed.any()):  # sync-ok: one read per backward pass, to warn
-            worst = float(whole.residual[missed].max())  # sync-ok: the warning's text
-            warnings.warn(
-                f"torchlbfgs: the backward solve of implicit differentiation missed its tolerance "
-                f"for {int(missed.sum())} of {missed.numel()} problem(s) (relative residual up to "
-                f"{worst:.2e}, tolerance {tolerance:.2e}, at most {max_iter} iterations): their "
-                "gradients are inexact. Raise ImplicitDiff(max_iter=...), loosen its tolerance, or "
-                "check that the solution is a strict local minimum (Hessian positive definite).",
-                BackwardSolveWarning,
-                stacklevel=2,
-            )
 
 
 class _Solution(torch.autograd.Function):
@@ -336,7 +412,7 @@ class _Solution(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: torch.Tensor, grad: torch.Tensor, free: torch.Tensor, adjoint: _Adjoint,
+    def forward(x: torch.Tensor, grad: torch.Tensor, free: torch.Tensor, adjoint: Adjoint,
                 *memory: torch.Tensor) -> torch.Tensor:  # fmt: skip
         return x.clone()
 
@@ -359,7 +435,7 @@ class _Solution(torch.autograd.Function):
         x, free, *memory = ctx.saved_tensors
         if grad_dot is None:
             return torch.zeros_like(x)
-        adjoint: _Adjoint = ctx.adjoint
+        adjoint: Adjoint = ctx.adjoint
         return -adjoint.solve(x, free, memory, grad_dot)
 
 
@@ -378,6 +454,19 @@ def implicit_solution(
     derivative is then :math:`\\partial f/\\partial\\theta` (the envelope theorem). ``memory``
     is the solve's final L-BFGS memory (the preconditioner); ``bounds`` may carry autodiff.
     """
+    return join_solution(torch.func.grad_and_value(value_of), x, memory, bounds, _Adjoint(value_of, options))
+
+
+def join_solution(
+    gradient_and_value: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    x: torch.Tensor,
+    memory: History,
+    bounds: Bounds | None,
+    adjoint: Adjoint,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`implicit_solution` for any shape of ``x`` (one problem, or a batch ``(B, n)``):
+    ``gradient_and_value(x)`` evaluates :math:`(\\nabla f, f)` with autodiff, and ``adjoint``
+    solves the backward's linear systems."""
     x = x.detach()
     if bounds is None:
         free = torch.ones_like(x, dtype=torch.bool)
@@ -386,8 +475,7 @@ def implicit_solution(
         at_lower, at_upper = x <= bounds.lower.detach(), x >= bounds.upper.detach()
         free = ~(at_lower | at_upper)
         point = torch.where(at_lower, bounds.lower, torch.where(at_upper, bounds.upper, x))
-    grad, value = torch.func.grad_and_value(value_of)(point)
-    adjoint = _Adjoint(value_of, options)
+    grad, value = gradient_and_value(point)
     solution: torch.Tensor = _Solution.apply(  # type: ignore[no-untyped-call]
         x, grad, free, adjoint, *(leaf.detach() for leaf in memory)
     )
