@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 from torch.func import grad, jacfwd, jacrev, vjp, vmap
 
 import torchlbfgs
@@ -245,6 +246,118 @@ def test_batched_minimize_differentiates_like_vmapped_minimize(solver: str) -> N
     exact = vmap(grad(one, argnums=(0, 1)))(lams, Xs, ys)
     for got_part, exact_part in zip(got, exact, strict=True):
         assert_close(got_part, exact_part, 1e-6)
+
+
+def _ridge_batch(seed: int, batch: int) -> tuple[torch.Tensor, ...]:
+    """Ridge problems whose backward solves need from 1 to d iterations: problem i's design
+    has i % d + 1 distinct singular values (CG takes one iteration per distinct eigenvalue)."""
+    g = make_generator(seed)
+    n, d = 20, 6
+    Xs = torch.zeros(batch, n, d, dtype=F64)
+    for i in range(batch):
+        q_left = torch.linalg.qr(torch.randn(n, d, generator=g, dtype=F64))[0]
+        q_right = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=F64))[0]
+        distinct = torch.linspace(1.0, 3.0, i % d + 1, dtype=F64)
+        singular = distinct[torch.arange(d) % len(distinct)]
+        Xs[i] = q_left @ torch.diag(singular) @ q_right.T
+    ys = torch.randn(batch, n, generator=g, dtype=F64)
+    lams = torch.rand(batch, generator=g, dtype=F64) + 0.1
+    return Xs, ys, lams
+
+
+def test_batched_backward_leaves_converged_problems_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    """batched_minimize's backward solves the batch's systems as vmap(minimize)'s masked CG
+    does (same iterations per problem, same hypergradients), while the problems that have
+    converged leave the batch: the rows it iterates on shrink."""
+    import torchlbfgs.batched_implicit as batched_implicit
+
+    Xs, ys, lams = _ridge_batch(13, batch=24)
+    w0 = torch.zeros(24, Xs.shape[-1], dtype=F64)
+    rows: list[int] = []
+    iterate = batched_implicit.cg_iteration
+
+    def counting(cg: Any, *rest: Any) -> Any:
+        rows.append(cg.u.shape[0])
+        return iterate(cg, *rest)
+
+    monkeypatch.setattr(batched_implicit, "cg_iteration", counting)
+    got_reports: list[torchlbfgs.BackwardSolve] = []
+    vmap_reports: list[torchlbfgs.BackwardSolve] = []
+
+    def batched(lams: torch.Tensor) -> torch.Tensor:
+        options = torchlbfgs.ImplicitDiff(on_solve=got_reports.append)
+        return torchlbfgs.batched_minimize(ridge, w0, lams, Xs, ys, implicit_diff=options, **TIGHT).params
+
+    def vmapped(lams: torch.Tensor) -> torch.Tensor:
+        options = torchlbfgs.ImplicitDiff(on_solve=vmap_reports.append)
+
+        def one(w0: torch.Tensor, lam: torch.Tensor, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return torchlbfgs.minimize(ridge, w0, lam, X, y, implicit_diff=options, **TIGHT).params
+
+        params: torch.Tensor = vmap(one)(w0, lams, Xs, ys)
+        return params
+
+    weights = torch.linspace(1.0, 2.0, Xs.shape[-1], dtype=F64)
+    got = grad(lambda lams: (batched(lams) * weights).sum())(lams)
+    expected = grad(lambda lams: (vmapped(lams) * weights).sum())(lams)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0.0)
+    exact = vmap(grad(lambda lam, X, y: (ridge_closed_form(lam, X, y) * weights).sum()))(lams, Xs, ys)
+    assert_close(got, exact, 1e-9)
+    (report,) = got_reports
+    assert torch.equal(report.iterations, vmap_reports[0].iterations)
+    assert int(report.iterations.min()) < int(report.iterations.max())
+    assert rows[0] == 24  # converged problems left the batch:
+    assert rows[-1] < 24 // 2, rows
+    assert sum(rows) < 24 * len(rows)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_a_compiled_backward_solve_equals_the_eager_one_with_bounds(
+    solver: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """compile= compiles the backward's CG iteration (the masks of bounds and the preconditioner
+    inside); it solves as the eager iterations do. (The compiled round is tested elsewhere;
+    here the solve's systems are caught and solved again by a compiling adjoint.)"""
+    import dataclasses
+
+    import torchlbfgs.batched_implicit as batched_implicit
+
+    Xs, ys, lams = _ridge_batch(14, batch=16)
+    w0 = torch.ones(16, Xs.shape[-1], dtype=F64)
+    bounds = (torch.zeros(Xs.shape[-1], dtype=F64), None)
+    caught: list[tuple[Any, ...]] = []
+    solve = batched_implicit.BatchedAdjoint.solve
+
+    def catching(adjoint: Any, *systems: Any) -> torch.Tensor:
+        caught.append((adjoint, *systems))
+        return solve(adjoint, *systems)
+
+    monkeypatch.setattr(batched_implicit.BatchedAdjoint, "solve", catching)
+    leaf = lams.clone().requires_grad_()
+    options = torchlbfgs.ImplicitDiff(solver=solver)  # type: ignore[arg-type]
+    params = torchlbfgs.batched_minimize(
+        ridge, w0, leaf, Xs, ys, bounds=bounds, implicit_diff=options, **TIGHT
+    ).params  # fmt: skip
+    params.square().sum().backward()
+    ((adjoint, x, free, memory, v),) = caught
+    assert adjoint.bounded
+    assert 0 < int((~free).sum()) < free.numel()
+    eager = solve(adjoint, x, free, memory, v)
+    torch._dynamo.reset()
+    compiling = dataclasses.replace(adjoint, compile={"backend": "eager"}, _compiled=[])
+    rows: list[int] = []
+    iterate = batched_implicit.BatchedAdjoint._step
+    monkeypatch.setattr(
+        batched_implicit.BatchedAdjoint, "_step",
+        lambda self, batch, **how: rows.append(batch.state.x.shape[0]) or iterate(self, batch, **how),
+    )  # fmt: skip
+    compiled = solve(compiling, x, free, memory, v)
+    assert len(rows) >= 3
+    assert rows[-1] < rows[1] < rows[0]
+    iteration = compiling._compiled[0]._torchdynamo_orig_callable  # what torch.compile wrapped
+    assert len(_debug_get_cache_entry_list(iteration.__code__)) == 1  # one graph as the batch shrinks
+    torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=1e-15)
+    assert torch.equal(compiled == 0, ~free | (eager == 0))
 
 
 # ---- a nonconvex inner problem ----------------------------------------------------------------

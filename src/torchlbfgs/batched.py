@@ -231,8 +231,7 @@ def _solve(
                 if bar.enabled:  # sync-ok: the bar reads the running problems' values
                     values = active.state.lbfgs.value[keep]
                     bar.update(rounds=rounds - 1, running=running_count, values=values)
-                compiled = compile is not False
-                if should_shrink(running_count, running.numel(), compiled=compiled) and active.can_shrink:
+                if should_shrink(running_count, running.numel()) and active.can_shrink:
                     active.shrink(keep)
             if rounds == 1 and compile is not False:
                 with bar.compiling("one round (vmapped advance)"):

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
-from torch._C._functorch import is_functorch_wrapped_tensor
+from torch._C._functorch import get_unwrapped, is_batchedtensor, is_functorch_wrapped_tensor
 
 from torchlbfgs.compaction import ActiveBatch, map_leaves, mark_batch_dynamic, should_shrink
 from torchlbfgs.direction import inv_hessian_product
@@ -81,28 +81,31 @@ class BatchedAdjoint:
         tolerance, max_iter = solve_limits(self.options, x)
         history = History(*memory)
         rhs = torch.where(free, v, 0.0)
-        if any(is_functorch_wrapped_tensor(t) for t in (x, v)):
-            # Under a torch.func transform of the whole solve (vmap of batched_minimize): the
-            # masked loop, which batches; compaction reads the stop flags as plain tensors.
+        if _vmapped(v):
+            # Under vmap (jacrev of batched_minimize vmaps the backward over cotangents): the
+            # masked loop, which batches, as compaction's data-dependent shapes cannot.
             hessian_times, precondition = self._operators(x, free, history, self.data)
             u, report = conjugate_gradient(
                 hessian_times, rhs, precondition=precondition, tolerance=tolerance, max_iter=max_iter
             )
         else:
             cg = cg_start(rhs, self._preconditioner(free, history), tolerance)
-            u, report = self._compacting_solve(_Systems(cg, x, free, history), max_iter)
+            # torch.func.grad's wrapped tensors are traced by no compile: eager iterations there
+            compiled = self.compile is not False and not any(map(is_functorch_wrapped_tensor, (x, v)))
+            u, report = self._compacting_solve(_Systems(cg, x, free, history), max_iter, compiled=compiled)
         report_solve(self.options, report, tolerance, max_iter)
         return u
 
-    def _compacting_solve(self, systems: _Systems, max_iter: int) -> tuple[torch.Tensor, Any]:
-        compiled = self.compile is not False
+    def _compacting_solve(
+        self, systems: _Systems, max_iter: int, *, compiled: bool
+    ) -> tuple[torch.Tensor, Any]:
         if compiled:
             # Distinct, contiguous leaves, as an iteration returns them (the start's direction is
             # its residual): a compiled iteration would guard on aliasing and compile again.
             systems = map_leaves(lambda leaf: leaf.clone(memory_format=torch.contiguous_format), systems)
             mark_batch_dynamic(systems, self.data, self.dims)
         batch = ActiveBatch(systems, self.data, self.dims)
-        step = self._step(batch)
+        step = self._step(batch, compiled=compiled)
         check_every = stop_check_interval(None, systems.cg.done)
         for k in range(max_iter):
             if check_every is not None and k % check_every == 0:
@@ -110,17 +113,19 @@ class BatchedAdjoint:
                 keep = running.nonzero().squeeze(1)  # sync-ok: as often as stop_check_interval allows
                 if keep.numel() == 0:
                     break
-                if should_shrink(keep.numel(), running.numel(), compiled=compiled) and batch.can_shrink:
+                if should_shrink(keep.numel(), running.numel()) and batch.can_shrink:
                     batch.shrink(keep)
-                    step = self._step(batch)
+                    step = self._step(batch, compiled=compiled)
             batch.state = batch.state._replace(cg=step(batch.state))
         whole = batch.whole().cg
         return whole.u, cg_outcome(whole)
 
-    def _step(self, batch: ActiveBatch[_Systems]) -> Callable[[_Systems], ConjugateGradients]:
+    def _step(
+        self, batch: ActiveBatch[_Systems], *, compiled: bool
+    ) -> Callable[[_Systems], ConjugateGradients]:
         """One CG iteration of the current problems."""
         data = batch.args
-        if self.compile is not False:
+        if compiled:
             iterate = self._compiled_iteration()
             return lambda systems: iterate(systems, self.template, *data)
         state = batch.state
@@ -216,6 +221,15 @@ def _iteration_of(
         )
 
     return iteration
+
+
+def _vmapped(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is batched by ``vmap`` beneath any other ``torch.func`` wrappers."""
+    while is_functorch_wrapped_tensor(tensor):
+        if is_batchedtensor(tensor):
+            return True
+        tensor = get_unwrapped(tensor)
+    return False
 
 
 def _no_op(r: torch.Tensor) -> torch.Tensor:

@@ -39,10 +39,10 @@ def map_leaves(function: Callable[..., torch.Tensor], *trees: Any) -> Any:
     return function(*trees)
 
 
-def should_shrink(running: int, current: int, *, compiled: bool) -> bool:
-    """Go on with the ``running`` problems of a batch of ``current``? Once at most half run;
-    never below two problems under ``torch.compile``, which specialises a batch of one."""
-    return (2 if compiled else 1) <= running <= current // 2
+def should_shrink(running: int, current: int) -> bool:
+    """Go on with the ``running`` problems of a batch of ``current``? Once at most half run, and
+    never below two problems: ``torch.compile`` specialises a batch of one."""
+    return 2 <= running <= current // 2
 
 
 def mark_batch_dynamic(state: Any, args: tuple[Any, ...], dims: tuple[Any, ...]) -> None:
