@@ -96,7 +96,8 @@ def batched_minimize(
         compile: ``True`` to ``torch.compile`` the vmapped round (``fullgraph=True``, the
             batch dimension marked dynamic so that the shrinking batch needs no
             recompilation), or a dict of further ``torch.compile`` keyword arguments (e.g.
-            ``{"backend": "aot_eager"}``).
+            ``{"backend": "aot_eager"}``). With ``implicit_diff``, the backward's
+            conjugate-gradient iteration is compiled the same way.
         callback: as in :func:`~torchlbfgs.minimize`; it sees the whole batch.
         callback_every: as in :func:`~torchlbfgs.minimize`.
         value_and_grad: as in :func:`~torchlbfgs.minimize`.
@@ -113,7 +114,8 @@ def batched_minimize(
         implicit_diff: as in :func:`~torchlbfgs.minimize`: every problem's params (and value)
             differentiable with respect to ``args`` and the tensors ``fun`` closes over, by
             implicit differentiation; the backward pass solves all problems' linear systems in
-            one batched conjugate-gradient run.
+            one batched conjugate-gradient run, which the problems leave as they converge
+            (:mod:`torchlbfgs.batched_implicit`).
         **options: the other options of :func:`~torchlbfgs.minimize` (``max_iter``,
             tolerances, ``line_search``, ...).
 
