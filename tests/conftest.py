@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from data_parallel_worker import run_two_ranks
+from sharded_worker import run_ranks
 
 # One intra-op thread: the tests' tensors are small, and the tests run beside subprocesses (see
 # `background`), where a second thread's OpenMP hand-offs wait on a busy core (a property test
@@ -65,3 +66,18 @@ def data_parallel_run(
         return None
     out = tmp_path_factory.mktemp("data_parallel") / "result"
     return out, background.submit(run_two_ranks, out)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def sharded_runs(
+    request: pytest.FixtureRequest, background: ThreadPoolExecutor, tmp_path_factory: pytest.TempPathFactory
+) -> dict[int, tuple[Path, Future[list[tuple[int, str]]]]] | None:
+    """The 2 and 4 ranks that ``test_sharded.py`` checks, run in the background: per world size,
+    where they save their results, and each rank's exit status and output."""
+    if not selected(request.session, "test_sharded_steps_equal_one_process"):
+        return None
+    runs = {}
+    for world_size in (2, 4):
+        out = tmp_path_factory.mktemp(f"sharded{world_size}") / "result"
+        runs[world_size] = (out, background.submit(run_ranks, out, world_size))
+    return runs

@@ -21,6 +21,7 @@ matrices (the two-loop recursion does not need them).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -93,12 +94,14 @@ def _with_new_column(products: torch.Tensor, column: torch.Tensor, slot: torch.T
 
 
 def accept_curvature_pair(
-    s: torch.Tensor, y: torch.Tensor, grad: torch.Tensor | None, rule: CurvatureRule, ops: Scalars = TENSORS
-) -> tuple[torch.Tensor, Any]:
+    s: torch.Tensor, y: torch.Tensor, grad: torch.Tensor | None, rule: CurvatureRule, ops: Scalars = TENSORS,
+    dot: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch.dot,
+) -> tuple[torch.Tensor, Any]:  # fmt: skip
     """Return ``(s'y, accept)`` for the pair ``(s, y)`` of a step taken from gradient ``grad``:
     ``s'y`` as a 0-d tensor, ``accept`` of the kind ``ops`` (a bool tensor, or a host bool
-    decided on ``s'y`` read once). Only the ``"relative"`` rule reads ``grad``."""
-    ys = torch.dot(y, s)
+    decided on ``s'y`` read once). Only the ``"relative"`` rule reads ``grad``. ``dot``: the
+    inner product (:mod:`torchlbfgs.sharding`'s for vectors sharded over processes)."""
+    ys = dot(y, s)
     ys_scalar = ops.value(ys)
     if rule == "absolute":
         return ys, ys_scalar > TORCH_CURVATURE_THRESHOLD
@@ -109,7 +112,10 @@ def accept_curvature_pair(
     return ys, ys_scalar > eps * -ops.dot(s, grad)
 
 
-def write_pair(history: History, s: torch.Tensor, y: torch.Tensor, ys: torch.Tensor, slot: int) -> History:
+def write_pair(
+    history: History, s: torch.Tensor, y: torch.Tensor, ys: torch.Tensor, slot: int,
+    dot: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch.dot,
+) -> History:  # fmt: skip
     """An accepted pair written into row ``slot`` of the buffers in place, for an owner that
     tracks the ring's head and count on the host (the :class:`torchlbfgs.LBFGS` adapter): the
     rows, ``rho`` and :math:`\\gamma` are updated, ``head`` and ``n_pairs`` are left to it."""
@@ -118,7 +124,7 @@ def write_pair(history: History, s: torch.Tensor, y: torch.Tensor, ys: torch.Ten
     history.s_history[slot].copy_(s)
     history.y_history[slot].copy_(y)
     torch.reciprocal(ys, out=history.rho[slot])  # 1 / ys, as torch's `1.0 / ys` rounds it
-    return history._replace(gamma=ys / torch.dot(y, y))
+    return history._replace(gamma=ys / dot(y, y))
 
 
 def push_curvature_pair(

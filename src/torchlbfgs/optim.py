@@ -39,6 +39,7 @@ from torchlbfgs.checkpoint import (
     to_torch_state_dict,
 )
 from torchlbfgs.options import TORCH_OPTION_NAMES, TorchOptions
+from torchlbfgs.sharding import Reductions, local_tensor, reductions_for
 from torchlbfgs.state import CONVERGED, StopReason
 from torchlbfgs.torch_schedule import torch_step
 
@@ -53,8 +54,9 @@ def _real_view(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _flat_layout(params: list[torch.Tensor]) -> tuple[int, torch.dtype, torch.device]:
-    """The flat real vector the parameters form: its length, dtype and device."""
-    n = sum(2 * p.numel() if p.is_complex() else p.numel() for p in params)
+    """The flat real vector the parameters form on this process (of a ``DTensor``, its local
+    piece: :mod:`torchlbfgs.sharding`): its length, dtype and device."""
+    n = sum(local_tensor(p).numel() * (2 if p.is_complex() else 1) for p in params)
     return n, _real_view(params[0].detach()).dtype, params[0].device
 
 
@@ -99,7 +101,7 @@ class _ModelParameters:
 
     def __init__(self, params: list[torch.Tensor], closure: Callable[[], Any]) -> None:
         self._params = params
-        self._views = [_real_view(p.detach()) for p in params]
+        self._views = [_real_view(local_tensor(p.detach())) for p in params]
         self._sizes = [view.numel() for view in self._views]
         # One dense parameter (the common case): its flat view is the vector itself.
         self._flat = self._views[0].view(-1) if len(params) == 1 and self._views[0].is_contiguous() else None
@@ -134,14 +136,14 @@ class _ModelParameters:
             and self._params[0].grad is not None
             and self._params[0].grad.layout == torch.strided
         ):
-            flat = _real_view(self._params[0].grad).reshape(-1)  # one parameter: one copy
+            flat = _real_view(local_tensor(self._params[0].grad)).reshape(-1)  # one parameter: one copy
             return flat.clone() if into is None else into.copy_(flat)
         pieces = []
         for p, view in zip(self._params, self._views, strict=True):
             if p.grad is None:
                 pieces.append(torch.zeros(view.numel(), dtype=view.dtype, device=view.device))
             else:
-                grad = p.grad.to_dense() if p.grad.is_sparse else p.grad
+                grad = p.grad.to_dense() if p.grad.is_sparse else local_tensor(p.grad)
                 pieces.append(_real_view(grad).reshape(-1))
         return torch.cat(pieces, out=into)  # a copy: a later closure may change p.grad in place
 
@@ -430,10 +432,31 @@ class LBFGS(Optimizer):
         # out): what it no longer needs is freed as it goes, as torch's step frees it, so the
         # state is passed on, not held in a variable here.
         bounds = self._bounds()
+        reductions = self._reductions(params)
+        if bounds is not None and reductions.sharded:
+            raise ValueError(
+                "torchlbfgs.LBFGS: bounds (lower/upper) are not supported with parameters sharded over "
+                "processes (DTensor); nothing was changed"
+            )
         return torch_step(
             model, self._take_state(params, options.history_size), options, keep=keep, reuse=self._step_reuse,
-            bounds=bounds,
+            bounds=bounds, reductions=reductions,
         )  # fmt: skip
+
+    def _reductions(self, params: list[torch.Tensor]) -> Reductions:
+        """How the step reduces the flat vector (:mod:`torchlbfgs.sharding`), made once per set
+        of parameters."""
+        cached = self.__dict__.get("_cached_reductions")
+        if (
+            cached is not None
+            and len(cached[0]) == len(params)
+            and all(a is b for a, b in zip(cached[0], params, strict=True))
+        ):
+            reductions: Reductions = cached[1]
+            return reductions
+        reductions = reductions_for(params)
+        self.__dict__["_cached_reductions"] = (list(params), reductions)
+        return reductions
 
     def _bounds(self) -> Bounds | None:
         """The groups' bounds as flat vectors like the parameters (``None`` if no group has any);
@@ -480,7 +503,7 @@ class LBFGS(Optimizer):
     _step_outside_compile = _disable_dynamo(_step)
 
     def _all_grads_zero(self) -> bool:
-        return all(p.grad is not None and not bool(p.grad.any()) for p in self._params)
+        return all(p.grad is not None and not bool(local_tensor(p.grad).any()) for p in self._params)
 
     # --- state_dict ----------------------------------------------------------------------------
 

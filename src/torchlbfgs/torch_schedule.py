@@ -60,6 +60,7 @@ from torchlbfgs.line_searches.method import NO_BUDGET
 from torchlbfgs.line_searches.strong_wolfe import HostSearchResult, StrongWolfe
 from torchlbfgs.options import TorchOptions
 from torchlbfgs.scalars import NUMBERS, TENSORS, Scalars
+from torchlbfgs.sharding import LOCAL, Reductions
 from torchlbfgs.state import LBFGSState, StopReason
 from torchlbfgs.stopping import stop_reason
 
@@ -102,8 +103,11 @@ class _Memory:
     the buffers' rows (views) and ``rho`` as the two-loop recursion reads them, made once per
     step (accepted pairs are written into the buffers in place, row by row)."""
 
-    def __init__(self, history: History, head: int, n_pairs: int, ops: Scalars) -> None:
-        self.head, self.n_pairs, self.size, self.ops = head, n_pairs, history.s_history.shape[0], ops
+    def __init__(
+        self, history: History, head: int, n_pairs: int, ops: Scalars, reductions: Reductions
+    ) -> None:
+        self.head, self.n_pairs, self.size = head, n_pairs, history.s_history.shape[0]
+        self.ops, self.reductions = reductions.scalars(ops), reductions
         self.buffers = (history.s_history, history.y_history, history.rho)
         self.s_rows, self.y_rows = history.s_history.unbind(0), history.y_history.unbind(0)
         self._read_rho(history.rho)
@@ -114,18 +118,19 @@ class _Memory:
 
     @classmethod
     def for_step(
-        cls, reuse: dict[str, Any], history: History, head: int, n_pairs: int, ops: Scalars
-    ) -> _Memory:
+        cls, reuse: dict[str, Any], history: History, head: int, n_pairs: int, ops: Scalars,
+        reductions: Reductions,
+    ) -> _Memory:  # fmt: skip
         """The memory of the previous step (kept in ``reuse``) if it views these very buffers,
         else a new one, kept there for the next step."""
         memory = reuse.get("memory")
         buffers = (history.s_history, history.y_history, history.rho)
         if (
             not isinstance(memory, cls)
-            or memory.ops is not ops
+            or memory.ops is not reductions.scalars(ops)
             or any(a is not b for a, b in zip(memory.buffers, buffers, strict=True))
         ):
-            memory = reuse["memory"] = cls(history, head, n_pairs, ops)
+            memory = reuse["memory"] = cls(history, head, n_pairs, ops, reductions)
         elif history.rho._version != memory.rho_version:  # written into by someone else since
             memory._read_rho(history.rho)
         memory.head, memory.n_pairs = head, n_pairs
@@ -134,7 +139,7 @@ class _Memory:
     def push(self, core: LBFGSState, s: torch.Tensor, y: torch.Tensor, ys: torch.Tensor) -> LBFGSState:
         """Write an accepted pair into the head row (:func:`~torchlbfgs.history.write_pair`)."""
         slot = self.head
-        written = write_pair(core.history, s, y, ys, slot)
+        written = write_pair(core.history, s, y, ys, slot, dot=self.reductions.dot)
         self.rho[slot], self.rho_version = self.ops.value(written.rho[slot]), written.rho._version
         self.head, self.n_pairs = (slot + 1) % self.size, min(self.n_pairs + 1, self.size)
         return core._replace(gamma=written.gamma)
@@ -163,10 +168,12 @@ def _read(*scalars: torch.Tensor) -> list[Any]:
     return [kind(s.item()) for s in scalars]  # sync-ok: on the CPU a read is no sync
 
 
-def _read_with_max_abs(scalar: torch.Tensor | None, vector: torch.Tensor) -> list[Any]:
+def _read_with_max_abs(
+    scalar: torch.Tensor | None, vector: torch.Tensor, reductions: Reductions
+) -> list[Any]:
     """``scalar`` (if any) and ``max|vector|`` (NaN if any entry is) in one host read: the
     vector's extremes are read and the larger magnitude taken on the host."""
-    low, high = torch.aminmax(vector)
+    low, high = reductions.aminmax(vector)
     *read, low, high = _read(*((scalar,) if scalar is not None else ()), low, high)
     return [*read, NUMBERS.maximum(-low, high)]
 
@@ -220,6 +227,7 @@ def torch_step(
     keep: Callable[..., None],
     reuse: dict[str, Any] | None = None,
     bounds: Bounds | None = None,
+    reductions: Reductions = LOCAL,
 ) -> Any:
     """Run one ``torch.optim.LBFGS.step`` from ``stored``; return the closure's first loss.
 
@@ -241,11 +249,15 @@ def torch_step(
     :func:`~torchlbfgs.bounds.max_step`, and every point the closure sees is projected), and
     ``tolerance_grad`` tests the projected gradient. The curvature pair stays torch's
     :math:`s = t d`, which differs from the step taken only by that projection's rounding.
+
+    ``reductions`` take the step's inner products and extremes: the parameters' own
+    (:data:`~torchlbfgs.sharding.LOCAL`), or all-reduced over processes for parameters sharded
+    across them (:mod:`torchlbfgs.sharding`; not with bounds).
     """
     rollback = _Rollback(stored)
     del stored  # from here on only the rollback (and the step) hold it
     try:
-        loss, state = _step(params, rollback, options, {} if reuse is None else reuse, bounds)
+        loss, state = _step(params, rollback, options, {} if reuse is None else reuse, bounds, reductions)
     except BaseException:
         if rollback.point is None:  # nothing was moved or changed yet
             keep(rollback.state(), unchanged=True)
@@ -263,6 +275,7 @@ def _step(
     options: TorchOptions,
     reuse: dict[str, Any],
     bounds: Bounds | None,
+    reductions: Reductions,
 ) -> tuple[Any, OptimizerState]:
     stored = rollback.state()
     moved_into_box = bounds is not None and _project_start(params, bounds)
@@ -272,7 +285,7 @@ def _step(
     if bounds is not None:
         x = params.read()
         tested = projected_gradient(x, grad, bounds)
-    low, high = torch.aminmax(tested)
+    low, high = reductions.aminmax(tested)
     f, low, high, head, n_pairs, iteration, pending = _read(
         value, low, high, core.head, core.n_pairs, core.iteration, stored.has_pending
     )  # once per step
@@ -297,7 +310,9 @@ def _step(
     if options.max_iter == 0:  # torch evaluates, and does nothing else
         return loss, stored._replace(core=_counted(core, StopReason.MAX_ITERATIONS, 0, evals))
 
-    memory = _Memory.for_step(reuse, core.history, int(head), int(n_pairs), _two_loop_scalars(grad.device))
+    memory = _Memory.for_step(
+        reuse, core.history, int(head), int(n_pairs), _two_loop_scalars(grad.device), reductions
+    )
     direction: torch.Tensor = stored.pending_direction
     t: Any = stored.pending_step
     del stored  # its gradient and direction go as soon as the iteration no longer needs them
@@ -316,7 +331,7 @@ def _step(
             s = torch.mul(direction, t, out=direction if own_direction else None)
             reuse_grad = own_previous_grad and core.grad is not grad  # a search may not have moved
             y = torch.sub(grad, core.grad, out=core.grad if reuse_grad else None)
-            ys, curvature_ok = accept_curvature_pair(s, y, None, "absolute", NUMBERS)
+            ys, curvature_ok = accept_curvature_pair(s, y, None, "absolute", NUMBERS, dot=reductions.dot)
             if curvature_ok:  # torch's s'y > 1e-10
                 core = memory.push(core, s, y, ys)
             spare, spare_grad = s if own_direction else None, y if reuse_grad else None
@@ -335,13 +350,13 @@ def _step(
         pending = True
         t = options.lr
         if fresh:
-            t = min(1.0, _read(torch.reciprocal(grad.abs().sum()))[0]) * options.lr
+            t = min(1.0, _read(torch.reciprocal(reductions.abs_sum(grad)))[0]) * options.lr
         fresh = False
         limit = None
         if bounds is not None:  # never beyond the box
             limit = _read(max_step(x, direction, bounds))[0]
             t = min(t, limit)
-        gtd, direction_max = _read_with_max_abs(torch.dot(grad, direction), direction)
+        gtd, direction_max = _read_with_max_abs(reductions.dot(grad, direction), direction, reductions)
         status = StopReason.RUNNING
         if gtd > -options.tolerance_change:  # no descent left: torch stops before moving
             status = StopReason.DIRECTIONAL_DERIVATIVE_TOLERANCE
@@ -351,17 +366,31 @@ def _step(
         if options.line_search_fn == "strong_wolfe":
             budget = options.max_eval - current_evals
             found = _strong_wolfe(
-                params, x, direction, f, grad, gtd, direction_max, t, budget, spare_grad, limit, bounds
+                params,
+                x,
+                direction,
+                f,
+                grad,
+                gtd,
+                direction_max,
+                t,
+                budget,
+                spare_grad,
+                limit,
+                bounds,
+                reductions,
             )
             t, f_new, new_grad, search_evals = found.step_size, found.value, found.grad, found.n_evals
             _move(params, x, direction, t, bounds)  # torch moves from where the search started
-            (new_grad_max,) = _read_with_max_abs(None, _tested_gradient(params, new_grad, bounds))
+            (new_grad_max,) = _read_with_max_abs(None, _tested_gradient(params, new_grad, bounds), reductions)
             new_value = value if new_grad is grad else _scalar(f_new, value)
         elif n_iter < options.max_iter:
             _move(params, x, direction, t, bounds)
             _, new_value, new_grad = params.evaluate(into=spare_grad)
             search_evals = 1
-            f_new, new_grad_max = _read_with_max_abs(new_value, _tested_gradient(params, new_grad, bounds))
+            f_new, new_grad_max = _read_with_max_abs(
+                new_value, _tested_gradient(params, new_grad, bounds), reductions
+            )
         else:  # torch's last fixed step moves without evaluating the closure
             _move(params, x, direction, t, bounds)
             evaluated, search_evals = False, 0
@@ -417,7 +446,7 @@ def _tested_gradient(params: Parameters, grad: torch.Tensor, bounds: Bounds | No
 def _strong_wolfe(
     params: Parameters, x: torch.Tensor, direction: torch.Tensor, value: Any, grad: torch.Tensor,
     gtd: Any, direction_max: Any, t: Any, max_ls: int, spare_grad: torch.Tensor | None,
-    max_step: Any = None, bounds: Bounds | None = None,
+    max_step: Any = None, bounds: Bounds | None = None, reductions: Reductions = LOCAL,
 ) -> HostSearchResult:  # fmt: skip
     """torch's ``_strong_wolfe`` from ``x`` along ``direction`` (its ``max_ls`` is what is
     left of the step's evaluation budget), with the functional core's decisions; the first
@@ -428,7 +457,7 @@ def _strong_wolfe(
     def evaluate(step: Any) -> tuple[Any, torch.Tensor, Any]:
         _move(params, x, direction, step, bounds)
         _, trial_value, trial_grad = params.evaluate(into=spare.pop() if spare else None)
-        trial_f, trial_gtd = _read(trial_value, torch.dot(trial_grad, direction))
+        trial_f, trial_gtd = _read(trial_value, reductions.dot(trial_grad, direction))
         return float(trial_f), trial_grad, trial_gtd
 
     # Values as Python floats, derivatives in the gradient's precision: torch's search mixes

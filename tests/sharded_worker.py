@@ -1,0 +1,187 @@
+"""One rank of the sharded-parameter tests (``test_sharded.py`` starts 2 and 4 with
+:func:`run_ranks`; ``torchrun --nproc-per-node 2 tests/sharded_worker.py OUT`` does the same).
+
+Every configuration trains a small MLP in float64 with ``torchlbfgs.LBFGS`` (history 3, so the
+ring wraps) for a few steps and saves, per rank: the losses, the closure calls, the full
+parameters at the end and the all-reduces the optimizer made. Configurations:
+
+* ``fsdp``: the model under FSDP2's ``fully_shard`` (every parameter a ``Shard(0)`` DTensor,
+  uneven shards, empty on some ranks); each rank holds half of the samples, FSDP averages
+  the gradients over ranks and the closure all-reduces the loss to the global mean;
+* ``dtensor``: parameters made by hand with ``distribute_tensor``, the weights ``Shard(0)``,
+  the biases ``Replicate()``; every rank evaluates all samples (the forward gathers the weights
+  with ``full_tensor``).
+
+:func:`train` with ``world_size=1`` runs the same on one process with plain parameters: the
+reference every rank must match.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+import torchlbfgs
+
+SAMPLES, FEATURES, HIDDEN = 32, 5, 7
+CONFIGS = [(layout, search) for layout in ("fsdp", "dtensor") for search in (None, "strong_wolfe")]
+
+
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(SAMPLES, FEATURES, generator=generator, dtype=torch.float64)
+    targets = torch.sin(inputs @ torch.randn(FEATURES, 1, generator=generator, dtype=torch.float64))
+    return inputs, targets
+
+
+def model() -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(FEATURES, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, 1)]
+    return torch.nn.Sequential(*layers).double()
+
+
+def _sharded_params(net: torch.nn.Sequential, layout: str, world_size: int) -> list[torch.Tensor]:
+    """The parameters to optimize; with ``world_size > 1`` sharded as ``layout`` says."""
+    if world_size == 1:
+        return list(net.parameters())
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    if layout == "fsdp":
+        fully_shard(net, mesh=mesh)
+        return list(net.parameters())
+    for module in (net[0], net[2]):
+        module.weight = torch.nn.Parameter(distribute_tensor(module.weight.detach(), mesh, [Shard(0)]))
+        module.bias = torch.nn.Parameter(distribute_tensor(module.bias.detach(), mesh, [Replicate()]))
+    return list(net.parameters())
+
+
+def _forward(net: torch.nn.Sequential, inputs: torch.Tensor, layout: str, world_size: int) -> torch.Tensor:
+    if layout == "fsdp" or world_size == 1:
+        return net(inputs)  # type: ignore[no-any-return]
+    hidden = torch.tanh(inputs @ net[0].weight.full_tensor().T + net[0].bias.full_tensor())
+    return hidden @ net[2].weight.full_tensor().T + net[2].bias.full_tensor()  # type: ignore[no-any-return]
+
+
+def train(layout: str, search: str | None, rank: int, world_size: int, steps: int = 5) -> dict[str, Any]:
+    inputs, targets = data()
+    if layout == "fsdp":  # data parallel: this rank's share of the samples
+        shard = slice(rank * SAMPLES // world_size, (rank + 1) * SAMPLES // world_size)
+        inputs, targets = inputs[shard], targets[shard]
+    net = model()
+    params = _sharded_params(net, layout, world_size)
+    optimizer = torchlbfgs.LBFGS(params, history_size=3, max_iter=6, line_search_fn=search)
+    calls = 0
+
+    def closure() -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        optimizer.zero_grad()
+        loss = ((_forward(net, inputs, layout, world_size) - targets) ** 2).mean()
+        loss.backward()  # under FSDP: gradients averaged over ranks (equal shares of samples)
+        loss = loss.detach()
+        if layout == "fsdp" and world_size > 1:
+            dist.all_reduce(loss)
+            loss /= world_size
+        return loss
+
+    counted = _AllReduceCounter()
+    losses, reductions = [], []
+    for _ in range(steps):
+        with counted:
+            calls_before = calls
+            losses.append(float(optimizer.step(closure)))
+        closure_reductions = (calls - calls_before) if layout == "fsdp" and world_size > 1 else 0
+        reductions.append(counted.calls - closure_reductions)
+        counted.calls = 0
+    state = optimizer.state[params[0]]
+    full = [p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach().clone() for p in params]
+    return {
+        "losses": losses, "calls": calls, "params": full, "all_reduces": reductions,
+        "iterations": int(state["iteration"]), "evaluations": int(state["n_evals"]),
+        "local_size": int(state["grad"].numel()),
+    }  # fmt: skip
+
+
+def bounds_refused(world_size: int) -> str:
+    """The error a bounded step on sharded parameters raises (and that it changed nothing)."""
+    net = model()
+    params = _sharded_params(net, "dtensor", world_size)
+    before = [p.detach().full_tensor() for p in params]
+    optimizer = torchlbfgs.LBFGS(params, lower=0.0)
+    inputs, targets = data()
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = ((_forward(net, inputs, "dtensor", world_size) - targets) ** 2).mean()
+        loss.backward()
+        return loss.detach()
+
+    try:
+        optimizer.step(closure)
+    except ValueError as error:
+        unchanged = all(torch.equal(p.detach().full_tensor(), b) for p, b in zip(params, before, strict=True))
+        return f"{error} (unchanged: {unchanged}, state: {len(optimizer.state)})"
+    return "no error"
+
+
+class _AllReduceCounter:
+    """Counts ``torch.distributed.all_reduce`` calls while entered."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self._original = dist.all_reduce
+
+    def __enter__(self) -> None:
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            return self._original(*args, **kwargs)
+
+        dist.all_reduce = counting
+
+    def __exit__(self, *exc: object) -> None:
+        dist.all_reduce = self._original
+
+
+def run_ranks(out: Path, world_size: int) -> list[tuple[int, str]]:
+    """``world_size`` ranks of this script on loopback, each saving its results to
+    ``{out}.rank{rank}``; the exit status and output of each."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    processes = []
+    for rank in range(world_size):
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+               "WORLD_SIZE": str(world_size), "OMP_NUM_THREADS": "1"}  # fmt: skip
+        command = [sys.executable, __file__, str(out)]
+        processes.append(
+            subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
+    outputs = [process.communicate(timeout=240)[0] for process in processes]
+    return [(process.returncode, output) for process, output in zip(processes, outputs, strict=True)]
+
+
+def main() -> None:
+    out = sys.argv[1]
+    dist.init_process_group("gloo")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    results: dict[str, Any] = {
+        f"{layout}-{search}": train(layout, search, rank, world_size) for layout, search in CONFIGS
+    }
+    results["bounds refused"] = bounds_refused(world_size)
+    dist.barrier()
+    dist.destroy_process_group()
+    torch.save(results, f"{out}.rank{rank}")
+
+
+if __name__ == "__main__":
+    main()

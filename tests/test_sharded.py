@@ -1,0 +1,61 @@
+"""Parameters sharded over processes (``DTensor``: FSDP2's ``fully_shard``, ``distribute_tensor``
+with ``Shard(0)`` and ``Replicate()``), gloo on loopback with 2 and 4 processes.
+
+The ranks run in the background from the start of the session (``sharded_runs`` in
+conftest.py, which calls ``sharded_worker.run_ranks``); the protocol and the configurations
+are in ``sharded_worker.py``. Each must take the steps one process takes on the unsharded
+model (float64, 1e-10), with the same closure calls, while holding only its share of the
+vectors, and reduce with a number of all-reduces that does not grow with the parameters.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from sharded_worker import CONFIGS, HIDDEN, train
+
+HISTORY = 3  # sharded_worker's history_size
+
+
+def _results(run: tuple[Path, Future[list[tuple[int, str]]]], world_size: int) -> list[dict[str, Any]]:
+    out, ranks_run = run
+    for returncode, output in ranks_run.result():
+        assert returncode == 0, output[-3000:]
+    return [torch.load(f"{out}.rank{rank}", weights_only=False) for rank in range(world_size)]
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_sharded_steps_equal_one_process(
+    world_size: int, sharded_runs: dict[int, tuple[Path, Future[list[tuple[int, str]]]]]
+) -> None:
+    ranks = _results(sharded_runs[world_size], world_size)
+    for layout, search in CONFIGS:
+        key = f"{layout}-{search}"
+        alone = train(layout, search, rank=0, world_size=1)
+        n = sum(p.numel() for p in alone["params"])
+        local_sizes = [rank[key]["local_size"] for rank in ranks]
+        replicated = 0 if layout == "fsdp" else HIDDEN + 1  # the biases, on every rank
+        assert sum(local_sizes) == n + (world_size - 1) * replicated, key  # each rank: its share
+        assert max(local_sizes) < n, key
+        for rank in ranks:
+            mine = rank[key]
+            assert mine["calls"] == alone["calls"], key
+            assert mine["iterations"] == alone["iterations"] > HISTORY, key  # the ring wraps
+            losses = torch.tensor(mine["losses"])
+            torch.testing.assert_close(losses, torch.tensor(alone["losses"]), rtol=1e-10, atol=0.0)
+            for got, expected in zip(mine["params"], alone["params"], strict=True):
+                torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+            # O(1) all-reduces of scalars per iteration and per evaluation, whatever the number of
+            # tensors: the curvature pair's two products, the two-loop recursion's 2m, the slope,
+            # max|d|, and per evaluation its slope or max|g|; one per tensor would be 4x as many.
+            steps = len(mine["losses"])
+            bound = (2 * HISTORY + 6) * mine["iterations"] + 2 * mine["evaluations"] + 2 * steps
+            assert 0 < sum(mine["all_reduces"]) <= bound, (key, mine["all_reduces"], bound)
+        assert all(rank[key]["all_reduces"] == ranks[0][key]["all_reduces"] for rank in ranks), key
+    for rank in ranks:
+        assert rank["bounds refused"].startswith("torchlbfgs.LBFGS: bounds (lower/upper) are not supported")
+        assert rank["bounds refused"].endswith("(unchanged: True, state: 0)")
