@@ -112,6 +112,57 @@ def train(layout: str, search: str | None, rank: int, world_size: int, steps: in
     }  # fmt: skip
 
 
+def checkpoint_resumes(world_size: int) -> dict[str, Any]:
+    """Two steps, a state dict through ``torch.save``, a fresh sharded model and optimizer that
+    load it and take two more: the parameters after, against four uninterrupted steps; and
+    what loading the sharded state onto unsharded parameters says."""
+    import io
+
+    def setup() -> tuple[torch.nn.Sequential, list[torch.Tensor], torchlbfgs.LBFGS, Any]:
+        net = model()
+        params = _sharded_params(net, "fsdp", world_size)
+        optimizer = torchlbfgs.LBFGS(params, history_size=3, max_iter=4, line_search_fn="strong_wolfe")
+        inputs, targets = data()
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = ((net(inputs) - targets) ** 2).mean()  # every rank: all samples
+            loss.backward()
+            return loss.detach()
+
+        return net, params, optimizer, closure
+
+    _, params, optimizer, closure = setup()
+    for _ in range(4):
+        optimizer.step(closure)
+    uninterrupted = [p.detach().full_tensor() for p in params]
+    _, params, optimizer, closure = setup()
+    for _ in range(2):
+        optimizer.step(closure)
+    buffer = io.BytesIO()
+    torch.save(
+        {"model": [p.detach().to_local().clone() for p in params], "optimizer": optimizer.state_dict()},
+        buffer,
+    )
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    _, params, optimizer, closure = setup()
+    with torch.no_grad():
+        for p, piece in zip(params, saved["model"], strict=True):
+            p.to_local().copy_(piece)
+    optimizer.load_state_dict(saved["optimizer"])
+    for _ in range(2):
+        optimizer.step(closure)
+    resumed = [p.detach().full_tensor() for p in params]
+    unsharded = torchlbfgs.LBFGS(model().parameters(), history_size=3)
+    try:
+        unsharded.load_state_dict(saved["optimizer"])
+        refused = "loaded"
+    except ValueError as error:
+        refused = str(error)
+    return {"uninterrupted": uninterrupted, "resumed": resumed, "refused": refused}
+
+
 def bounds_refused(world_size: int) -> str:
     """The error a bounded step on sharded parameters raises (and that it changed nothing)."""
     net = model()
@@ -178,6 +229,7 @@ def main() -> None:
         f"{layout}-{search}": train(layout, search, rank, world_size) for layout, search in CONFIGS
     }
     results["bounds refused"] = bounds_refused(world_size)
+    results["checkpoint"] = checkpoint_resumes(world_size)
     dist.barrier()
     dist.destroy_process_group()
     torch.save(results, f"{out}.rank{rank}")

@@ -59,3 +59,16 @@ def test_sharded_steps_equal_one_process(
     for rank in ranks:
         assert rank["bounds refused"].startswith("torchlbfgs.LBFGS: bounds (lower/upper) are not supported")
         assert rank["bounds refused"].endswith("(unchanged: True, state: 0)")
+
+
+@pytest.mark.parametrize("world_size", [2])
+def test_a_sharded_checkpoint_resumes_on_its_layout_only(
+    world_size: int, sharded_runs: dict[int, tuple[Path, Future[list[tuple[int, str]]]]]
+) -> None:
+    """state_dict -> torch.save -> a fresh sharded model and optimizer -> load_state_dict: the
+    steps after equal uninterrupted ones, bit for bit; onto unsharded parameters it is refused."""
+    for rank in _results(sharded_runs[world_size], world_size):
+        checkpoint = rank["checkpoint"]
+        for resumed, uninterrupted in zip(checkpoint["resumed"], checkpoint["uninterrupted"], strict=True):
+            assert torch.equal(resumed, uninterrupted)
+        assert "saved for sharded parameters, this optimizer's are unsharded" in checkpoint["refused"]

@@ -27,6 +27,7 @@ import torch
 
 from torchlbfgs.history import History
 from torchlbfgs.options import TORCH_OPTION_NAMES, TorchOptions
+from torchlbfgs.sharding import shard_layout
 from torchlbfgs.state import LBFGSState, StopReason
 from torchlbfgs.update import initial_state
 
@@ -36,10 +37,12 @@ __all__ = [
     "OptimizerState",
     "blank_state",
     "check_param_shapes",
+    "check_param_shards",
     "extended_state",
     "is_torch_lbfgs_state",
     "load_state_dict_checked",
     "param_shapes",
+    "param_shards",
     "state_from_leaves",
     "state_from_torch_lbfgs",
     "state_from_trusted_leaves",
@@ -131,6 +134,37 @@ def check_param_shapes(saved_group: Mapping[str, Any], params: list[torch.Tensor
                 f"param group {index}, parameter {position}: the checkpoint was saved for shape "
                 f"{tuple(shape)}, this optimizer's parameter has shape {tuple(param.shape)}"
             )
+
+
+PARAM_SHARDS = "param_shards"
+
+
+def param_shards(params: list[torch.Tensor]) -> list[dict[str, Any] | None] | None:
+    """The pieces of a group's parameters this process holds (:func:`~torchlbfgs.sharding.shard_layout`),
+    as saved in its ``param_shards`` entry; ``None`` if none is sharded (nothing saved)."""
+    layouts = [shard_layout(p) for p in params]
+    return None if all(layout is None for layout in layouts) else layouts
+
+
+def check_param_shards(saved_group: Mapping[str, Any], params: list[torch.Tensor], index: int) -> None:
+    """Refuse a checkpoint of sharded parameters on another layout (or on unsharded
+    parameters, and the reverse): its flat state holds this process's pieces in order."""
+    saved, now = saved_group.get(PARAM_SHARDS), param_shards(params)
+    if saved == now:
+        return
+    if now is None or saved is None:
+        held, here = ("sharded", "unsharded") if now is None else ("unsharded", "sharded")
+        raise ValueError(
+            f"param group {index}: the checkpoint was saved for {held} parameters, this optimizer's are "
+            f"{here}; a flat L-BFGS state only loads onto the layout it was saved from"
+        )
+    for position, (was, is_) in enumerate(zip(saved, now, strict=False)):
+        if was != is_:
+            raise ValueError(
+                f"param group {index}, parameter {position}: {PARAM_SHARDS} was {was}, this process holds "
+                f"{is_}; load a sharded optimizer state on the same ranks, mesh and placements"
+            )
+    raise ValueError(f"param group {index}: {PARAM_SHARDS} lists {len(saved)} parameters, not {len(now)}")
 
 
 _FLOAT, _INT, _BOOL = "floating", "integer", "bool"
@@ -443,7 +477,9 @@ def to_torch_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
             leaves, n=grad.numel(), history_size=history_size, dtype=grad.dtype, device=grad.device
         )
         converted_state[index] = state_to_torch_lbfgs(state, history_size=history_size)
-    torch_groups = [{k: v for k, v in group.items() if k != PARAM_SHAPES} for group in groups]
+    torch_groups = [
+        {k: v for k, v in group.items() if k not in (PARAM_SHAPES, PARAM_SHARDS)} for group in groups
+    ]
     return {**state_dict, "state": converted_state, "param_groups": torch_groups}
 
 
@@ -496,6 +532,7 @@ def load_state_dict_checked(
                 f"an L-BFGS optimizer (its options are {sorted(k for k in saved if k != 'params')})"
             )
         check_param_shapes(saved, group["params"], index)
+        check_param_shards(saved, group["params"], index)
     history_size = TorchOptions.of_groups(saved_groups).history_size
     if history_size != groups[0]["history_size"]:
         raise ValueError(
@@ -525,7 +562,8 @@ def load_state_dict_checked(
             )
         validated = state_from_leaves(leaves, n=n, history_size=history_size, dtype=dtype, device=device)
     options = [
-        {k: v for k, v in saved.items() if k not in ("params", PARAM_SHAPES)} for saved in saved_groups
+        {k: v for k, v in saved.items() if k not in ("params", PARAM_SHAPES, PARAM_SHARDS)}
+        for saved in saved_groups
     ]
     others = {key: value for key, value in saved_state.items() if key not in saved_ids}
     return LoadedStateDict(options, validated, others)

@@ -29,11 +29,13 @@ from torch.optim import Optimizer
 from torchlbfgs.bounds import Bounds, active_count, broadcast_bound
 from torchlbfgs.checkpoint import (
     PARAM_SHAPES,
+    PARAM_SHARDS,
     OptimizerState,
     blank_state,
     extended_state,
     load_state_dict_checked,
     param_shapes,
+    param_shards,
     state_from_trusted_leaves,
     state_to_leaves,
     to_torch_state_dict,
@@ -516,6 +518,9 @@ class LBFGS(Optimizer):
         state_dict["state"] = {index: _copied(entry) for index, entry in state_dict["state"].items()}
         for saved, group in zip(state_dict["param_groups"], self.param_groups, strict=True):
             saved[PARAM_SHAPES] = param_shapes(group["params"])
+            shards = param_shards(group["params"])
+            if shards is not None:
+                saved[PARAM_SHARDS] = shards
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

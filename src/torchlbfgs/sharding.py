@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from torchlbfgs.scalars import Numbers, Scalars, Tensors
 
-__all__ = ["LOCAL", "Reductions", "ShardedReductions", "local_tensor", "reductions_for"]
+__all__ = ["LOCAL", "Reductions", "ShardedReductions", "local_tensor", "reductions_for", "shard_layout"]
 
 
 def _dtensor_type() -> type | None:
@@ -187,3 +187,18 @@ def reductions_for(params: Sequence[torch.Tensor]) -> Reductions:
         start += size
     whole = owned == [(0, start)] or start == 0
     return ShardedReductions(mesh.get_group(), None if whole else owned)
+
+
+def shard_layout(p: torch.Tensor) -> dict[str, Any] | None:
+    """Which piece of ``p`` this process holds, as a state dict records it (``None`` for a plain
+    tensor): its rank and the mesh size, the placements, and the local piece's shape. A flat
+    state holds those pieces in this order, so it only fits the same layout."""
+    dtensor = _dtensor_type()
+    if dtensor is None or not isinstance(p, dtensor):
+        return None
+    mesh = p.device_mesh  # type: ignore[attr-defined]
+    return {
+        "rank": mesh.get_local_rank() if mesh.ndim == 1 else mesh.get_rank(), "world_size": mesh.size(),
+        "placements": [str(placement) for placement in p.placements],  # type: ignore[attr-defined]
+        "local_shape": list(local_tensor(p).shape),
+    }  # fmt: skip
