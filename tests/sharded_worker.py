@@ -1,5 +1,6 @@
-"""One rank of the sharded-parameter tests (``test_sharded.py`` starts 2 and 4 with
-:func:`run_ranks`; ``torchrun --nproc-per-node 2 tests/sharded_worker.py OUT`` does the same).
+"""One rank of the sharded-parameter tests (``test_sharded.py`` starts 4 with :func:`run_ranks`;
+``torchrun --nproc-per-node 4 tests/sharded_worker.py OUT`` does the same). Everything runs on
+a mesh of the first 2 ranks, then on one of all 4 (one launch: starting processes is what costs).
 
 Every configuration trains a small MLP in float64 with ``torchlbfgs.LBFGS`` (history 3, so the
 ring wraps) for a few steps and saves, per rank: the losses, the closure calls, the full
@@ -31,7 +32,15 @@ import torch.distributed as dist
 import torchlbfgs
 
 SAMPLES, FEATURES, HIDDEN = 32, 5, 7
+MESH_SIZES = (2, 4)
+_MESHES: dict[int, Any] = {}  # mesh size -> the DeviceMesh of the first that many ranks
 CONFIGS = [(layout, search) for layout in ("fsdp", "dtensor") for search in (None, "strong_wolfe")]
+
+
+def configs(world_size: int) -> list[tuple[str, str | None]]:
+    """What runs on a mesh of ``world_size`` ranks: every configuration on the smallest, FSDP's
+    on the larger ones (each launched process costs seconds of the test suite)."""
+    return CONFIGS if world_size == MESH_SIZES[0] else [c for c in CONFIGS if c[0] == "fsdp"]
 
 
 def data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,11 +60,10 @@ def _sharded_params(net: torch.nn.Sequential, layout: str, world_size: int) -> l
     """The parameters to optimize; with ``world_size > 1`` sharded as ``layout`` says."""
     if world_size == 1:
         return list(net.parameters())
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-    mesh = init_device_mesh("cpu", (world_size,))
+    mesh = _MESHES[world_size]
     if layout == "fsdp":
         fully_shard(net, mesh=mesh)
         return list(net.parameters())
@@ -72,7 +80,7 @@ def _forward(net: torch.nn.Sequential, inputs: torch.Tensor, layout: str, world_
     return hidden @ net[2].weight.full_tensor().T + net[2].bias.full_tensor()  # type: ignore[no-any-return]
 
 
-def train(layout: str, search: str | None, rank: int, world_size: int, steps: int = 5) -> dict[str, Any]:
+def train(layout: str, search: str | None, rank: int, world_size: int, steps: int = 3) -> dict[str, Any]:
     inputs, targets = data()
     if layout == "fsdp":  # data parallel: this rank's share of the samples
         shard = slice(rank * SAMPLES // world_size, (rank + 1) * SAMPLES // world_size)
@@ -90,7 +98,7 @@ def train(layout: str, search: str | None, rank: int, world_size: int, steps: in
         loss.backward()  # under FSDP: gradients averaged over ranks (equal shares of samples)
         loss = loss.detach()
         if layout == "fsdp" and world_size > 1:
-            dist.all_reduce(loss)
+            dist.all_reduce(loss, group=_MESHES[world_size].get_group())
             loss /= world_size
         return loss
 
@@ -221,16 +229,31 @@ def run_ranks(out: Path, world_size: int) -> list[tuple[int, str]]:
     return [(process.returncode, output) for process, output in zip(processes, outputs, strict=True)]
 
 
+def run_all(rank: int, world_size: int) -> dict[str, Any]:
+    """Every check on a mesh of ``world_size`` ranks, as this rank saw it."""
+    results: dict[str, Any] = {
+        f"{layout}-{search}": train(layout, search, rank, world_size)
+        for layout, search in configs(world_size)
+    }
+    if world_size == MESH_SIZES[0]:  # once is enough for these
+        results["bounds refused"] = bounds_refused(world_size)
+        results["checkpoint"] = checkpoint_resumes(world_size)
+    return results
+
+
 def main() -> None:
+    from torch.distributed.device_mesh import DeviceMesh
+
     out = sys.argv[1]
     dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    results: dict[str, Any] = {
-        f"{layout}-{search}": train(layout, search, rank, world_size) for layout, search in CONFIGS
-    }
-    results["bounds refused"] = bounds_refused(world_size)
-    results["checkpoint"] = checkpoint_resumes(world_size)
-    dist.barrier()
+    results = {}
+    for size in (size for size in MESH_SIZES if size <= world_size):
+        group = dist.new_group(list(range(size)))  # every rank takes part in making it
+        if rank < size:
+            _MESHES[size] = DeviceMesh.from_group(group, "cpu")
+            results[size] = run_all(rank, size)
+        dist.barrier()
     dist.destroy_process_group()
     torch.save(results, f"{out}.rank{rank}")
 
