@@ -169,6 +169,42 @@ def checkpoint_resumes(world_size: int) -> dict[str, Any]:
     return {"uninterrupted": uninterrupted, "resumed": resumed, "refused": refused}
 
 
+def batch_problems(size: int = 11) -> tuple[torch.Tensor, ...]:
+    """``size`` logistic regressions (an odd number: uneven shards), a start, shared decay."""
+    generator = torch.Generator().manual_seed(1)
+    X = torch.randn(size, 40, 3, generator=generator, dtype=torch.float64)
+    y = (torch.rand(size, 40, generator=generator, dtype=torch.float64) < torch.sigmoid(X[..., 0])).double()
+    return torch.zeros(size, 3, dtype=torch.float64), X, y, torch.tensor(0.1, dtype=torch.float64)
+
+
+BATCH_OPTIONS: dict[str, Any] = {"in_dims": (0, 0, 0, None), "tolerance_grad": 1e-10}
+
+
+def logistic(w: torch.Tensor, X: torch.Tensor, y: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.binary_cross_entropy_with_logits(X @ w, y) + decay * (w @ w)
+
+
+def batch_over_ranks(world_size: int) -> dict[str, Any]:
+    """``batched_minimize`` on a batch sharded over the mesh: the result's fields gathered (after
+    the solve), their placements, and the collectives made during the solve."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = _MESHES[world_size]
+    w0, X, y, decay = batch_problems()
+    w0, X, y = (distribute_tensor(t, mesh, [Shard(0)]) for t in (w0, X, y))
+    counted = _AllReduceCounter()
+    with counted:
+        result = torchlbfgs.batched_minimize(
+            logistic, w0, X, y, decay, in_dims=(0, 0, 0, None), tolerance_grad=1e-10
+        )
+    return {
+        "fields": {name: value.full_tensor() for name, value in result._asdict().items()},
+        "placements": {name: str(value.placements) for name, value in result._asdict().items()},
+        "local_rows": result.params.to_local().shape[0],
+        "collectives": counted.calls,
+    }
+
+
 def torch_lbfgs_outcome(world_size: int) -> str:
     """What ``torch.optim.LBFGS`` does with the same FSDP model (the comparison the docs make)."""
     net = model()
@@ -212,21 +248,35 @@ def bounds_refused(world_size: int) -> str:
 
 
 class _AllReduceCounter:
-    """Counts ``torch.distributed.all_reduce`` calls while entered."""
+    """Counts calls of ``torch.distributed.all_reduce`` (or of the collectives ``names``) while
+    entered."""
 
-    def __init__(self) -> None:
+    def __init__(self, names: tuple[str, ...] = ("all_reduce",)) -> None:
         self.calls = 0
-        self._original = dist.all_reduce
+        self._originals = {name: getattr(dist, name) for name in names}
 
     def __enter__(self) -> None:
-        def counting(*args: Any, **kwargs: Any) -> Any:
-            self.calls += 1
-            return self._original(*args, **kwargs)
+        for name, original in self._originals.items():
 
-        dist.all_reduce = counting
+            def counting(*args: Any, original: Any = original, **kwargs: Any) -> Any:
+                self.calls += 1
+                return original(*args, **kwargs)
+
+            setattr(dist, name, counting)
 
     def __exit__(self, *exc: object) -> None:
-        dist.all_reduce = self._original
+        for name, original in self._originals.items():
+            setattr(dist, name, original)
+
+
+COLLECTIVES = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "broadcast",
+    "reduce_scatter_tensor",
+    "barrier",
+)
 
 
 def run_ranks(out: Path, world_size: int) -> list[tuple[int, str]]:
@@ -257,6 +307,7 @@ def run_all(rank: int, world_size: int) -> dict[str, Any]:
         results["bounds refused"] = bounds_refused(world_size)
         results["checkpoint"] = checkpoint_resumes(world_size)
         results["torch.optim.LBFGS"] = torch_lbfgs_outcome(world_size)
+    results["batch"] = batch_over_ranks(world_size)
     return results
 
 

@@ -17,7 +17,9 @@ from typing import Any
 
 import pytest
 import torch
-from sharded_worker import HIDDEN, configs, train
+from sharded_worker import HIDDEN, batch_problems, configs, logistic, train
+
+import torchlbfgs
 
 HISTORY = 3  # sharded_worker's history_size
 
@@ -82,3 +84,24 @@ def test_a_sharded_checkpoint_resumes_on_its_layout_only(
         assert "saved for sharded parameters, this optimizer's are unsharded" in checkpoint["refused"]
         # what torchlbfgs.LBFGS replaces fails on the same model (the docs say so)
         assert rank["torch.optim.LBFGS"].startswith("RuntimeError"), rank["torch.optim.LBFGS"]
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_a_batch_sharded_over_ranks_solves_as_one_process(
+    world_size: int, sharded_run: tuple[Path, Future[list[tuple[int, str]]]]
+) -> None:
+    """batched_minimize on Shard(0) DTensors (11 problems: uneven shards): each rank solves its
+    rows with no collective during the solve, the result comes back Shard(0), and gathered it
+    equals one process solving the whole batch."""
+    w0, X, y, decay = batch_problems()
+    alone = torchlbfgs.batched_minimize(
+        logistic, w0, X, y, decay, in_dims=(0, 0, 0, None), tolerance_grad=1e-10
+    )
+    ranks = _results(sharded_run, world_size)
+    assert sum(rank["batch"]["local_rows"] for rank in ranks) == len(w0)
+    for rank in ranks:
+        batch = rank["batch"]
+        assert batch["collectives"] == 0
+        assert set(batch["placements"].values()) == {"(Shard(dim=0),)"}
+        for name, expected in alone._asdict().items():
+            torch.testing.assert_close(batch["fields"][name], expected, rtol=1e-10, atol=1e-12, msg=name)

@@ -35,6 +35,7 @@ from torchlbfgs.options import reject_unknown_options, require_count
 from torchlbfgs.progress import ProgressBar, progress_wanted
 from torchlbfgs.pytree import Unravel, ravel_pytree
 from torchlbfgs.rounds import RoundState, Settings, advance, max_rounds, start
+from torchlbfgs.sharded_batch import batch_sharding
 from torchlbfgs.state import StopReason
 
 __all__ = ["batched_minimize"]
@@ -145,6 +146,20 @@ def batched_minimize(
             f"in_dims has {len(dims)} entries but there are {1 + len(args)} inputs "
             f"(params0 and {len(args)} args)"
         )
+    spread = batch_sharding(params0, args, dims)
+    if spread is not None:  # each rank solves its rows as a batch of its own
+        if implicit is not None:
+            raise ValueError(
+                "batched_minimize: implicit_diff over a batch sharded across processes is not supported"
+            )
+        local_params0, local_args, local_bounds = spread.local(params0, args, bounds)
+        local: Result = batched_minimize(
+            fun, local_params0, *local_args, in_dims=in_dims, compile=compile, callback=callback,
+            callback_every=callback_every, value_and_grad=value_and_grad, progress=progress,
+            bounds=local_bounds, **options,
+        )  # fmt: skip
+        sharded: Result = spread.sharded(local)
+        return sharded
     box = _batched_bounds(bounds, params0, dims[0])  # with autodiff, for implicit_diff
     with solve_inputs(implicit, (params0, args, box)) as (params0_, data, box_):
         state, unravel = _solve(

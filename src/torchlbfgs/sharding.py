@@ -33,10 +33,19 @@ import torch.distributed as dist
 
 from torchlbfgs.scalars import Numbers, Scalars, Tensors
 
-__all__ = ["LOCAL", "Reductions", "ShardedReductions", "local_tensor", "reductions_for", "shard_layout"]
+__all__ = [
+    "LOCAL",
+    "Reductions",
+    "ShardedReductions",
+    "dtensor_type",
+    "local_tensor",
+    "reductions_for",
+    "shard_layout",
+]
 
 
-def _dtensor_type() -> type | None:
+def dtensor_type() -> type | None:
+    """``torch.distributed.tensor.DTensor``, or ``None`` where torch has no distributed support."""
     if not dist.is_available():
         return None
     from torch.distributed.tensor import DTensor
@@ -47,7 +56,7 @@ def _dtensor_type() -> type | None:
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The rank's own piece of ``tensor``: ``to_local()`` of a ``DTensor`` (sharing its
     storage, so writing into it writes the parameter), the tensor itself otherwise."""
-    dtensor = _dtensor_type()
+    dtensor = dtensor_type()
     if dtensor is not None and isinstance(tensor, dtensor):
         local: torch.Tensor = tensor.to_local()  # type: ignore[attr-defined]
         return local
@@ -152,7 +161,7 @@ def reductions_for(params: Sequence[torch.Tensor]) -> Reductions:
     """The reductions for the flat vector of ``params``' local pieces: :data:`LOCAL` unless some
     are ``DTensor`` s, which must then all live on one 1-D device mesh with ``Shard`` or
     ``Replicate`` placements (a plain tensor among them counts as replicated)."""
-    dtensor = _dtensor_type()
+    dtensor = dtensor_type()
     if dtensor is None or not any(isinstance(p, dtensor) for p in params):
         return LOCAL
     meshes = {p.device_mesh for p in params if isinstance(p, dtensor)}  # type: ignore[attr-defined]
@@ -193,7 +202,7 @@ def shard_layout(p: torch.Tensor) -> dict[str, Any] | None:
     """Which piece of ``p`` this process holds, as a state dict records it (``None`` for a plain
     tensor): its rank and the mesh size, the placements, and the local piece's shape. A flat
     state holds those pieces in this order, so it only fits the same layout."""
-    dtensor = _dtensor_type()
+    dtensor = dtensor_type()
     if dtensor is None or not isinstance(p, dtensor):
         return None
     mesh = p.device_mesh  # type: ignore[attr-defined]
