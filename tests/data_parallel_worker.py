@@ -11,10 +11,11 @@ number of closure calls, and the collectives inside the closure never mismatch.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import socket
-import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -66,24 +67,39 @@ def train(rank: int, world_size: int, steps: int = 4) -> dict[str, object]:
 
 def run_two_ranks(out: Path) -> list[tuple[int, str]]:
     """Two ranks of this script on loopback, each saving its result to ``{out}.rank{rank}``; the
-    exit status and output of each."""
+    exit code of each, and its traceback if it failed. The ranks are forked from a server
+    process that imported torch once (importing it is most of what a rank costs)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    processes = []
-    for rank in range(2):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-               "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}  # fmt: skip
-        command = [sys.executable, __file__, str(out)]
-        processes.append(
-            subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        )
-    outputs = [process.communicate(timeout=240)[0] for process in processes]
-    return [(process.returncode, output) for process, output in zip(processes, outputs, strict=True)]
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "torchlbfgs"])
+    processes = [context.Process(target=rank_main, args=(str(out), rank, port)) for rank in range(2)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=240)
+        if process.exitcode is None:
+            process.kill()
+    logs = [Path(f"{out}.rank{rank}.log") for rank in range(2)]
+    return [
+        (-1 if process.exitcode is None else process.exitcode, log.read_text() if log.exists() else "")
+        for process, log in zip(processes, logs, strict=True)
+    ]
 
 
-def main() -> None:
-    out = sys.argv[1]
+def rank_main(out: str, rank: int, port: int) -> None:
+    """One rank started by :func:`run_two_ranks`; a failure's traceback goes to ``{out}.rank{rank}.log``."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    try:
+        main(out)
+    except BaseException:
+        Path(f"{out}.rank{rank}.log").write_text(traceback.format_exc())
+        raise
+
+
+def main(out: str) -> None:
     dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     result = train(rank, world_size)
@@ -93,4 +109,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1])

@@ -19,10 +19,11 @@ reference every rank must match.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import socket
-import subprocess
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -281,20 +282,46 @@ COLLECTIVES = (
 
 def run_ranks(out: Path, world_size: int) -> list[tuple[int, str]]:
     """``world_size`` ranks of this script on loopback, each saving its results to
-    ``{out}.rank{rank}``; the exit status and output of each."""
+    ``{out}.rank{rank}``; the exit code of each, and its traceback if it failed.
+
+    The ranks are forked from a fresh server process that has imported torch once (the
+    ``forkserver`` start method): importing torch in each rank is most of what the ranks cost.
+    """
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    processes = []
-    for rank in range(world_size):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-               "WORLD_SIZE": str(world_size), "OMP_NUM_THREADS": "1"}  # fmt: skip
-        command = [sys.executable, __file__, str(out)]
-        processes.append(
-            subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        )
-    outputs = [process.communicate(timeout=240)[0] for process in processes]
-    return [(process.returncode, output) for process, output in zip(processes, outputs, strict=True)]
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(
+        ["torch", "torch.distributed.fsdp", "torch.distributed.tensor", "torchlbfgs"]
+    )
+    processes = [
+        context.Process(target=rank_main, args=(str(out), rank, world_size, port))
+        for rank in range(world_size)
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=240)
+        if process.exitcode is None:
+            process.kill()
+    logs = [Path(f"{out}.rank{rank}.log") for rank in range(world_size)]
+    return [
+        (-1 if process.exitcode is None else process.exitcode, log.read_text() if log.exists() else "")
+        for process, log in zip(processes, logs, strict=True)
+    ]
+
+
+def rank_main(out: str, rank: int, world_size: int, port: int) -> None:
+    """One rank started by :func:`run_ranks`; a failure's traceback goes to ``{out}.rank{rank}.log``."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size)
+    )
+    torch.set_num_threads(1)
+    try:
+        main(out)
+    except BaseException:
+        Path(f"{out}.rank{rank}.log").write_text(traceback.format_exc())
+        raise
 
 
 def run_all(rank: int, world_size: int) -> dict[str, Any]:
@@ -311,10 +338,9 @@ def run_all(rank: int, world_size: int) -> dict[str, Any]:
     return results
 
 
-def main() -> None:
+def main(out: str) -> None:
     from torch.distributed.device_mesh import DeviceMesh
 
-    out = sys.argv[1]
     dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     results = {}
@@ -329,4 +355,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1])
