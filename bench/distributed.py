@@ -50,7 +50,7 @@ def _slowest(seconds: float) -> float:
     return float(value)
 
 
-def batch_times(per_rank: int, repeats: int, mesh: Any) -> list[float]:
+def batch_times(per_rank: int, repeats: int, mesh: Any) -> dict[str, Any]:
     import batched
     from torch.distributed.tensor import DTensor, Shard
 
@@ -72,10 +72,10 @@ def batch_times(per_rank: int, repeats: int, mesh: Any) -> list[float]:
         began = time.perf_counter()
         torchlbfgs.batched_minimize(batched.torch_loss, w0, X_, y_, **options)
         times.append(_slowest(time.perf_counter() - began))
-    return times[1:]
+    return {"times": times[1:]}
 
 
-def model_times(width: int, samples: int, steps: int, repeats: int, mesh: Any) -> list[float]:
+def model_times(width: int, samples: int, steps: int, repeats: int, mesh: Any) -> dict[str, Any]:
     from torch.distributed.fsdp import fully_shard
 
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -100,12 +100,42 @@ def model_times(width: int, samples: int, steps: int, repeats: int, mesh: Any) -
                 dist.all_reduce(loss)
             return loss / world
 
+        all_reduce, counted = dist.all_reduce, [0]
+
+        def counting(
+            *args: Any, counted: list[int] = counted, all_reduce: Any = all_reduce, **kwargs: Any
+        ) -> Any:
+            counted[0] += 1
+            return all_reduce(*args, **kwargs)
+
+        dist.all_reduce = counting  # type: ignore[assignment]
         dist.barrier()
         began = time.perf_counter()
         for _ in range(steps):
             optimizer.step(closure)
         times.append(_slowest(time.perf_counter() - began))
-    return times[1:]
+        dist.all_reduce = all_reduce
+    # What the steps are made of: the closure alone, as often as the steps called it, and the
+    # optimizer's all-reduces of scalars (counted: all of them but the closures') at the
+    # latency of one.
+    calls = int(optimizer.state[next(net.parameters())]["n_evals"])
+    reductions = counted[0] - (calls if world > 1 else 0)
+    dist.barrier()
+    began = time.perf_counter()
+    for _ in range(calls):
+        closure()
+    closure_seconds = _slowest(time.perf_counter() - began)
+    scalar = torch.zeros(3)
+    dist.barrier()
+    began = time.perf_counter()
+    for _ in range(200):
+        if world > 1:
+            dist.all_reduce(scalar)
+    latency = _slowest(time.perf_counter() - began) / 200
+    return {
+        "times": times[1:], "closure_s": closure_seconds, "closure_calls": calls,
+        "all_reduces": reductions, "all_reduce_s": latency,
+    }  # fmt: skip
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -122,7 +152,7 @@ def worker(args: argparse.Namespace) -> None:
     dist.destroy_process_group()
 
 
-def launch(world: int, args: argparse.Namespace) -> dict[str, list[float]]:
+def launch(world: int, args: argparse.Namespace) -> dict[str, Any]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -139,7 +169,7 @@ def launch(world: int, args: argparse.Namespace) -> dict[str, list[float]]:
     for process in processes:
         if process.wait(timeout=1800) != 0:
             raise SystemExit(f"a rank of the {world}-process run failed")
-    result: dict[str, list[float]] = json.loads(out.read_text())
+    result: dict[str, Any] = json.loads(out.read_text())
     out.unlink()
     return result
 
@@ -168,10 +198,20 @@ def main() -> None:
     print("| workload | 1 process s | 2 processes s | efficiency (1 / 2) |")
     print("|---|---|---|---|")
     for workload in ("batch", "model"):
-        one, two = (statistics.median(runs[world][workload]) for world in (1, 2))
+        one, two = (statistics.median(runs[world][workload]["times"]) for world in (1, 2))
         rows.append({"workload": workload, "one_s": one, "two_s": two, "efficiency": one / two,
-                     "times": {str(world): runs[world][workload] for world in (1, 2)}})  # fmt: skip
+                     "details": {str(world): runs[world][workload] for world in (1, 2)}})  # fmt: skip
         print(f"| {workload} | {one:.3f} | {two:.3f} | {one / two:.2f} |")
+    for world in (1, 2):
+        model = runs[world]["model"]
+        steps_s = statistics.median(model["times"])
+        print(
+            f"\nmodel, {world} process(es): {args.steps} steps, {model['closure_calls']} closure calls "
+            "taking "
+            f"{model['closure_s']:.3f} s alone, so {steps_s - model['closure_s']:.3f} s in the optimizer; "
+            f"its all-reduces: {model['all_reduces']} (a scalar all-reduce alone: "
+            f"{1e3 * model['all_reduce_s']:.3f} ms)"
+        )
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "output", "worker")}
     report = {"machine": common.machine(), "args": settings, "rows": rows}
     common.write_report(report, began, args.output)
