@@ -11,13 +11,10 @@ number of closure calls, and the collectives inside the closure never mismatch.
 
 from __future__ import annotations
 
-import multiprocessing
-import os
-import socket
 import sys
-import traceback
 from pathlib import Path
 
+import ranks
 import torch
 import torch.distributed as dist
 
@@ -66,37 +63,9 @@ def train(rank: int, world_size: int, steps: int = 4) -> dict[str, object]:
 
 
 def run_two_ranks(out: Path) -> list[tuple[int, str]]:
-    """Two ranks of this script on loopback, each saving its result to ``{out}.rank{rank}``; the
-    exit code of each, and its traceback if it failed. The ranks are forked from a server
-    process that imported torch once (importing it is most of what a rank costs)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "torchlbfgs"])
-    processes = [context.Process(target=rank_main, args=(str(out), rank, port)) for rank in range(2)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(timeout=240)
-        if process.exitcode is None:
-            process.kill()
-    logs = [Path(f"{out}.rank{rank}.log") for rank in range(2)]
-    return [
-        (-1 if process.exitcode is None else process.exitcode, log.read_text() if log.exists() else "")
-        for process, log in zip(processes, logs, strict=True)
-    ]
-
-
-def rank_main(out: str, rank: int, port: int) -> None:
-    """One rank started by :func:`run_two_ranks`; a failure's traceback goes to ``{out}.rank{rank}.log``."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
-    torch.set_num_threads(1)
-    try:
-        main(out)
-    except BaseException:
-        Path(f"{out}.rank{rank}.log").write_text(traceback.format_exc())
-        raise
+    """Two ranks of this script, each saving its result to ``{out}.rank{rank}``; the exit code
+    of each, and its traceback if it failed (:func:`ranks.run_ranks`)."""
+    return ranks.run_ranks(main, out, 2, preload=["torch", "torchlbfgs"])
 
 
 def main(out: str) -> None:

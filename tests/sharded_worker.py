@@ -19,14 +19,11 @@ reference every rank must match.
 
 from __future__ import annotations
 
-import multiprocessing
-import os
-import socket
 import sys
-import traceback
 from pathlib import Path
 from typing import Any
 
+import ranks
 import torch
 import torch.distributed as dist
 
@@ -281,47 +278,9 @@ COLLECTIVES = (
 
 
 def run_ranks(out: Path, world_size: int) -> list[tuple[int, str]]:
-    """``world_size`` ranks of this script on loopback, each saving its results to
-    ``{out}.rank{rank}``; the exit code of each, and its traceback if it failed.
-
-    The ranks are forked from a fresh server process that has imported torch once (the
-    ``forkserver`` start method): importing torch in each rank is most of what the ranks cost.
-    """
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(
-        ["torch", "torch.distributed.fsdp", "torch.distributed.tensor", "torchlbfgs"]
-    )
-    processes = [
-        context.Process(target=rank_main, args=(str(out), rank, world_size, port))
-        for rank in range(world_size)
-    ]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(timeout=240)
-        if process.exitcode is None:
-            process.kill()
-    logs = [Path(f"{out}.rank{rank}.log") for rank in range(world_size)]
-    return [
-        (-1 if process.exitcode is None else process.exitcode, log.read_text() if log.exists() else "")
-        for process, log in zip(processes, logs, strict=True)
-    ]
-
-
-def rank_main(out: str, rank: int, world_size: int, port: int) -> None:
-    """One rank started by :func:`run_ranks`; a failure's traceback goes to ``{out}.rank{rank}.log``."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size)
-    )
-    torch.set_num_threads(1)
-    try:
-        main(out)
-    except BaseException:
-        Path(f"{out}.rank{rank}.log").write_text(traceback.format_exc())
-        raise
+    """``world_size`` ranks of this script, each saving its results to ``{out}.rank{rank}``; the
+    exit code of each, and its traceback if it failed (:func:`ranks.run_ranks`)."""
+    return ranks.run_ranks(main, out, world_size, preload=["torch", "torch.distributed.fsdp", "torchlbfgs"])
 
 
 def run_all(rank: int, world_size: int) -> dict[str, Any]:
