@@ -53,6 +53,7 @@ from torchlbfgs.state import LBFGSState
 __all__ = [
     "DIRECTIONS",
     "Direction",
+    "compact_form",
     "inv_hessian_product",
     "newest_first_order",
     "slots_newest_first",
@@ -155,7 +156,11 @@ def _autograd_records(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def _compact_form(history: History, vector: torch.Tensor) -> torch.Tensor:
+def compact_form(
+    history: History, vector: torch.Tensor, buffer_products: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """:math:`H v` by the compact representation; ``buffer_products``: ``(S v, Y v)`` over the
+    buffers' slots if already computed (over processes, :mod:`torchlbfgs.sharding`)."""
     m = history.s_history.shape[-2]
     positions = torch.arange(m, device=history.head.device)
     chronological = torch.remainder(history.head + positions, m)  # oldest slot first
@@ -168,8 +173,10 @@ def _compact_form(history: History, vector: torch.Tensor) -> torch.Tensor:
         return torch.where(both_valid, products[chronological][:, chronological], zero)
 
     sy, yy = in_time_order(history.sy_products), in_time_order(history.yy_products)
-    s_dot_v = torch.where(valid, buffer_dot(history.s_history, vector)[chronological], zero)
-    y_dot_v = torch.where(valid, buffer_dot(history.y_history, vector)[chronological], zero)
+    if buffer_products is None:
+        buffer_products = buffer_dot(history.s_history, vector), buffer_dot(history.y_history, vector)
+    s_dot_v = torch.where(valid, buffer_products[0][chronological], zero)
+    y_dot_v = torch.where(valid, buffer_products[1][chronological], zero)
     gamma = history.gamma
     unit_where_empty = torch.diag_embed(torch.where(valid, zero, torch.ones_like(zero)))
     r_matrix = torch.triu(sy) + unit_where_empty  # R, upper triangular; identity rows for empty slots
@@ -231,7 +238,7 @@ def inv_hessian_product(
     if vector.shape != (n,):
         raise ValueError(f"vector has shape {tuple(vector.shape)}; expected ({n},), the flattened params")
     if has_products(state_history):
-        return _compact_form(state_history, vector)
+        return compact_form(state_history, vector)
     slots = stored_slots(state_history, early_exit) if slots is None else list(slots)
     rows_in_use = len(slots) if slots is not None else _rows_in_use(state_history, early_exit)
     return _two_loop(state_history, vector, slots, rows_in_use, ops, overwrite)

@@ -79,6 +79,11 @@ class Reductions:
         low, high = torch.aminmax(u)
         return low, high
 
+    def inner(self, rows: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        """``rows @ vectors.T``: every inner product of ``rows`` ``(k, n)`` with ``vectors``
+        ``(j, n)``, ``(k, j)``, at once (one all-reduce where sharded)."""
+        return rows @ vectors.mT
+
     def scalars(self, base: Scalars) -> Scalars:
         """``base`` (the two-loop recursion's scalar kind) with inner products this object's."""
         return base
@@ -136,6 +141,15 @@ class ShardedReductions(Reductions):
 
     def abs_sum(self, u: torch.Tensor) -> torch.Tensor:
         return self._all_reduce(self._local_sum(lambda piece: piece.abs().sum(), u).clone())
+
+    def inner(self, rows: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        if self.owned is None:
+            local = rows @ vectors.mT
+        else:
+            local = rows.new_zeros(rows.shape[0], vectors.shape[0])
+            for start, stop in self.owned:
+                local = local + rows[:, start:stop] @ vectors[:, start:stop].mT
+        return self._all_reduce(local.contiguous())
 
     def aminmax(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if u.numel():

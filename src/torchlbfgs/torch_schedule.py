@@ -54,7 +54,7 @@ import torch
 from torchlbfgs.bounded_direction import bounded_direction
 from torchlbfgs.bounds import Bounds, max_step, project, projected_gradient
 from torchlbfgs.checkpoint import OptimizerState
-from torchlbfgs.direction import slots_newest_first, two_loop_recursion
+from torchlbfgs.direction import compact_form, slots_newest_first, two_loop_recursion
 from torchlbfgs.history import History, accept_curvature_pair, write_pair
 from torchlbfgs.line_searches.method import NO_BUDGET
 from torchlbfgs.line_searches.strong_wolfe import HostSearchResult, StrongWolfe
@@ -111,6 +111,15 @@ class _Memory:
         self.buffers = (history.s_history, history.y_history, history.rho)
         self.s_rows, self.y_rows = history.s_history.unbind(0), history.y_history.unbind(0)
         self._read_rho(history.rho)
+        # Over processes, the direction is the compact representation's (Byrd, Nocedal &
+        # Schnabel 1994): its inner products with g are one all-reduce, where the two-loop
+        # recursion's 2m products each wait on the one before. It keeps S'Y and Y'Y for that.
+        self.products: tuple[torch.Tensor, torch.Tensor] | None = None
+        if reductions.sharded:
+            both = torch.cat([history.s_history, history.y_history])
+            m = history.s_history.shape[0]
+            gram = reductions.inner(both, both)
+            self.products = gram[:m, m:].clone(), gram[m:, m:].clone()  # S'Y, Y'Y
 
     def _read_rho(self, rho: torch.Tensor) -> None:
         self.rho = list(self.ops.values(rho))
@@ -141,11 +150,25 @@ class _Memory:
         slot = self.head
         written = write_pair(core.history, s, y, ys, slot, dot=self.reductions.dot)
         self.rho[slot], self.rho_version = self.ops.value(written.rho[slot]), written.rho._version
+        if self.products is not None:  # the new pair's row and column of S'Y and Y'Y
+            sy, yy = self.products
+            both = torch.cat([written.s_history, written.y_history])
+            m = written.s_history.shape[0]
+            new = self.reductions.inner(both, torch.stack([y, s]))  # (2m, 2): S y, S s, Y y, Y s
+            sy[:, slot], sy[slot, :], yy[:, slot] = new[:m, 0], new[m:, 1], new[m:, 0]
+            yy[slot, :] = new[m:, 0]
         self.head, self.n_pairs = (slot + 1) % self.size, min(self.n_pairs + 1, self.size)
         return core._replace(gamma=written.gamma)
 
     def direction(self, core: LBFGSState, negative_grad: torch.Tensor) -> torch.Tensor:
         """:math:`-H g` from ``-g`` (worked on in place), the two-loop recursion as torch's."""
+        if self.products is not None:
+            history = self.settled(core).history._replace(
+                sy_products=self.products[0], yy_products=self.products[1]
+            )
+            both = torch.cat([history.s_history, history.y_history])
+            products = self.reductions.inner(both, negative_grad.unsqueeze(0)).squeeze(1)  # S'v, Y'v
+            return compact_form(history, negative_grad, (products[: self.size], products[self.size :]))
         slots = slots_newest_first(self.head, self.n_pairs, self.size)
         rows, rho = (self.s_rows, self.y_rows), self.rho
         return two_loop_recursion(*rows, rho, core.gamma, negative_grad, slots, ops=self.ops, overwrite=True)
