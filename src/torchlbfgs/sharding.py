@@ -79,10 +79,11 @@ class Reductions:
         low, high = torch.aminmax(u)
         return low, high
 
-    def inner(self, rows: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-        """``rows @ vectors.T``: every inner product of ``rows`` ``(k, n)`` with ``vectors``
-        ``(j, n)``, ``(k, j)``, at once (one all-reduce where sharded)."""
-        return rows @ vectors.mT
+    def inner(self, blocks: Sequence[torch.Tensor], vectors: torch.Tensor) -> torch.Tensor:
+        """Every inner product of the rows of ``blocks`` (each ``(k_i, n)``, stacked in order)
+        with ``vectors`` ``(j, n)``: ``(sum k_i, j)``, at once (one all-reduce where sharded;
+        the blocks are not concatenated, which would copy them)."""
+        return torch.cat([rows @ vectors.mT for rows in blocks])
 
     def scalars(self, base: Scalars) -> Scalars:
         """``base`` (the two-loop recursion's scalar kind) with inner products this object's."""
@@ -142,14 +143,15 @@ class ShardedReductions(Reductions):
     def abs_sum(self, u: torch.Tensor) -> torch.Tensor:
         return self._all_reduce(self._local_sum(lambda piece: piece.abs().sum(), u).clone())
 
-    def inner(self, rows: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-        if self.owned is None:
-            local = rows @ vectors.mT
-        else:
+    def inner(self, blocks: Sequence[torch.Tensor], vectors: torch.Tensor) -> torch.Tensor:
+        ranges = [(0, vectors.shape[-1])] if self.owned is None else self.owned
+        pieces = []
+        for rows in blocks:
             local = rows.new_zeros(rows.shape[0], vectors.shape[0])
-            for start, stop in self.owned:
+            for start, stop in ranges:
                 local = local + rows[:, start:stop] @ vectors[:, start:stop].mT
-        return self._all_reduce(local.contiguous())
+            pieces.append(local)
+        return self._all_reduce(torch.cat(pieces))
 
     def aminmax(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if u.numel():

@@ -116,10 +116,9 @@ class _Memory:
         # recursion's 2m products each wait on the one before. It keeps S'Y and Y'Y for that.
         self.products: tuple[torch.Tensor, torch.Tensor] | None = None
         if reductions.sharded:
-            both = torch.cat([history.s_history, history.y_history])
             m = history.s_history.shape[0]
-            gram = reductions.inner(both, both)
-            self.products = gram[:m, m:].clone(), gram[m:, m:].clone()  # S'Y, Y'Y
+            gram = reductions.inner([history.s_history, history.y_history], history.y_history)  # S'Y; Y'Y
+            self.products = gram[:m].clone(), gram[m:].clone()
 
     def _read_rho(self, rho: torch.Tensor) -> None:
         self.rho = list(self.ops.values(rho))
@@ -152,9 +151,10 @@ class _Memory:
         self.rho[slot], self.rho_version = self.ops.value(written.rho[slot]), written.rho._version
         if self.products is not None:  # the new pair's row and column of S'Y and Y'Y
             sy, yy = self.products
-            both = torch.cat([written.s_history, written.y_history])
             m = written.s_history.shape[0]
-            new = self.reductions.inner(both, torch.stack([y, s]))  # (2m, 2): S y, S s, Y y, Y s
+            new = self.reductions.inner(
+                [written.s_history, written.y_history], torch.stack([y, s])
+            )  # S y, S s; Y y, Y s
             sy[:, slot], sy[slot, :], yy[:, slot] = new[:m, 0], new[m:, 1], new[m:, 0]
             yy[slot, :] = new[m:, 0]
         self.head, self.n_pairs = (slot + 1) % self.size, min(self.n_pairs + 1, self.size)
@@ -166,8 +166,8 @@ class _Memory:
             history = self.settled(core).history._replace(
                 sy_products=self.products[0], yy_products=self.products[1]
             )
-            both = torch.cat([history.s_history, history.y_history])
-            products = self.reductions.inner(both, negative_grad.unsqueeze(0)).squeeze(1)  # S'v, Y'v
+            buffers = [history.s_history, history.y_history]
+            products = self.reductions.inner(buffers, negative_grad.unsqueeze(0)).squeeze(1)  # S'v, Y'v
             return compact_form(history, negative_grad, (products[: self.size], products[self.size :]))
         slots = slots_newest_first(self.head, self.n_pairs, self.size)
         rows, rho = (self.s_rows, self.y_rows), self.rho
