@@ -203,6 +203,22 @@ def batch_over_ranks(world_size: int) -> dict[str, Any]:
     }
 
 
+def extremes_over_ranks(world_size: int) -> dict[str, list[float]]:
+    """``aminmax`` of vectors sharded over the mesh where one rank holds an infinity, a NaN, or
+    nothing at all: what every rank reads."""
+    from torchlbfgs.sharding import ShardedReductions
+
+    reductions = ShardedReductions(_MESHES[world_size].get_group(), None)
+    rank = dist.get_rank()
+    cases = {
+        "inf": torch.tensor([1.0, torch.inf if rank == 1 else -2.0]),
+        "-inf": torch.tensor([1.0, -torch.inf if rank == 1 else 2.0]),
+        "nan": torch.tensor([1.0, torch.nan if rank == 1 else 2.0]),
+        "empty on rank 1": torch.tensor([] if rank == 1 else [3.0, -4.0]),
+    }
+    return {name: [float(value) for value in reductions.aminmax(vector)] for name, vector in cases.items()}
+
+
 def torch_lbfgs_outcome(world_size: int) -> str:
     """What ``torch.optim.LBFGS`` does with the same FSDP model (the comparison the docs make)."""
     net = model()
@@ -293,6 +309,7 @@ def run_all(rank: int, world_size: int) -> dict[str, Any]:
         results["bounds refused"] = bounds_refused(world_size)
         results["checkpoint"] = checkpoint_resumes(world_size)
         results["torch.optim.LBFGS"] = torch_lbfgs_outcome(world_size)
+        results["extremes"] = extremes_over_ranks(world_size)
     results["batch"] = batch_over_ranks(world_size)
     return results
 

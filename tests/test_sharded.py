@@ -11,6 +11,7 @@ vectors, and reduce with a number of all-reduces that does not grow with the par
 from __future__ import annotations
 
 import functools
+import math
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,12 @@ def test_a_sharded_checkpoint_resumes_on_its_layout_only(
         for resumed, uninterrupted in zip(checkpoint["resumed"], checkpoint["uninterrupted"], strict=True):
             assert torch.equal(resumed, uninterrupted)
         assert "saved for sharded parameters, this optimizer's are unsharded" in checkpoint["refused"]
+        # extremes over ranks keep infinities and NaN (what the non-finite checks read)
+        extremes = rank["extremes"]
+        assert extremes["inf"] == [-2.0, math.inf]
+        assert extremes["-inf"] == [-math.inf, 2.0]
+        assert all(math.isnan(value) for value in extremes["nan"])
+        assert extremes["empty on rank 1"] == [-4.0, 3.0]
         # what torchlbfgs.LBFGS replaces fails on the same model (the docs say so)
         assert rank["torch.optim.LBFGS"].startswith("RuntimeError"), rank["torch.optim.LBFGS"]
 

@@ -160,7 +160,9 @@ class ShardedReductions(Reductions):
         else:  # a rank may hold no entry of any parameter
             low, high, nan = u.new_full((), torch.inf), u.new_full((), -torch.inf), torch.tensor(False)
         # one all-reduce (max) of -low, high and a NaN flag: a max over ranks may drop NaN
-        local = torch.stack([-low, high, nan.to(u.dtype)]).nan_to_num(nan=0.0)
+        local = torch.stack([-low, high, nan.to(u.dtype)]).nan_to_num(
+            nan=0.0, posinf=torch.inf, neginf=-torch.inf
+        )
         low, high, any_nan = self._all_reduce(local, dist.ReduceOp.MAX).unbind(0)
         nan_or = torch.where(any_nan > 0, torch.nan, 0.0).to(u.dtype)
         return -low + nan_or, high + nan_or
