@@ -8,7 +8,7 @@ shrinks to the problems still iterating (:mod:`torchlbfgs.compaction`, as in the
 solve), so the work is about the sum of the iterations the problems need. The Hessian-vector
 products are built for the current problems only: eagerly, one pullback of the batch's
 gradient per compaction, each product then one backward pass through it; with ``compile``
-(the solve's option), one ``torch.compile``-d iteration (products by forward-over-reverse
+(the solve's option), one ``torch.compile``-d iteration (products by reverse-over-reverse
 autodiff, then the update) whose batch dimension is dynamic, so the shrinking batch reuses one
 graph. Each problem's iterates are those it would have alone.
 """

@@ -4,10 +4,11 @@ make the algorithm's reductions global.
 A model sharded with FSDP2 (``torch.distributed.fsdp.fully_shard``) or by hand with
 ``distribute_tensor`` holds ``DTensor`` parameters: each rank stores a shard (``Shard(d)``) or a
 full copy (``Replicate()``) of each. L-BFGS never needs the whole vector: every operation on
-it is elementwise (steps, differences, the two-loop recursion's updates) except a few
+it is elementwise (steps, differences, combinations of the memory's rows) except a few
 reductions, inner products and max-norms. So each rank works on the concatenation of its local
 pieces (``DTensor.to_local()``, which shares their storage), and every reduction becomes a
-local one followed by one all-reduce of a scalar (or two) over the mesh. The decisions taken
+local one followed by one all-reduce of a few scalars over the mesh (the memory's inner
+products with a vector all at once: :meth:`Reductions.inner`). The decisions taken
 on the results (line search, stopping, curvature test) are then the same on every rank by
 construction, and no rank ever holds more than its share of the iterate, gradient and history.
 
