@@ -26,7 +26,7 @@ Examples:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -120,12 +120,13 @@ class ShardedReductions(Reductions):
         self.group, self.owned = group, None if owned is None else list(owned)
         self._scalars: dict[type, Scalars] = {}
 
-    def _local_sum(self, terms: Any, u: torch.Tensor) -> torch.Tensor:
-        if self.owned is None:
-            return terms(u) if u.numel() else u.new_zeros(())
-        total = u.new_zeros(())
-        for start, stop in self.owned:
-            total = total + terms(u[start:stop])
+    def _owned_sum(
+        self, term: Callable[[int, int], torch.Tensor], n: int, zero: torch.Tensor
+    ) -> torch.Tensor:
+        """``term(start, stop)`` summed over the owned ranges of a length-``n`` local vector."""
+        total = zero
+        for start, stop in [(0, n)] if self.owned is None else self.owned:
+            total = total + term(start, stop)
         return total
 
     def _all_reduce(self, local: torch.Tensor, op: Any = dist.ReduceOp.SUM) -> torch.Tensor:
@@ -133,25 +134,19 @@ class ShardedReductions(Reductions):
         return local
 
     def dot(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if self.owned is None:
-            local = torch.dot(u, v)
-        else:
-            local = u.new_zeros(())
-            for start, stop in self.owned:
-                local = local + torch.dot(u[start:stop], v[start:stop])
-        return self._all_reduce(local.clone())
+        local = self._owned_sum(lambda a, b: torch.dot(u[a:b], v[a:b]), u.shape[-1], u.new_zeros(()))
+        return self._all_reduce(local)
 
     def abs_sum(self, u: torch.Tensor) -> torch.Tensor:
-        return self._all_reduce(self._local_sum(lambda piece: piece.abs().sum(), u).clone())
+        local = self._owned_sum(lambda a, b: u[a:b].abs().sum(), u.shape[-1], u.new_zeros(()))
+        return self._all_reduce(local)
 
     def inner(self, blocks: Sequence[torch.Tensor], vectors: torch.Tensor) -> torch.Tensor:
-        ranges = [(0, vectors.shape[-1])] if self.owned is None else self.owned
-        pieces = []
-        for rows in blocks:
-            local = rows.new_zeros(rows.shape[0], vectors.shape[0])
-            for start, stop in ranges:
-                local = local + rows[:, start:stop] @ vectors[:, start:stop].mT
-            pieces.append(local)
+        n, zero = vectors.shape[-1], vectors.new_zeros(())
+        pieces = [
+            self._owned_sum(lambda a, b, rows=rows: rows[:, a:b] @ vectors[:, a:b].mT, n, zero)  # type: ignore[misc]
+            for rows in blocks
+        ]
         return self._all_reduce(torch.cat(pieces))
 
     def aminmax(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -116,9 +116,8 @@ class _Memory:
         # recursion's 2m products each wait on the one before. It keeps S'Y and Y'Y for that.
         self.products: tuple[torch.Tensor, torch.Tensor] | None = None
         if reductions.sharded:
-            m = history.s_history.shape[0]
             gram = reductions.inner([history.s_history, history.y_history], history.y_history)  # S'Y; Y'Y
-            self.products = gram[:m].clone(), gram[m:].clone()
+            self.products = gram[: self.size].clone(), gram[self.size :].clone()
 
     def _read_rho(self, rho: torch.Tensor) -> None:
         self.rho = list(self.ops.values(rho))
@@ -151,17 +150,16 @@ class _Memory:
         self.rho[slot], self.rho_version = self.ops.value(written.rho[slot]), written.rho._version
         if self.products is not None:  # the new pair's row and column of S'Y and Y'Y
             sy, yy = self.products
-            m = written.s_history.shape[0]
-            new = self.reductions.inner(
-                [written.s_history, written.y_history], torch.stack([y, s])
-            )  # S y, S s; Y y, Y s
-            sy[:, slot], sy[slot, :], yy[:, slot] = new[:m, 0], new[m:, 1], new[m:, 0]
-            yy[slot, :] = new[m:, 0]
+            m = self.size
+            new = self.reductions.inner([written.s_history, written.y_history], torch.stack([y, s]))
+            sy[:, slot], sy[slot, :] = new[:m, 0], new[m:, 1]  # S y and Y s (s_i'y and s'y_j)
+            yy[:, slot] = yy[slot, :] = new[m:, 0]  # Y y
         self.head, self.n_pairs = (slot + 1) % self.size, min(self.n_pairs + 1, self.size)
         return core._replace(gamma=written.gamma)
 
     def direction(self, core: LBFGSState, negative_grad: torch.Tensor) -> torch.Tensor:
-        """:math:`-H g` from ``-g`` (worked on in place), the two-loop recursion as torch's."""
+        """:math:`-H g` from ``-g``: the two-loop recursion as torch's (worked on in place), or
+        over processes the compact representation with its products in one all-reduce."""
         if self.products is not None:
             history = self.settled(core).history._replace(
                 sy_products=self.products[0], yy_products=self.products[1]
@@ -389,20 +387,9 @@ def _step(
         if options.line_search_fn == "strong_wolfe":
             budget = options.max_eval - current_evals
             found = _strong_wolfe(
-                params,
-                x,
-                direction,
-                f,
-                grad,
-                gtd,
-                direction_max,
-                t,
-                budget,
-                spare_grad,
-                limit,
-                bounds,
+                params, x, direction, f, grad, gtd, direction_max, t, budget, spare_grad, limit, bounds,
                 reductions,
-            )
+            )  # fmt: skip
             t, f_new, new_grad, search_evals = found.step_size, found.value, found.grad, found.n_evals
             _move(params, x, direction, t, bounds)  # torch moves from where the search started
             (new_grad_max,) = _read_with_max_abs(None, _tested_gradient(params, new_grad, bounds), reductions)
