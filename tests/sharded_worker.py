@@ -144,13 +144,18 @@ def checkpoint_resumes(world_size: int) -> dict[str, Any]:
     uninterrupted = [p.detach().full_tensor() for p in params]
     _, params, optimizer, closure = setup()
     optimizer.step(closure)  # 4 iterations: the memory of 3 pairs is full
+    state_dict = optimizer.state_dict()
+    leaves = {
+        f"{index}/{name}": (type(leaf).__name__, tuple(leaf.shape), str(getattr(leaf, "placements", "")))
+        for index, entry in state_dict["state"].items()
+        for name, leaf in entry.items()
+        if name in ("grad", "s_history", "y_history", "pending_direction")
+    }
+    refusals = _corrupted_loads(optimizer, state_dict, params)
     buffer = io.BytesIO()
-    torch.save(
-        {"model": [p.detach().to_local().clone() for p in params], "optimizer": optimizer.state_dict()},
-        buffer,
-    )
+    torch.save({"model": [p.detach().to_local().clone() for p in params], "optimizer": state_dict}, buffer)
     buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
+    saved = torch.load(buffer, weights_only=False)
     _, params, optimizer, closure = setup()
     with torch.no_grad():
         for p, piece in zip(params, saved["model"], strict=True):
@@ -164,7 +169,124 @@ def checkpoint_resumes(world_size: int) -> dict[str, Any]:
         refused = "loaded"
     except ValueError as error:
         refused = str(error)
-    return {"uninterrupted": uninterrupted, "resumed": resumed, "refused": refused}
+    return {
+        "uninterrupted": uninterrupted, "resumed": resumed, "refused": refused, "leaves": leaves,
+        "refusals": refusals,
+    }  # fmt: skip
+
+
+def _corrupted_loads(optimizer: torchlbfgs.LBFGS, state_dict: dict[str, Any], params: list[Any]) -> list[str]:
+    """What loading a state dict with one leaf broken says, on every rank, and whether the
+    optimizer stayed as it was: a DTensor leaf of the wrong shape, a plain tensor where a DTensor
+    belongs, a NaN in rank 1's piece only."""
+    from torch.distributed.tensor import DTensor
+
+    before = optimizer.state_dict()
+    grad = state_dict["state"][1]["grad"]
+    nan_on_rank_1 = grad.to_local().clone()
+    if dist.get_rank() == 1:
+        nan_on_rank_1.view(-1)[0] = torch.nan
+    broken = {
+        "shape": DTensor.from_local(
+            grad.to_local()[:1], grad.device_mesh, grad.placements, run_check=False,
+            shape=torch.Size([1]), stride=(1,),
+        ),
+        "plain": grad.full_tensor(),
+        "nan": DTensor.from_local(nan_on_rank_1, grad.device_mesh, grad.placements, run_check=False,
+                                  shape=grad.shape, stride=grad.stride()),
+    }  # fmt: skip
+    said = []
+    for leaf in broken.values():
+        corrupted = {
+            **state_dict,
+            "state": {**state_dict["state"], 1: {**state_dict["state"][1], "grad": leaf}},
+        }
+        try:
+            optimizer.load_state_dict(corrupted)
+            said.append("loaded")
+        except ValueError as error:
+            after = optimizer.state_dict()
+            unchanged = all(
+                torch.equal(_full(a), _full(b))
+                for index in before["state"]
+                for a, b in zip(before["state"][index].values(), after["state"][index].values(), strict=True)
+                if isinstance(a, torch.Tensor)
+            )
+            said.append(f"{error} (unchanged: {unchanged})")
+    return said
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def resharded_checkpoints(out: str, rank: int) -> dict[str, Any]:
+    """``torch.distributed.checkpoint`` across mesh sizes: an FSDP model and its optimizer take a
+    step on 2 ranks and are saved; 1 rank loads them into a fresh model and optimizer and takes
+    a step (2 -> 1); and the reverse (1 -> 2). The parameters after the step, and the state
+    saved and loaded, gathered."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    def setup(size: int) -> tuple[torch.nn.Sequential, torchlbfgs.LBFGS, Any]:
+        from torch.distributed.fsdp import fully_shard
+
+        net = model()
+        fully_shard(net, mesh=_MESHES[size])  # on one rank too: DTensors on a mesh of one
+        optimizer = torchlbfgs.LBFGS(
+            net.parameters(), history_size=3, max_iter=4, line_search_fn="strong_wolfe"
+        )
+        inputs, targets = data()
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = ((net(inputs) - targets) ** 2).mean()  # every rank: all samples
+            loss.backward()
+            return loss.detach()
+
+        return net, optimizer, closure
+
+    def gathered(optimizer: torchlbfgs.LBFGS) -> dict[str, torch.Tensor]:
+        return {
+            f"{index}/{name}": _full(leaf).clone()
+            for index, entry in optimizer.state_dict()["state"].items()
+            for name, leaf in entry.items()
+            if isinstance(leaf, torch.Tensor)
+        }
+
+    def save(size: int, path: str) -> dict[str, torch.Tensor]:
+        net, optimizer, closure = setup(size)
+        optimizer.step(closure)
+        state = {"model": get_model_state_dict(net), "optim": get_optimizer_state_dict(net, optimizer)}
+        dcp.save(state, checkpoint_id=path, process_group=_MESHES[size].get_group())
+        return gathered(optimizer)
+
+    def load_and_step(size: int, path: str) -> dict[str, Any]:
+        net, optimizer, closure = setup(size)
+        state = {"model": get_model_state_dict(net), "optim": get_optimizer_state_dict(net, optimizer)}
+        dcp.load(state, checkpoint_id=path, process_group=_MESHES[size].get_group())
+        set_model_state_dict(net, state["model"])
+        set_optimizer_state_dict(net, optimizer, state["optim"])
+        loaded = gathered(optimizer)
+        optimizer.step(closure)
+        return {"loaded": loaded, "params": [_full(p.detach()).clone() for p in net.parameters()]}
+
+    results: dict[str, Any] = {}
+    if rank < 2:
+        results["saved on 2"] = save(2, f"{out}.dcp-from-2")
+    dist.barrier()
+    if rank == 0:
+        results["2 -> 1"] = load_and_step(1, f"{out}.dcp-from-2")
+        results["saved on 1"] = save(1, f"{out}.dcp-from-1")
+    dist.barrier()
+    if rank < 2:
+        results["1 -> 2"] = load_and_step(2, f"{out}.dcp-from-1")
+    return results
 
 
 def batch_problems(size: int = 11) -> tuple[torch.Tensor, ...]:
@@ -261,6 +383,88 @@ def bounds_refused(world_size: int) -> str:
     return "no error"
 
 
+# The functional API on DTensor pytrees: (function, line search, direction) configurations.
+FUNCTIONAL = [
+    ("minimize", "strong_wolfe", "compact"),
+    ("minimize", "more_thuente", "two_loop"),
+    ("update", None, "compact"),
+    ("update", "backtracking", "two_loop"),
+]
+FUNCTIONAL_ITERATIONS = 8
+
+
+def functional_configs(world_size: int) -> list[tuple[str, str | None, str]]:
+    return FUNCTIONAL if world_size == MESH_SIZES[0] else FUNCTIONAL[:1]
+
+
+def functional_params(world_size: int) -> dict[str, torch.Tensor]:
+    """The MLP's parameters as a dict; over a mesh, DTensors: the first weight ``Shard(0)``, the
+    second ``Shard(1)`` (a ``(1, 7)`` matrix: uneven shards), the biases ``Replicate()``."""
+    params = {name: p.detach() for name, p in model().named_parameters()}
+    if world_size == 1:
+        return params
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    placements = {"0.weight": Shard(0), "0.bias": Replicate(), "2.weight": Shard(1), "2.bias": Replicate()}
+    mesh = _MESHES[world_size]
+    return {name: distribute_tensor(p, mesh, [placements[name]]) for name, p in params.items()}
+
+
+def functional_loss(params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The mean squared error of the MLP, written with whole tensors (``full_tensor`` gathers a
+    DTensor, differentiably)."""
+    inputs, targets = data()
+    full = {name: p.full_tensor() if hasattr(p, "full_tensor") else p for name, p in params.items()}
+    hidden = torch.tanh(inputs @ full["0.weight"].T + full["0.bias"])
+    return (((hidden @ full["2.weight"].T + full["2.bias"]) - targets) ** 2).mean()
+
+
+def functional(api: str, search: str | None, direction: str, world_size: int) -> dict[str, Any]:
+    """``minimize``, or ``init`` and a loop of ``update``, on the parameters of
+    :func:`functional_params`: values, counters, the parameters (gathered) and their placements,
+    the size of this process's state, and the all-reduces the solver made."""
+    params = functional_params(world_size)
+    options: dict[str, Any] = {"line_search": search}
+    counted = _AllReduceCounter()
+    with counted:
+        if api == "minimize":
+            result = torchlbfgs.minimize(
+                functional_loss, params, history_size=3, direction=direction, max_iter=FUNCTIONAL_ITERATIONS,
+                tolerance_grad=1e-12, **options,
+            )  # fmt: skip
+            params, values = result.params, [float(result.value)]
+            iterations, evaluations, local_size = int(result.n_iter), int(result.n_evals), None
+            grad_norm = float(result.grad_norm)
+        else:
+            state = torchlbfgs.init(functional_loss, params, history_size=3, direction=direction)
+            values = []
+            for _ in range(FUNCTIONAL_ITERATIONS):
+                params, state = torchlbfgs.update(
+                    functional_loss, params, state, tolerance_grad=1e-12, **options
+                )
+                values.append(float(state.value))
+            iterations, evaluations, local_size = int(state.iteration), int(state.n_evals), state.grad.numel()
+            grad_norm = None
+    return {
+        "values": values, "iterations": iterations, "evaluations": evaluations, "grad_norm": grad_norm,
+        "local_size": local_size, "all_reduces": counted.calls,
+        "params": {name: p.full_tensor() if hasattr(p, "full_tensor") else p for name, p in params.items()},
+        "placements": {name: str(getattr(p, "placements", None)) for name, p in params.items()},
+    }  # fmt: skip
+
+
+def functional_refusals(world_size: int) -> list[str]:
+    """What the functional API says to bounds and to implicit differentiation on DTensors."""
+    params, said = functional_params(world_size), []
+    for options in ({"bounds": (0.0, None)}, {"implicit_diff": True}):
+        try:
+            torchlbfgs.minimize(functional_loss, params, max_iter=1, **options)
+            said.append("no error")
+        except ValueError as error:
+            said.append(str(error))
+    return said
+
+
 class _AllReduceCounter:
     """Counts calls of ``torch.distributed.all_reduce`` (or of the collectives ``names``) while
     entered."""
@@ -305,7 +509,10 @@ def run_all(rank: int, world_size: int) -> dict[str, Any]:
         f"{layout}-{search}": train(layout, search, rank, world_size)
         for layout, search in configs(world_size)
     }
+    for api, search, direction in functional_configs(world_size):
+        results[f"functional {api}-{search}-{direction}"] = functional(api, search, direction, world_size)
     if world_size == MESH_SIZES[0]:  # once is enough for these
+        results["functional refusals"] = functional_refusals(world_size)
         results["bounds refused"] = bounds_refused(world_size)
         results["checkpoint"] = checkpoint_resumes(world_size)
         results["torch.optim.LBFGS"] = torch_lbfgs_outcome(world_size)
@@ -326,6 +533,10 @@ def main(out: str) -> None:
             _MESHES[size] = DeviceMesh.from_group(group, "cpu")
             results[size] = run_all(rank, size)
         dist.barrier()
+    group = dist.new_group([0])
+    if rank == 0:
+        _MESHES[1] = DeviceMesh.from_group(group, "cpu")
+    results["resharded"] = resharded_checkpoints(out, rank)
     dist.destroy_process_group()
     torch.save(results, f"{out}.rank{rank}")
 

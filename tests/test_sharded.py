@@ -18,7 +18,16 @@ from typing import Any
 
 import pytest
 import torch
-from sharded_worker import HIDDEN, batch_problems, configs, logistic, train
+from sharded_worker import (
+    FUNCTIONAL_ITERATIONS,
+    HIDDEN,
+    batch_problems,
+    configs,
+    functional,
+    functional_configs,
+    logistic,
+    train,
+)
 
 import torchlbfgs
 
@@ -85,7 +94,28 @@ def test_a_sharded_checkpoint_resumes_on_its_layout_only(
         checkpoint = rank["checkpoint"]
         for resumed, uninterrupted in zip(checkpoint["resumed"], checkpoint["uninterrupted"], strict=True):
             assert torch.equal(resumed, uninterrupted)
-        assert "saved for sharded parameters, this optimizer's are unsharded" in checkpoint["refused"]
+        assert (
+            "saved for sharded parameters (its leaves are DTensors), this optimizer's"
+            in checkpoint["refused"]
+        )
+        # the plain state dict: one DTensor per parameter and vector, of the parameter's shape
+        # (history: a leading dimension of 3 rows, the placement moved to dim 1)
+        shapes = [tuple(p.shape) for p in torchlbfgs_model_params()]
+        for index, shape in enumerate(shapes):
+            for name, expected in (
+                ("grad", shape),
+                ("s_history", (HISTORY, *shape)),
+                ("pending_direction", shape),
+            ):
+                kind, found, placements = checkpoint["leaves"][f"{index}/{name}"]
+                assert (kind, found) == ("DTensor", expected), (index, name)
+                assert placements == ("(Shard(dim=1),)" if name == "s_history" else "(Shard(dim=0),)")
+        # broken leaves are refused, on every rank alike, and change nothing
+        wrong_shape, plain, nan = checkpoint["refusals"]
+        assert wrong_shape.startswith("state[1]['grad']: expected shape (7,) (the parameter's), found (1,)")
+        assert "the parameter is a DTensor and this leaf a plain tensor" in plain
+        assert "['grad']: expected finite values, found NaN or Inf (on this process or another)" in nan
+        assert all(said.endswith("(unchanged: True)") for said in checkpoint["refusals"])
         # extremes over ranks keep infinities and NaN (what the non-finite checks read)
         extremes = rank["extremes"]
         assert extremes["inf"] == [-2.0, math.inf]
@@ -94,6 +124,58 @@ def test_a_sharded_checkpoint_resumes_on_its_layout_only(
         assert extremes["empty on rank 1"] == [-4.0, 3.0]
         # what torchlbfgs.LBFGS replaces fails on the same model (the docs say so)
         assert rank["torch.optim.LBFGS"].startswith("RuntimeError"), rank["torch.optim.LBFGS"]
+
+
+def torchlbfgs_model_params() -> list[torch.Tensor]:
+    from sharded_worker import model
+
+    return list(model().parameters())
+
+
+def test_distributed_checkpoints_reshard_between_mesh_sizes(
+    sharded_run: tuple[Path, Future[list[tuple[int, str]]]],
+) -> None:
+    """torch.distributed.checkpoint (get/set_optimizer_state_dict, sharded save): saved on 2
+    ranks and loaded on 1, and the reverse. The loaded state is the saved one, bit for bit, and
+    the step after it is the one an uninterrupted run on one process takes (float64, 1e-12)."""
+    out, ranks_run = sharded_run
+    for returncode, output in ranks_run.result():
+        assert returncode == 0, output[-3000:]
+    ranks = [torch.load(f"{out}.rank{rank}", weights_only=False)["resharded"] for rank in range(2)]
+    uninterrupted = _two_steps_alone()
+    for saved_on, loaded_on, loaders in (
+        ("saved on 2", "2 -> 1", ranks[:1]),
+        ("saved on 1", "1 -> 2", ranks),
+    ):
+        saved = ranks[0][saved_on]
+        assert saved["1/s_history"].abs().sum() > 0  # a state with pairs in memory
+        for rank in loaders:
+            loaded = rank[loaded_on]
+            assert loaded["loaded"].keys() == saved.keys()
+            for name, tensor in saved.items():
+                assert torch.equal(loaded["loaded"][name], tensor), (loaded_on, name)
+            for got, expected in zip(loaded["params"], uninterrupted, strict=True):
+                torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14, msg=loaded_on)
+
+
+@functools.cache
+def _two_steps_alone() -> list[torch.Tensor]:
+    """Two steps of the resharded checkpoints' optimizer, uninterrupted, on plain parameters."""
+    from sharded_worker import data, model
+
+    net = model()
+    optimizer = torchlbfgs.LBFGS(net.parameters(), history_size=3, max_iter=4, line_search_fn="strong_wolfe")
+    inputs, targets = data()
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = ((net(inputs) - targets) ** 2).mean()
+        loss.backward()
+        return loss.detach()
+
+    for _ in range(2):
+        optimizer.step(closure)
+    return [p.detach().clone() for p in net.parameters()]
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
@@ -115,3 +197,52 @@ def test_a_batch_sharded_over_ranks_solves_as_one_process(
         assert set(batch["placements"].values()) == {"(Shard(dim=0),)"}
         for name, expected in alone._asdict().items():
             torch.testing.assert_close(batch["fields"][name], expected, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_the_functional_api_on_dtensors_equals_one_process(
+    world_size: int, sharded_run: tuple[Path, Future[list[tuple[int, str]]]]
+) -> None:
+    """minimize, and init with a loop of update, on a dict of DTensors (Shard(0), uneven
+    Shard(1), Replicate): the values, counters and parameters of one process on the plain
+    tensors (float64, 1e-10), DTensors of the same placements back, each process holding its
+    share of the state, and all-reduces that do not grow with the parameters."""
+    ranks = _results(sharded_run, world_size)
+    for api, search, direction in functional_configs(world_size):
+        key = f"functional {api}-{search}-{direction}"
+        alone = functional(api, search, direction, world_size=1)
+        assert alone["iterations"] == FUNCTIONAL_ITERATIONS > 3  # the ring of 3 pairs wraps
+        n = sum(p.numel() for p in alone["params"].values())
+        for rank in ranks:
+            mine = rank[key]
+            assert (mine["iterations"], mine["evaluations"]) == (alone["iterations"], alone["evaluations"]), (
+                key
+            )
+            torch.testing.assert_close(
+                torch.tensor(mine["values"]), torch.tensor(alone["values"]), rtol=1e-10, atol=0.0
+            )
+            for name, expected in alone["params"].items():
+                torch.testing.assert_close(mine["params"][name], expected, rtol=1e-10, atol=1e-12, msg=key)
+            assert mine["placements"] == ranks[0][key]["placements"]
+            assert "Shard(dim=1)" in mine["placements"]["2.weight"]
+            assert "Replicate" in mine["placements"]["0.bias"]
+            if mine["grad_norm"] is not None:
+                assert mine["grad_norm"] == pytest.approx(alone["grad_norm"], rel=1e-8)
+            if mine["local_size"] is not None:
+                assert mine["local_size"] < n
+            # O(1) all-reduces of scalars per iteration and per evaluation, whatever the number of
+            # tensors: update makes about 14 per iteration (the direction's products with the
+            # memory in one, the pair's, the slope, max-norms, finiteness) and one or two per
+            # evaluation; minimize's evaluation rounds plan an iteration in every round, about 15
+            # per evaluation. The two-loop recursion adds two per pair in memory (3).
+            two_loop = 6 if direction == "two_loop" else 0
+            if api == "minimize":
+                bound = (16 + two_loop) * mine["evaluations"] + 4
+            else:
+                bound = (15 + two_loop) * mine["iterations"] + 2 * mine["evaluations"] + 4
+            assert 0 < mine["all_reduces"] <= bound, (key, mine["all_reduces"], bound)
+    if world_size == 2:
+        for rank in ranks:
+            bounds_said, implicit_said = rank["functional refusals"]
+            assert "bounds are not supported with parameters sharded over processes" in bounds_said
+            assert "implicit_diff is not supported with parameters sharded" in implicit_said

@@ -42,7 +42,7 @@ __all__ = ["batched_minimize"]
 
 # batched_minimize's own keywords and those it passes on (the options of `minimize`)
 SETTINGS_NAMES = (
-    *(field.name for field in dataclasses.fields(Settings)),
+    *(field.name for field in dataclasses.fields(Settings) if field.name != "reductions"),
     "in_dims", "compile", "callback", "callback_every", "value_and_grad", "progress", "bounds",
     "implicit_diff",
 )  # fmt: skip

@@ -30,6 +30,7 @@ import torch
 from torch._C._functorch import is_functorch_wrapped_tensor
 
 from torchlbfgs.line_searches.loop import exits_early
+from torchlbfgs.sharding import dtensor_type
 
 __all__ = [
     "Bounds",
@@ -137,6 +138,12 @@ def flat_bounds(bounds: BoundsLike, params: PyTree) -> Bounds | None:
     """
     if bounds is None:
         return None
+    dtensor = dtensor_type()
+    if dtensor is not None and any(isinstance(leaf, dtensor) for leaf in optree.tree_leaves(params)):
+        raise ValueError(
+            "torchlbfgs: bounds are not supported with parameters sharded over processes (DTensor): "
+            "L-BFGS-B's Cauchy point orders the breakpoints of every coordinate, across all shards"
+        )
     per_leaf = leaf_bounds(bounds, params)
     lower = torch.cat([low.reshape(-1) for _, low, _ in per_leaf])
     upper = torch.cat([high.reshape(-1) for _, _, high in per_leaf])

@@ -27,7 +27,8 @@ import torch
 
 from torchlbfgs.history import History
 from torchlbfgs.options import TORCH_OPTION_NAMES, TorchOptions
-from torchlbfgs.sharding import shard_layout
+from torchlbfgs.sharded_checkpoint import join_per_parameter
+from torchlbfgs.sharding import LOCAL, Reductions, dtensor_type
 from torchlbfgs.state import LBFGSState, StopReason
 from torchlbfgs.update import initial_state
 
@@ -37,12 +38,10 @@ __all__ = [
     "OptimizerState",
     "blank_state",
     "check_param_shapes",
-    "check_param_shards",
     "extended_state",
     "is_torch_lbfgs_state",
     "load_state_dict_checked",
     "param_shapes",
-    "param_shards",
     "state_from_leaves",
     "state_from_torch_lbfgs",
     "state_from_trusted_leaves",
@@ -134,37 +133,6 @@ def check_param_shapes(saved_group: Mapping[str, Any], params: list[torch.Tensor
                 f"param group {index}, parameter {position}: the checkpoint was saved for shape "
                 f"{tuple(shape)}, this optimizer's parameter has shape {tuple(param.shape)}"
             )
-
-
-PARAM_SHARDS = "param_shards"
-
-
-def param_shards(params: list[torch.Tensor]) -> list[dict[str, Any] | None] | None:
-    """The pieces of a group's parameters this process holds (:func:`~torchlbfgs.sharding.shard_layout`),
-    as saved in its ``param_shards`` entry; ``None`` if none is sharded (nothing saved)."""
-    layouts = [shard_layout(p) for p in params]
-    return None if all(layout is None for layout in layouts) else layouts
-
-
-def check_param_shards(saved_group: Mapping[str, Any], params: list[torch.Tensor], index: int) -> None:
-    """Refuse a checkpoint of sharded parameters on another layout (or on unsharded
-    parameters, and the reverse): its flat state holds this process's pieces in order."""
-    saved, now = saved_group.get(PARAM_SHARDS), param_shards(params)
-    if saved == now:
-        return
-    if now is None or saved is None:
-        held, here = ("sharded", "unsharded") if now is None else ("unsharded", "sharded")
-        raise ValueError(
-            f"param group {index}: the checkpoint was saved for {held} parameters, this optimizer's are "
-            f"{here}; a flat L-BFGS state only loads onto the layout it was saved from"
-        )
-    for position, (was, is_) in enumerate(zip(saved, now, strict=False)):
-        if was != is_:
-            raise ValueError(
-                f"param group {index}, parameter {position}: {PARAM_SHARDS} was {was}, this process holds "
-                f"{is_}; load a sharded optimizer state on the same ranks, mesh and placements"
-            )
-    raise ValueError(f"param group {index}: {PARAM_SHARDS} lists {len(saved)} parameters, not {len(now)}")
 
 
 _FLOAT, _INT, _BOOL = "floating", "integer", "bool"
@@ -477,9 +445,7 @@ def to_torch_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
             leaves, n=grad.numel(), history_size=history_size, dtype=grad.dtype, device=grad.device
         )
         converted_state[index] = state_to_torch_lbfgs(state, history_size=history_size)
-    torch_groups = [
-        {k: v for k, v in group.items() if k not in (PARAM_SHAPES, PARAM_SHARDS)} for group in groups
-    ]
+    torch_groups = [{k: v for k, v in group.items() if k not in (PARAM_SHAPES,)} for group in groups]
     return {**state_dict, "state": converted_state, "param_groups": torch_groups}
 
 
@@ -499,10 +465,13 @@ class LoadedStateDict(NamedTuple):
 
 
 def load_state_dict_checked(
-    state_dict: Any, groups: list[dict[str, Any]], *, dtype: torch.dtype, device: torch.device, n: int
-) -> LoadedStateDict:
+    state_dict: Any, groups: list[dict[str, Any]], *, dtype: torch.dtype, device: torch.device, n: int,
+    reductions: Reductions = LOCAL,
+) -> LoadedStateDict:  # fmt: skip
     """Check a whole state dict (ours or ``torch.optim.LBFGS``'s) against the optimizer's
     parameter ``groups`` (``n`` real values in all) and convert it; nothing is assigned here.
+    With parameters sharded over processes (``reductions``), the state is one entry per
+    parameter (:mod:`torchlbfgs.sharded_checkpoint`).
 
     Raises:
         ValueError: the groups or a leaf do not fit, naming which and why.
@@ -532,7 +501,6 @@ def load_state_dict_checked(
                 f"an L-BFGS optimizer (its options are {sorted(k for k in saved if k != 'params')})"
             )
         check_param_shapes(saved, group["params"], index)
-        check_param_shards(saved, group["params"], index)
     history_size = TorchOptions.of_groups(saved_groups).history_size
     if history_size != groups[0]["history_size"]:
         raise ValueError(
@@ -545,6 +513,30 @@ def load_state_dict_checked(
         raise TypeError(f"state_dict['state'] must be a dict, found {type(saved_state).__name__}")
     saved_ids = [index for saved in saved_groups for index in saved["params"]]
     index_of_first = saved_ids[0]
+    others = {key: value for key, value in saved_state.items() if key not in saved_ids}
+    options = [
+        {k: v for k, v in saved.items() if k not in ("params", PARAM_SHAPES)} for saved in saved_groups
+    ]
+    if reductions.sharded:
+        joined = None
+        if index_of_first in saved_state:
+            params = [p for group in groups for p in group["params"]]
+            leaves = join_per_parameter(
+                saved_state, saved_ids, params, history_size=history_size, reductions=reductions
+            )
+            joined = state_from_leaves(leaves, n=n, history_size=history_size, dtype=dtype, device=device)
+        return LoadedStateDict(options, joined, others)
+    first = saved_state.get(index_of_first)
+    dtensor = dtensor_type()
+    if (
+        dtensor is not None
+        and isinstance(first, Mapping)
+        and any(isinstance(v, dtensor) for v in first.values())
+    ):
+        raise ValueError(
+            "the checkpoint was saved for sharded parameters (its leaves are DTensors), this optimizer's "
+            "are unsharded; load it onto parameters sharded over processes (a mesh of any size)"
+        )
     other_params = sorted((set(saved_state) & set(saved_ids)) - {index_of_first}, key=str)
     if other_params:
         raise ValueError(
@@ -561,9 +553,4 @@ def load_state_dict_checked(
                 leaves, n=n, history_size=history_size, dtype=dtype, device=device
             )
         validated = state_from_leaves(leaves, n=n, history_size=history_size, dtype=dtype, device=device)
-    options = [
-        {k: v for k, v in saved.items() if k not in ("params", PARAM_SHAPES, PARAM_SHARDS)}
-        for saved in saved_groups
-    ]
-    others = {key: value for key, value in saved_state.items() if key not in saved_ids}
     return LoadedStateDict(options, validated, others)

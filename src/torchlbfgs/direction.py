@@ -48,6 +48,7 @@ from torchlbfgs.history import History, add_buffer_rows, buffer_dot, has_product
 from torchlbfgs.line_searches.loop import batch_view, exits_early
 from torchlbfgs.options import require_choice
 from torchlbfgs.scalars import TENSORS, Scalars
+from torchlbfgs.sharding import LOCAL, Reductions
 from torchlbfgs.state import LBFGSState
 
 __all__ = [
@@ -200,6 +201,7 @@ def inv_hessian_product(
     slots: Sequence[int] | None = None,
     ops: Scalars = TENSORS,
     overwrite: bool = False,
+    reductions: Reductions = LOCAL,
 ) -> torch.Tensor:
     r"""Apply the L-BFGS inverse-Hessian approximation :math:`H_k` to a flat vector.
 
@@ -223,6 +225,8 @@ def inv_hessian_product(
             nothing, on CPUs). The same result, bit for bit.
         overwrite: the two-loop recursion may work in ``vector`` itself (a temporary of the
             caller's, e.g. ``-g``) instead of a copy, where in-place updates are allowed.
+        reductions: the inner products (:mod:`torchlbfgs.sharding`: across processes for a
+            vector sharded over them).
 
     Returns:
         :math:`H_k v`, shape ``(n,)``.
@@ -238,7 +242,12 @@ def inv_hessian_product(
     if vector.shape != (n,):
         raise ValueError(f"vector has shape {tuple(vector.shape)}; expected ({n},), the flattened params")
     if has_products(state_history):
-        return compact_form(state_history, vector)
+        products = None
+        if reductions.sharded:  # S v and Y v in one all-reduce
+            both = reductions.inner([state_history.s_history, state_history.y_history], vector.unsqueeze(0))
+            s_products, y_products = torch.split(both.squeeze(-1), state_history.s_history.shape[-2])
+            products = (s_products, y_products)
+        return compact_form(state_history, vector, products)
     slots = stored_slots(state_history, early_exit) if slots is None else list(slots)
     rows_in_use = len(slots) if slots is not None else _rows_in_use(state_history, early_exit)
-    return _two_loop(state_history, vector, slots, rows_in_use, ops, overwrite)
+    return _two_loop(state_history, vector, slots, rows_in_use, reductions.scalars(ops), overwrite)

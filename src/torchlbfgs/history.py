@@ -135,6 +135,8 @@ def push_curvature_pair(
     accept: torch.Tensor,
     *,
     in_place: bool = False,
+    buffer_dot: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = buffer_dot,
+    dot: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch.dot,
 ) -> History:
     r"""Write ``(s, y)`` into the slot ``head`` when ``accept`` is true; otherwise change nothing.
 
@@ -146,7 +148,9 @@ def push_curvature_pair(
     :class:`torchlbfgs.LBFGS` adapter, may ask for it. Both give the same values. When the
     memory keeps inner products, their new column is computed from the updated buffers (the
     small ``(m, m)`` matrices are always new tensors). An owner that decides on the host and
-    tracks the ring there writes accepted pairs with :func:`write_pair` instead.
+    tracks the ring there writes accepted pairs with :func:`write_pair` instead. ``buffer_dot``
+    and ``dot``: the inner products (:mod:`torchlbfgs.sharding`'s for vectors sharded over
+    processes).
     """
     m = history.s_history.shape[0]
     one = torch.ones((), dtype=ys.dtype, device=ys.device)
@@ -174,7 +178,7 @@ def push_curvature_pair(
         s_history=s_history,
         y_history=y_history,
         rho=rho,
-        gamma=torch.where(accept, ys / torch.where(accept, torch.dot(y, y), one), history.gamma),
+        gamma=torch.where(accept, ys / torch.where(accept, dot(y, y), one), history.gamma),
         head=torch.where(accept, (history.head + 1) % m, history.head),
         n_pairs=torch.where(accept, torch.clamp(history.n_pairs + 1, max=m), history.n_pairs),
         sy_products=sy_products,

@@ -15,6 +15,7 @@ host reads on devices.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -32,6 +33,7 @@ from torchlbfgs.options import checks_option_names, require_count
 from torchlbfgs.progress import ProgressBar, progress_wanted
 from torchlbfgs.pytree import Unravel, ravel_pytree
 from torchlbfgs.rounds import RoundState, Settings, advance, max_rounds, start
+from torchlbfgs.sharding import LOCAL, Reductions
 from torchlbfgs.state import StopReason
 
 __all__ = ["Progress", "Result", "minimize", "print_progress"]
@@ -151,7 +153,7 @@ def progress_of(rounds: int, state: RoundState, settings: Settings) -> Progress:
     return Progress(
         rounds=rounds,
         value=batch_view(lbfgs.value),
-        grad_norm=batch_view(_grad_norm(state)),
+        grad_norm=batch_view(_grad_norm(state, settings.reductions)),
         status=batch_view(lbfgs.status),
         n_iter=batch_view(lbfgs.iteration),
         n_evals=batch_view(lbfgs.n_evals + searching),
@@ -192,10 +194,12 @@ def _show(bar: ProgressBar, rounds: int, stopped: torch.Tensor, state: RoundStat
     bar.update(rounds=rounds, running=running, values=batch_view(state.lbfgs.value))
 
 
-def _grad_norm(state: RoundState) -> torch.Tensor:
+def _grad_norm(state: RoundState, reductions: Reductions = LOCAL) -> torch.Tensor:
     """The max-norm ``tolerance_grad`` is tested against: of the gradient, or with bounds of
     the projected gradient."""
     grad, bounds = state.lbfgs.grad, given_bounds(state.bounds)
+    if reductions.sharded:  # one problem, over processes
+        return reductions.max_abs(grad)
     if bounds is not None:
         grad = projected_gradient(state.x, grad, bounds)
     return grad.abs().amax(-1)  # over the last dimension: progress_of reads a whole batch
@@ -206,7 +210,7 @@ def result_of(state: RoundState, unravel: Unravel) -> Result:
     return Result(
         params=unravel(state.x),
         value=lbfgs.value,
-        grad_norm=_grad_norm(state),
+        grad_norm=_grad_norm(state, unravel.reductions),
         n_iter=lbfgs.iteration,
         n_evals=lbfgs.n_evals,
         converged=lbfgs.converged,
@@ -311,6 +315,12 @@ def minimize(
     )  # fmt: skip
     implicit = ImplicitDiff.of(implicit_diff, value_and_grad=value_and_grad)
     x, unravel = ravel_pytree(params0)
+    if unravel.reductions.sharded:
+        if implicit is not None:
+            raise ValueError(
+                "minimize: implicit_diff is not supported with parameters sharded over processes (DTensor)"
+            )
+        settings = dataclasses.replace(settings, reductions=unravel.reductions)
     box = flat_bounds(bounds, params0)  # with autodiff, for implicit_diff
     with solve_inputs(implicit, (x, args, box)) as (x0, data, box0):
         objective = flat_objective(lambda p: fun(p, *data), unravel, value_and_grad=value_and_grad)

@@ -4,6 +4,9 @@ Users write ``fun(params) -> scalar`` over their own pytree; the algorithm needs
 ``x -> (f(x), grad f(x))`` over the flat vector ``x``. This module builds that map, either with
 ``torch.func.grad_and_value`` (so it composes with ``vmap`` and ``torch.compile``) or, with
 ``value_and_grad=True``, from a user function that already returns ``(value, grad_pytree)``.
+Parameters sharded over processes (``DTensor``) are differentiated with ``torch.autograd``,
+which ``DTensor`` supports and ``torch.func`` does not; their value, if a ``DTensor``, is
+gathered (every process gets the whole loss).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any
 import torch
 
 from torchlbfgs.pytree import Unravel, ravel_pytree
+from torchlbfgs.sharding import dtensor_type
 
 __all__ = ["FlatObjective", "flat_objective"]
 
@@ -22,6 +26,9 @@ FlatObjective = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def _check_scalar(value: Any) -> torch.Tensor:
+    dtensor = dtensor_type()
+    if dtensor is not None and isinstance(value, dtensor):
+        value = value.full_tensor()  # type: ignore[attr-defined]
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"fun must return a scalar tensor; it returned a {type(value).__name__}")
     if value.dim() != 0:
@@ -94,6 +101,19 @@ def flat_objective(
 
     def value_of_flat(x: torch.Tensor) -> torch.Tensor:
         return _check_scalar(fun(unravel(x)))
+
+    if unravel.reductions.sharded:
+
+        def evaluate_sharded(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            with torch.enable_grad():
+                local = x.detach().requires_grad_()
+                value = value_of_flat(local)
+                grad = None
+                if value.requires_grad:  # else fun does not depend on the params
+                    (grad,) = torch.autograd.grad(value, local, allow_unused=True)
+            return value.detach(), torch.zeros_like(x) if grad is None else grad
+
+        return evaluate_sharded
 
     grad_and_value = torch.func.grad_and_value(value_of_flat)
 

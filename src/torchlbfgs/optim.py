@@ -29,18 +29,17 @@ from torch.optim import Optimizer
 from torchlbfgs.bounds import Bounds, active_count, broadcast_bound
 from torchlbfgs.checkpoint import (
     PARAM_SHAPES,
-    PARAM_SHARDS,
     OptimizerState,
     blank_state,
     extended_state,
     load_state_dict_checked,
     param_shapes,
-    param_shards,
     state_from_trusted_leaves,
     state_to_leaves,
     to_torch_state_dict,
 )
 from torchlbfgs.options import TORCH_OPTION_NAMES, TorchOptions
+from torchlbfgs.sharded_checkpoint import split_per_parameter
 from torchlbfgs.sharding import Reductions, local_tensor, reductions_for
 from torchlbfgs.state import CONVERGED, StopReason
 from torchlbfgs.torch_schedule import torch_step
@@ -515,12 +514,17 @@ class LBFGS(Optimizer):
         later steps, which update the history buffers in place, do not change a state dict
         already taken. Entries of the user's own in ``state`` are kept as they are."""
         state_dict = super().state_dict()
-        state_dict["state"] = {index: _copied(entry) for index, entry in state_dict["state"].items()}
+        params = self._params
+        sharded = self._reductions(params).sharded and bool(self.state.get(params[0]))
+        state_dict["state"] = {
+            index: _copied(entry)
+            for index, entry in state_dict["state"].items()
+            if not (sharded and index == 0)
+        }
+        if sharded:  # one DTensor per parameter and vector (torchlbfgs.sharded_checkpoint)
+            state_dict["state"].update(split_per_parameter(self.state[params[0]], params))
         for saved, group in zip(state_dict["param_groups"], self.param_groups, strict=True):
             saved[PARAM_SHAPES] = param_shapes(group["params"])
-            shards = param_shards(group["params"])
-            if shards is not None:
-                saved[PARAM_SHARDS] = shards
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -543,7 +547,14 @@ class LBFGS(Optimizer):
                 state_dict = replaced
         params = self._params
         n, dtype, device = _flat_layout(params)
-        loaded = load_state_dict_checked(state_dict, self.param_groups, dtype=dtype, device=device, n=n)
+        loaded = load_state_dict_checked(
+            state_dict,
+            self.param_groups,
+            dtype=dtype,
+            device=device,
+            n=n,
+            reductions=self._reductions(params),
+        )
 
         # Everything is checked: assign (the groups' options as torch does, then the state).
         for group, options in zip(self.param_groups, loaded.groups, strict=True):

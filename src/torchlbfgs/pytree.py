@@ -7,6 +7,10 @@ is the only place that knows about that structure; everything else sees flat vec
 Complex leaves are stored as (real, imag) pairs, as ``torch.optim.LBFGS`` does, so the
 optimizer minimises over R^{2k} for a k-element complex tensor.
 
+``DTensor`` leaves (parameters sharded over processes, :mod:`torchlbfgs.sharding`) contribute
+their local pieces: each process's flat vector is its share of the whole, and ``unravel``
+wraps the pieces back into ``DTensor`` s of the same layout.
+
 Examples:
     >>> import torch
     >>> from torchlbfgs.pytree import ravel_pytree
@@ -26,6 +30,8 @@ from typing import Any
 import optree
 import torch
 
+from torchlbfgs.sharding import LOCAL, Reductions, dtensor_type, reductions_for
+
 __all__ = ["Unravel", "ravel_pytree"]
 
 PyTree = Any
@@ -44,6 +50,10 @@ class Unravel:
     dtypes: tuple[torch.dtype, ...]
     sizes: tuple[int, ...]
     """Number of real values each leaf occupies in the flat vector."""
+    layouts: tuple[_DTensorLayout | None, ...] = ()
+    """For each ``DTensor`` leaf, how its local piece (of shape ``shapes[i]``) makes it up."""
+    reductions: Reductions = LOCAL
+    """The reductions of the flat vector: across processes where some leaves are sharded."""
 
     @property
     def numel(self) -> int:
@@ -61,18 +71,48 @@ class Unravel:
                 leaves.append(torch.view_as_complex(chunk.reshape(*shape, 2)))
             else:
                 leaves.append(chunk.reshape(shape))
+        if self.layouts:
+            leaves = [
+                leaf if layout is None else layout.wrap(leaf)
+                for leaf, layout in zip(leaves, self.layouts, strict=True)
+            ]
         return optree.tree_unflatten(self.treedef, leaves)
+
+
+@dataclass(frozen=True)
+class _DTensorLayout:
+    """Where a ``DTensor``'s local piece sits in the whole: its mesh, placements, global shape
+    and stride."""
+
+    mesh: Any
+    placements: tuple[Any, ...]
+    shape: torch.Size
+    stride: tuple[int, ...]
+
+    @classmethod
+    def of(cls, dtensor: Any) -> _DTensorLayout:
+        return cls(dtensor.device_mesh, tuple(dtensor.placements), dtensor.shape, dtensor.stride())
+
+    def wrap(self, local: torch.Tensor) -> torch.Tensor:
+        """The ``DTensor`` whose piece on this process is ``local`` (differentiably)."""
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(
+            local, self.mesh, self.placements, run_check=False, shape=self.shape, stride=self.stride
+        )
 
 
 def _real_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype.to_real() if dtype.is_complex else dtype
 
 
-def _as_real_vector(leaf: torch.Tensor) -> torch.Tensor:
+def _as_real_vector(leaf: torch.Tensor, dtensor: type | None) -> torch.Tensor:
     if isinstance(leaf, torch.nn.Parameter):
         # Parameters are state to the optimizer, not inputs to differentiate through: keeping
         # their autograd history would grow a graph across iterations.
         leaf = leaf.detach()
+    if dtensor is not None and isinstance(leaf, dtensor):
+        leaf = leaf.to_local()  # type: ignore[attr-defined]
     if leaf.is_complex():
         leaf = torch.view_as_real(leaf.resolve_conj())
     return leaf.reshape(-1)
@@ -117,14 +157,25 @@ def ravel_pytree(params: PyTree) -> tuple[torch.Tensor, Unravel]:
                 f"{where} is on {leaf.device} but {first_path} is on {device}; "
                 "all leaves must be on one device"
             )
-    vectors = [_as_real_vector(leaf) for leaf in leaves]
+    dtensor = dtensor_type()
+    sharded = dtensor is not None and any(isinstance(leaf, dtensor) for leaf in leaves)
+    vectors = [_as_real_vector(leaf, dtensor if sharded else None) for leaf in leaves]
     flat = vectors[0] if len(vectors) == 1 else torch.cat(vectors)
-    if flat.numel() == 0:
+    if flat.numel() == 0 and not sharded:  # a process may hold no piece of sharded params
         raise ValueError("params has no elements: L-BFGS needs at least one scalar to optimize")
+    layouts = (
+        tuple(_DTensorLayout.of(leaf) if isinstance(leaf, dtensor) else None for leaf in leaves)  # type: ignore[arg-type]
+        if sharded
+        else ()
+    )
     unravel = Unravel(
         treedef=treedef,
-        shapes=tuple(leaf.shape for leaf in leaves),
+        shapes=tuple(
+            leaf.to_local().shape if layouts and layouts[i] else leaf.shape for i, leaf in enumerate(leaves)
+        ),
         dtypes=tuple(leaf.dtype for leaf in leaves),
         sizes=tuple(vector.numel() for vector in vectors),
+        layouts=layouts,
+        reductions=reductions_for(leaves) if sharded else LOCAL,
     )
     return flat, unravel

@@ -21,7 +21,7 @@ The functions are pure and branch-free on tensor values; :func:`torchlbfgs.minim
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
@@ -34,6 +34,7 @@ from torchlbfgs.line_searches.loop import trial_point
 from torchlbfgs.line_searches.method import SearchMethod, SearchOrigin, evaluation_budget
 from torchlbfgs.objective import FlatObjective
 from torchlbfgs.options import Tolerances, require_choice, require_count, require_step_options
+from torchlbfgs.sharding import Reductions, local_reductions
 from torchlbfgs.state import LBFGSState, StopReason
 from torchlbfgs.update import Proposal, accept, initial_state, propose
 
@@ -42,7 +43,9 @@ __all__ = ["RoundState", "Settings", "advance", "max_rounds", "start"]
 
 @dataclass(frozen=True)
 class Settings:
-    """The options of a solve (see :func:`torchlbfgs.minimize`), validated."""
+    """The options of a solve (see :func:`torchlbfgs.minimize`), validated; and the reductions
+    of the flat vectors (:mod:`torchlbfgs.sharding`: across processes for sharded parameters),
+    which are no option but follow from the parameters."""
 
     max_iter: int = 100
     tolerance_grad: float = 1e-7
@@ -58,6 +61,7 @@ class Settings:
     max_ls: int = 25
     max_evals: int | None = None
     early_exit: bool | None = None
+    reductions: Reductions = field(default_factory=local_reductions)
 
     def __post_init__(self) -> None:
         require_count("max_iter", self.max_iter, 0)
@@ -80,7 +84,7 @@ class Settings:
     def search(self) -> SearchMethod[Any]:
         return search_method(
             self.line_search, c1=self.c1, c2=self.c2,
-            tolerance_change=self.tolerances.search, max_ls=self.max_ls,
+            tolerance_change=self.tolerances.search, max_ls=self.max_ls, reductions=self.reductions,
         )  # fmt: skip
 
 
@@ -125,6 +129,7 @@ def _begin_iteration(
     proposal = propose(
         lbfgs, learning_rate=settings.learning_rate, tolerance_grad=settings.tolerance_grad,
         tolerance_change=settings.tolerances.change, early_exit=settings.early_exit, x=x, bounds=bounds,
+        reductions=settings.reductions,
     )  # fmt: skip
     # An iteration that stops before its line search (small gradient, no descent) ends here, as
     # `accept` would end it after an empty search, without spending a round.
@@ -153,7 +158,7 @@ def start(
     value, grad = objective(x)
     lbfgs = initial_state(
         value.to(x.dtype), grad, history_size=settings.history_size, direction=settings.direction,
-        bounds=bounds,
+        bounds=bounds, reductions=settings.reductions,
     )  # fmt: skip
     return _begin_iteration(x, lbfgs, settings, bounds)
 
@@ -177,7 +182,7 @@ def advance(objective: FlatObjective, state: RoundState, settings: Settings) -> 
         x, lbfgs, proposal, method.outcome(search), line_search=settings.line_search,
         tolerance_grad=settings.tolerance_grad, tolerance_change=settings.tolerances.change,
         tolerance_value=settings.tolerances.value, curvature_rule=settings.curvature_rule,
-        max_evals=settings.max_evals, active=search_over, bounds=bounds,
+        max_evals=settings.max_evals, active=search_over, bounds=bounds, reductions=settings.reductions,
     )  # fmt: skip
     new = _begin_iteration(new_x, new_lbfgs, settings, bounds)
     # `accept` changed the memory only where the search is over (`active`): its leaves are

@@ -32,6 +32,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from torchlbfgs.history import buffer_dot
+from torchlbfgs.norms import max_abs
 from torchlbfgs.scalars import Numbers, Scalars, Tensors
 
 __all__ = [
@@ -39,9 +41,9 @@ __all__ = [
     "Reductions",
     "ShardedReductions",
     "dtensor_type",
+    "local_reductions",
     "local_tensor",
     "reductions_for",
-    "shard_layout",
 ]
 
 
@@ -80,6 +82,18 @@ class Reductions:
         low, high = torch.aminmax(u)
         return low, high
 
+    def max_abs(self, u: torch.Tensor) -> torch.Tensor:
+        """:math:`\\max_i |u_i|` (NaN if any entry is NaN)."""
+        return max_abs(u)
+
+    def all(self, flag: torch.Tensor) -> torch.Tensor:
+        """Where ``flag`` (bools, this process's) is true on every process, held by every one."""
+        return flag
+
+    def buffer_dot(self, buffer: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+        """The ``m`` inner products of an ``(m, n)`` history buffer's rows with ``vector``."""
+        return buffer_dot(buffer, vector)
+
     def inner(self, blocks: Sequence[torch.Tensor], vectors: torch.Tensor) -> torch.Tensor:
         """Every inner product of the rows of ``blocks`` (each ``(k_i, n)``, stacked in order)
         with ``vectors`` ``(j, n)``: ``(sum k_i, j)``, at once (one all-reduce where sharded;
@@ -92,6 +106,12 @@ class Reductions:
 
 
 LOCAL = Reductions()
+
+
+def local_reductions() -> Reductions:
+    """:data:`LOCAL`, as a dataclass field's ``default_factory`` (``torch.compile`` builds such
+    objects inside traced code, and can read a global but not a plain default object)."""
+    return LOCAL
 
 
 class _ShardedNumbers(Numbers):
@@ -163,6 +183,16 @@ class ShardedReductions(Reductions):
         nan_or = torch.where(any_nan > 0, torch.nan, 0.0).to(u.dtype)
         return -low + nan_or, high + nan_or
 
+    def max_abs(self, u: torch.Tensor) -> torch.Tensor:
+        low, high = self.aminmax(u)
+        return torch.maximum(high, -low)
+
+    def all(self, flag: torch.Tensor) -> torch.Tensor:
+        return self._all_reduce(flag.to(torch.int64), dist.ReduceOp.MIN) > 0
+
+    def buffer_dot(self, buffer: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+        return self.inner([buffer], vector.unsqueeze(0)).squeeze(-1)
+
     def scalars(self, base: Scalars) -> Scalars:
         kind = type(base)
         if kind not in self._scalars:
@@ -210,18 +240,3 @@ def reductions_for(params: Sequence[torch.Tensor]) -> Reductions:
         start += size
     whole = owned == [(0, start)] or start == 0
     return ShardedReductions(mesh.get_group(), None if whole else owned)
-
-
-def shard_layout(p: torch.Tensor) -> dict[str, Any] | None:
-    """Which piece of ``p`` this process holds, as a state dict records it (``None`` for a plain
-    tensor): its rank and the mesh size, the placements, and the local piece's shape. A flat
-    state holds those pieces in this order, so it only fits the same layout."""
-    dtensor = dtensor_type()
-    if dtensor is None or not isinstance(p, dtensor):
-        return None
-    mesh = p.device_mesh  # type: ignore[attr-defined]
-    return {
-        "rank": mesh.get_local_rank() if mesh.ndim == 1 else mesh.get_rank(), "world_size": mesh.size(),
-        "placements": [str(placement) for placement in p.placements],  # type: ignore[attr-defined]
-        "local_shape": list(local_tensor(p).shape),
-    }  # fmt: skip

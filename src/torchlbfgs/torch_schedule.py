@@ -68,7 +68,7 @@ __all__ = ["Parameters", "TorchOptions", "torch_step"]
 
 # torch.optim.LBFGS calls its strong-Wolfe search with its default constants, whatever the
 # optimizer's own tolerance_change.
-_TORCH_SEARCH = {"c1": 1e-4, "c2": 0.9, "tolerance_change": 1e-9}
+_TORCH_SEARCH: dict[str, Any] = {"c1": 1e-4, "c2": 0.9, "tolerance_change": 1e-9}
 
 
 class Parameters(Protocol):
@@ -116,8 +116,12 @@ class _Memory:
         # recursion's 2m products each wait on the one before. It keeps S'Y and Y'Y for that.
         self.products: tuple[torch.Tensor, torch.Tensor] | None = None
         if reductions.sharded:
-            gram = reductions.inner([history.s_history, history.y_history], history.y_history)  # S'Y; Y'Y
-            self.products = gram[: self.size].clone(), gram[self.size :].clone()
+            zeros = history.s_history.new_zeros(self.size, self.size)
+            self.products = zeros, zeros.clone()
+            # Pair by pair, oldest first, as :meth:`push` made them: a state loaded from a
+            # checkpoint then continues bit for bit as the run that saved it.
+            for age in range(n_pairs):
+                self._add_products((head - n_pairs + age) % self.size, history)
 
     def _read_rho(self, rho: torch.Tensor) -> None:
         self.rho = list(self.ops.values(rho))
@@ -148,14 +152,18 @@ class _Memory:
         slot = self.head
         written = write_pair(core.history, s, y, ys, slot, dot=self.reductions.dot)
         self.rho[slot], self.rho_version = self.ops.value(written.rho[slot]), written.rho._version
-        if self.products is not None:  # the new pair's row and column of S'Y and Y'Y
-            sy, yy = self.products
-            m = self.size
-            new = self.reductions.inner([written.s_history, written.y_history], torch.stack([y, s]))
-            sy[:, slot], sy[slot, :] = new[:m, 0], new[m:, 1]  # S y and Y s (s_i'y and s'y_j)
-            yy[:, slot] = yy[slot, :] = new[m:, 0]  # Y y
+        if self.products is not None:
+            self._add_products(slot, written)
         self.head, self.n_pairs = (slot + 1) % self.size, min(self.n_pairs + 1, self.size)
         return core._replace(gamma=written.gamma)
+
+    def _add_products(self, slot: int, history: History) -> None:
+        """The row and column of S'Y and Y'Y of the pair in ``slot`` (one all-reduce)."""
+        sy, yy = self.products  # type: ignore[misc]
+        m, s, y = self.size, history.s_history[slot], history.y_history[slot]
+        new = self.reductions.inner([history.s_history, history.y_history], torch.stack([y, s]))
+        sy[:, slot], sy[slot, :] = new[:m, 0], new[m:, 1]  # S y and Y s (s_i'y and s'y_j)
+        yy[:, slot] = yy[slot, :] = new[m:, 0]  # Y y
 
     def direction(self, core: LBFGSState, negative_grad: torch.Tensor) -> torch.Tensor:
         """:math:`-H g` from ``-g``: the two-loop recursion as torch's (worked on in place), or

@@ -52,6 +52,7 @@ from torchlbfgs.options import (
 )
 from torchlbfgs.pytree import ravel_pytree
 from torchlbfgs.scalars import TENSORS
+from torchlbfgs.sharding import LOCAL, Reductions
 from torchlbfgs.state import LBFGSState, StopReason
 from torchlbfgs.stopping import at_precision_limit, stop_reason
 
@@ -114,7 +115,10 @@ def init(
     checks = check_finite if check_finite is not None else (
         exits_early(None, value) and not is_functorch_wrapped_tensor(value)
     )  # fmt: skip
-    state = initial_state(value.to(x.dtype), grad, history_size=history_size, direction=direction, bounds=box)
+    state = initial_state(
+        value.to(x.dtype), grad, history_size=history_size, direction=direction, bounds=box,
+        reductions=unravel.reductions,
+    )  # fmt: skip
     # initial_state has already tested finiteness: its status is the one value to read
     if checks and bool(state.status == StopReason.NON_FINITE.value):  # sync-ok: check_finite
         what = "gradient" if bool(torch.isfinite(value)) else "value"  # sync-ok: the error path
@@ -133,13 +137,15 @@ def initial_state(
     history_size: int,
     direction: Direction = "two_loop",
     bounds: Bounds | None = None,
+    reductions: Reductions = LOCAL,
 ) -> LBFGSState:
     """The state at a point with value ``value`` and flat gradient ``grad`` (one evaluation
     counted, empty history); status ``INVALID_BOUNDS`` where ``bounds`` cross, ``NON_FINITE``
-    where the point is not finite. :func:`init` is this after evaluating ``fun``."""
+    where the point is not finite (on any process, with sharded ``reductions``). :func:`init`
+    is this after evaluating ``fun``."""
     require_count("history_size", history_size, 1)
     products = history_size if uses_compact_form(direction) else 0
-    finite = torch.isfinite(value) & torch.isfinite(grad).all()
+    finite = torch.isfinite(value) & reductions.all(torch.isfinite(grad).all())
     status = torch.where(finite, _status(StopReason.RUNNING, grad), _status(StopReason.NON_FINITE, grad))
     if bounds is not None:
         status = torch.where(infeasible(bounds), StopReason.INVALID_BOUNDS.value, status)
@@ -219,6 +225,7 @@ def propose(
     early_exit: bool | None = None,
     x: torch.Tensor | None = None,
     bounds: Bounds | None = None,
+    reductions: Reductions = LOCAL,
 ) -> Proposal:
     """Direction and first trial step from the current state (steps 1-2 of an iteration).
 
@@ -227,15 +234,16 @@ def propose(
     (:mod:`torchlbfgs.bounded_direction`), the gradient test is on the projected gradient, and
     the first trial is L-BFGS-B's (``lnsrlb``): :math:`\\min(1, 1/\\|d\\|_2)` on the first
     iteration unless every variable has both bounds, 1 after, times ``learning_rate``, and
-    never beyond the box (nor beyond 1 on the first iteration).
+    never beyond the box (nor beyond 1 on the first iteration). ``reductions`` take the inner
+    products and norms (:mod:`torchlbfgs.sharding`).
     """
     grad = state.grad
     running = state.status == StopReason.RUNNING.value
     limit = None
     if bounds is None:
-        direction = -inv_hessian_product(state, grad, early_exit=early_exit)
-        grad_small = max_abs(grad) <= tolerance_grad
-        first_step = torch.clamp(torch.reciprocal(grad.abs().sum()), max=1.0)
+        direction = -inv_hessian_product(state, grad, early_exit=early_exit, reductions=reductions)
+        grad_small = reductions.max_abs(grad) <= tolerance_grad
+        first_step = torch.clamp(torch.reciprocal(reductions.abs_sum(grad)), max=1.0)
     else:
         if x is None:
             raise ValueError("propose: a bounded problem needs the current point x")
@@ -247,7 +255,7 @@ def propose(
         )
         feasible = max_step(x, direction, bounds)
         limit = torch.where(state.iteration == 0, torch.clamp(feasible, max=1.0), feasible)
-    slope = torch.dot(grad, direction)
+    slope = reductions.dot(grad, direction)
     no_descent = slope > -tolerance_change
     step_size = torch.where(state.iteration == 0, first_step, torch.ones_like(first_step)) * learning_rate
     if limit is not None:
@@ -286,6 +294,7 @@ def accept(
     tolerance_value: float = 0.0,
     active: torch.Tensor | None = None,
     bounds: Bounds | None = None,
+    reductions: Reductions = LOCAL,
 ) -> tuple[torch.Tensor, LBFGSState]:
     """Take the step the line search found, update the memory and decide whether to stop.
 
@@ -304,28 +313,32 @@ def accept(
 
     With ``bounds`` the new point is projected onto the box (a no-op but for rounding: the
     search stays within the feasible segment), the pair's :math:`s` is the step actually taken,
-    and the gradient test is on the projected gradient.
+    and the gradient test is on the projected gradient. ``reductions``: as in :func:`propose`.
     """
     value, grad, searching = state.value, state.grad, proposal.searching
     t, new_value, new_grad = found.step_size, found.value.to(x.dtype), found.grad
-    finite = torch.isfinite(new_value) & torch.isfinite(new_grad).all()
+    finite = torch.isfinite(new_value) & reductions.all(torch.isfinite(new_grad).all())
     acceptable = found.success | (new_value < value) if line_search is not None else found.success
     taken = searching & finite & acceptable
 
     if bounds is None:
         moved = torch.addcmul(x, proposal.direction, t)
         step = t * proposal.direction
-        new_grad_norm = max_abs(new_grad)
+        new_grad_norm = reductions.max_abs(new_grad)
     else:
         moved = project(torch.addcmul(x, proposal.direction, t), bounds)
         step = moved - x
         new_grad_norm = max_abs(projected_gradient(moved, new_grad, bounds))
     y = new_grad - grad
-    ys, curvature_ok = accept_curvature_pair(step, y, grad, curvature_rule)
+    ops = reductions.scalars(TENSORS)
+    ys, curvature_ok = accept_curvature_pair(step, y, grad, curvature_rule, ops, dot=reductions.dot)
     push = taken & curvature_ok
-    history = push_curvature_pair(state.history, step, y, ys, push if active is None else push & active)
+    history = push_curvature_pair(
+        state.history, step, y, ys, push if active is None else push & active,
+        buffer_dot=reductions.buffer_dot, dot=reductions.dot,
+    )  # fmt: skip
     new_x = torch.where(taken, moved, x)
-    stalled = (new_x == x).all()
+    stalled = reductions.all((new_x == x).all())
     n_evals = state.n_evals + found.n_evals
     out_of_evals = torch.zeros_like(taken) if max_evals is None else n_evals >= max_evals
 
@@ -342,7 +355,7 @@ def accept(
         failed_out_of_evals=failed & out_of_evals,
         search_failed=failed,
         grad_small=taken & (new_grad_norm <= tolerance_grad),
-        step_small=taken & ((max_abs(step) <= tolerance_change) | stalled),
+        step_small=taken & ((reductions.max_abs(step) <= tolerance_change) | stalled),
         value_small=taken & value_small,
         out_of_evals=taken & out_of_evals,
     )  # fmt: skip
@@ -439,22 +452,23 @@ def update(
     x, unravel = ravel_pytree(params)
     _check_state(state, x)
     box = flat_bounds(bounds, params)
+    reductions = unravel.reductions
     if box is not None:
         x = project(x, box)
     objective = flat_objective(fun, unravel, value_and_grad=value_and_grad)
     proposal = propose(
         state, learning_rate=learning_rate, tolerance_grad=tolerance_grad,
-        tolerance_change=tolerances.change, early_exit=early_exit, x=x, bounds=box,
+        tolerance_change=tolerances.change, early_exit=early_exit, x=x, bounds=box, reductions=reductions,
     )  # fmt: skip
     found = search_along(
         line_search, objective, x, proposal.direction, state.value, state.grad, proposal.step_size,
         active=proposal.searching, max_evals=None if max_evals is None else max_evals - state.n_evals,
         c1=c1, c2=c2, tolerance_change=tolerances.search, max_ls=max_ls, early_exit=early_exit,
-        max_step=proposal.max_step, bounds=box,
+        max_step=proposal.max_step, bounds=box, reductions=reductions,
     )  # fmt: skip
     new_x, new_state = accept(
         x, state, proposal, found, line_search=line_search, tolerance_grad=tolerance_grad,
         tolerance_change=tolerances.change, tolerance_value=tolerances.value, curvature_rule=curvature_rule,
-        max_evals=max_evals, bounds=box,
+        max_evals=max_evals, bounds=box, reductions=reductions,
     )  # fmt: skip
     return unravel(new_x), new_state

@@ -20,6 +20,7 @@ from torchlbfgs.line_searches.strong_wolfe import StrongWolfe
 from torchlbfgs.objective import FlatObjective, flat_objective
 from torchlbfgs.options import require_line_search
 from torchlbfgs.pytree import ravel_pytree
+from torchlbfgs.sharding import LOCAL, Reductions
 
 if TYPE_CHECKING:
     from torchlbfgs.bounds import Bounds
@@ -38,17 +39,20 @@ LINE_SEARCHES: tuple[LineSearch, ...] = ("strong_wolfe", "more_thuente", "backtr
 
 
 def search_method(
-    method: LineSearch, *, c1: float, c2: float, tolerance_change: float, max_ls: int
-) -> SearchMethod[Any]:
-    """The state machine of the line search named ``method``, with its constants."""
+    method: LineSearch, *, c1: float, c2: float, tolerance_change: float, max_ls: int,
+    reductions: Reductions = LOCAL,
+) -> SearchMethod[Any]:  # fmt: skip
+    """The state machine of the line search named ``method``, with its constants (and the
+    vectors' ``reductions``, :mod:`torchlbfgs.sharding`)."""
     if method is None:
-        return FixedStep()
+        return FixedStep(reductions=reductions)
+    limits = {"tolerance_change": tolerance_change, "max_ls": max_ls, "reductions": reductions}
     if method == "strong_wolfe":
-        return StrongWolfe(c1=c1, c2=c2, tolerance_change=tolerance_change, max_ls=max_ls)
+        return StrongWolfe(c1=c1, c2=c2, **limits)  # type: ignore[arg-type]
     if method == "more_thuente":
-        return MoreThuente(c1=c1, c2=c2, tolerance_change=tolerance_change, max_ls=max_ls)
+        return MoreThuente(c1=c1, c2=c2, **limits)  # type: ignore[arg-type]
     if method == "backtracking":
-        return Backtracking(c1=c1, tolerance_change=tolerance_change, max_ls=max_ls)
+        return Backtracking(c1=c1, **limits)  # type: ignore[arg-type]
     raise ValueError(f"line_search must be one of {LINE_SEARCHES}, got {method!r}")
 
 
@@ -70,11 +74,14 @@ def search_along(
     early_exit: bool | None,
     max_step: torch.Tensor | None = None,
     bounds: Bounds | None = None,
+    reductions: Reductions = LOCAL,
 ) -> FlatLineSearchResult:
     """Run the line search ``method`` on flat vectors (the form ``update`` uses); no trial
     step beyond ``max_step``, trial points projected onto ``bounds`` (if given)."""
     return run_search(
-        search_method(method, c1=c1, c2=c2, tolerance_change=tolerance_change, max_ls=max_ls),
+        search_method(
+            method, c1=c1, c2=c2, tolerance_change=tolerance_change, max_ls=max_ls, reductions=reductions
+        ),
         objective, x, SearchOrigin(direction, value, grad, max_step), step_size,
         active=active, max_evals=max_evals, early_exit=early_exit, bounds=bounds,
     )  # fmt: skip
@@ -163,5 +170,6 @@ def line_search(
         torch.as_tensor(step_size, dtype=x.dtype, device=x.device),
         active=torch.ones((), dtype=torch.bool, device=x.device), max_evals=max_evals,
         c1=c1, c2=c2, tolerance_change=tolerance_change, max_ls=max_ls, early_exit=early_exit,
+        reductions=unravel.reductions,
     )  # fmt: skip
     return LineSearchResult(flat.step_size, flat.value, unravel(flat.grad), flat.n_evals, flat.success)

@@ -17,7 +17,6 @@ import torch
 from torchlbfgs.line_searches.interpolation import quadratic_backtrack
 from torchlbfgs.line_searches.method import SearchLimits, SearchOrigin
 from torchlbfgs.line_searches.result import FlatLineSearchResult
-from torchlbfgs.norms import max_abs
 
 __all__ = ["Backtracking"]
 
@@ -52,8 +51,8 @@ class Backtracking(SearchLimits):
             result_t=torch.zeros_like(origin.value),
             result_f=origin.value,
             result_g=origin.grad,
-            gtd=torch.dot(origin.grad, origin.direction),
-            d_norm=max_abs(origin.direction),
+            gtd=self.reductions.dot(origin.grad, origin.direction),
+            d_norm=self.reductions.max_abs(origin.direction),
             budget=budget,
         )
 
@@ -62,7 +61,7 @@ class Backtracking(SearchLimits):
 
     def digest(self, s: _Search, origin: SearchOrigin, f_new: torch.Tensor, g_new: torch.Tensor) -> _Search:
         running = ~s.done
-        gtd_new = torch.dot(g_new, origin.direction)
+        gtd_new = self.reductions.dot(g_new, origin.direction)
         finite = torch.isfinite(f_new) & torch.isfinite(gtd_new)
         accepted = running & finite & (f_new <= origin.value + self.c1 * s.t * s.gtd)
         n_evals = s.n_evals + running.long()

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 
 from torchlbfgs.line_searches.method import SearchOrigin
 from torchlbfgs.line_searches.result import FlatLineSearchResult
+from torchlbfgs.sharding import Reductions, local_reductions
 
 __all__ = ["FixedStep"]
 
@@ -24,7 +25,10 @@ class FixedStep:
     """Evaluate once at ``x + t d`` and accept it; succeeds when value and gradient are finite.
 
     Inactive searches (or an exhausted budget) keep ``t = 0`` and count no evaluation.
+    ``reductions``: see :class:`~torchlbfgs.line_searches.method.SearchLimits`.
     """
+
+    reductions: Reductions = field(default_factory=local_reductions)
 
     @property
     def max_trials(self) -> int:
@@ -47,7 +51,7 @@ class FixedStep:
         return search.t, search.running
 
     def digest(self, s: _Search, origin: SearchOrigin, f_new: torch.Tensor, g_new: torch.Tensor) -> _Search:
-        finite = torch.isfinite(f_new) & torch.isfinite(g_new).all()
+        finite = torch.isfinite(f_new) & self.reductions.all(torch.isfinite(g_new).all())
         running, idle = s.running, s.result
         taken = FlatLineSearchResult(
             step_size=torch.where(running, s.t, idle.step_size),

@@ -14,7 +14,7 @@ problem whose search is over starts its next iteration while others are still se
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 import torch
@@ -22,6 +22,7 @@ import torch
 from torchlbfgs.line_searches.loop import run_masked_loop, trial_point
 from torchlbfgs.line_searches.result import FlatLineSearchResult
 from torchlbfgs.objective import FlatObjective
+from torchlbfgs.sharding import Reductions, local_reductions
 
 if TYPE_CHECKING:
     from torchlbfgs.bounds import Bounds
@@ -93,10 +94,13 @@ class SearchLimits:
     Attributes:
         tolerance_change: the search stops once its step interval times ``max|d|`` is below this.
         max_ls: iteration limit: at most ``max_ls + 1`` evaluations (torch's ``max_ls``).
+        reductions: the inner products and max-norms of the vectors
+            (:mod:`torchlbfgs.sharding`; across processes for sharded parameters).
     """
 
     tolerance_change: float = 1e-9
     max_ls: int = 25
+    reductions: Reductions = field(default_factory=local_reductions)
 
     @property
     def max_trials(self) -> int:

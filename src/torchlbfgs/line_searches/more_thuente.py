@@ -46,7 +46,6 @@ import torch
 
 from torchlbfgs.line_searches.method import SearchLimits, SearchOrigin, no_step_limit, step_limit
 from torchlbfgs.line_searches.result import FlatLineSearchResult
-from torchlbfgs.norms import max_abs
 
 __all__ = ["MoreThuente"]
 
@@ -240,7 +239,7 @@ class MoreThuente(SearchLimits):
         self, origin: SearchOrigin, step_size: torch.Tensor, active: torch.Tensor, budget: torch.Tensor
     ) -> _Search:
         value, grad = origin.value, origin.grad
-        gtd = torch.dot(grad, origin.direction)
+        gtd = self.reductions.dot(grad, origin.direction)
         limit = step_limit(origin.max_step)
         stpmax = None if limit is None else torch.clamp(limit, max=self.stpmax)
         t = torch.clamp(step_size, min=self.stpmin, max=self.stpmax)
@@ -271,7 +270,7 @@ class MoreThuente(SearchLimits):
             result_f=value,
             result_g=grad,
             gtd=gtd,
-            d_norm=max_abs(origin.direction),
+            d_norm=self.reductions.max_abs(origin.direction),
             budget=budget,
             stpmax=no_step_limit(value) if stpmax is None else stpmax,
         )
@@ -282,7 +281,7 @@ class MoreThuente(SearchLimits):
     def digest(self, s: _Search, origin: SearchOrigin, f_new: torch.Tensor, g_new: torch.Tensor) -> _Search:
         running = ~s.done
         stp, ginit = s.t, s.gtd
-        gtd_new = torch.dot(g_new, origin.direction)
+        gtd_new = self.reductions.dot(g_new, origin.direction)
         finite = torch.isfinite(f_new) & torch.isfinite(gtd_new)
         f = torch.where(finite, f_new, torch.inf)
         g = torch.where(finite, gtd_new, torch.zeros_like(gtd_new))

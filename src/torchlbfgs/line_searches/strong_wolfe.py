@@ -30,7 +30,6 @@ import torch
 from torchlbfgs.line_searches.interpolation import cubic_minimizer
 from torchlbfgs.line_searches.method import SearchLimits, SearchOrigin, no_step_limit, step_limit
 from torchlbfgs.line_searches.result import FlatLineSearchResult
-from torchlbfgs.norms import max_abs
 from torchlbfgs.scalars import NUMBERS, TENSORS, Scalars, quiet_overflow
 
 __all__ = ["HostSearchResult", "StrongWolfe"]
@@ -101,10 +100,11 @@ class StrongWolfe(SearchLimits):
     def start(
         self, origin: SearchOrigin, step_size: torch.Tensor, active: torch.Tensor, budget: torch.Tensor
     ) -> _Search:
-        gtd = torch.dot(origin.grad, origin.direction)
+        gtd = self.reductions.dot(origin.grad, origin.direction)
         phase = torch.where(active & (budget > 0), _BRACKET, _DONE)
         return self._begin(
-            TENSORS, origin.value, origin.grad, gtd, max_abs(origin.direction), step_size, phase, budget,
+            TENSORS, origin.value, origin.grad, gtd, self.reductions.max_abs(origin.direction), step_size,
+            phase, budget,
             zero=torch.zeros_like(origin.value), false=torch.zeros_like(active),
             no_evals=torch.zeros_like(budget),
             max_step=no_step_limit(origin.value) if step_limit(origin.max_step) is None else origin.max_step,
@@ -114,7 +114,7 @@ class StrongWolfe(SearchLimits):
         return search.t, search.phase != _DONE
 
     def digest(self, s: _Search, origin: SearchOrigin, f_new: torch.Tensor, g_new: torch.Tensor) -> _Search:
-        gtd_new = torch.dot(g_new, origin.direction)
+        gtd_new = self.reductions.dot(g_new, origin.direction)
         return self._decide(TENSORS, s, origin.value, origin.grad, f_new, g_new, gtd_new)
 
     def outcome(self, search: _Search) -> FlatLineSearchResult:
