@@ -118,6 +118,24 @@ def train(layout: str, search: str | None, rank: int, world_size: int, steps: in
     }  # fmt: skip
 
 
+def checkpointed_optimizer(params: Any) -> torchlbfgs.LBFGS:
+    """The optimizer of the checkpoint tests (4 iterations a step fill its memory of 3 pairs)."""
+    return torchlbfgs.LBFGS(params, history_size=3, max_iter=4, line_search_fn="strong_wolfe")
+
+
+def full_batch_closure(net: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Any:
+    """The closure of the checkpoint tests: the mean squared error of all samples, on every rank."""
+    inputs, targets = data()
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = ((net(inputs) - targets) ** 2).mean()
+        loss.backward()
+        return loss.detach()
+
+    return closure
+
+
 def checkpoint_resumes(world_size: int) -> dict[str, Any]:
     """A step, a state dict through ``torch.save``, a fresh sharded model and optimizer that
     load it and take one more: the parameters after, against two uninterrupted steps; and
@@ -127,16 +145,8 @@ def checkpoint_resumes(world_size: int) -> dict[str, Any]:
     def setup() -> tuple[torch.nn.Sequential, list[torch.Tensor], torchlbfgs.LBFGS, Any]:
         net = model()
         params = _sharded_params(net, "fsdp", world_size)
-        optimizer = torchlbfgs.LBFGS(params, history_size=3, max_iter=4, line_search_fn="strong_wolfe")
-        inputs, targets = data()
-
-        def closure() -> torch.Tensor:
-            optimizer.zero_grad()
-            loss = ((net(inputs) - targets) ** 2).mean()  # every rank: all samples
-            loss.backward()
-            return loss.detach()
-
-        return net, params, optimizer, closure
+        optimizer = checkpointed_optimizer(params)
+        return net, params, optimizer, full_batch_closure(net, optimizer)
 
     _, params, optimizer, closure = setup()
     for _ in range(2):
@@ -238,18 +248,8 @@ def resharded_checkpoints(out: str, rank: int) -> dict[str, Any]:
 
         net = model()
         fully_shard(net, mesh=_MESHES[size])  # on one rank too: DTensors on a mesh of one
-        optimizer = torchlbfgs.LBFGS(
-            net.parameters(), history_size=3, max_iter=4, line_search_fn="strong_wolfe"
-        )
-        inputs, targets = data()
-
-        def closure() -> torch.Tensor:
-            optimizer.zero_grad()
-            loss = ((net(inputs) - targets) ** 2).mean()  # every rank: all samples
-            loss.backward()
-            return loss.detach()
-
-        return net, optimizer, closure
+        optimizer = checkpointed_optimizer(net.parameters())
+        return net, optimizer, full_batch_closure(net, optimizer)
 
     def gathered(optimizer: torchlbfgs.LBFGS) -> dict[str, torch.Tensor]:
         return {
@@ -344,16 +344,8 @@ def extremes_over_ranks(world_size: int) -> dict[str, list[float]]:
 def torch_lbfgs_outcome(world_size: int) -> str:
     """What ``torch.optim.LBFGS`` does with the same FSDP model (the comparison the docs make)."""
     net = model()
-    params = _sharded_params(net, "fsdp", world_size)
-    optimizer = torch.optim.LBFGS(params)
-    inputs, targets = data()
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = ((net(inputs) - targets) ** 2).mean()
-        loss.backward()
-        return loss.detach()
-
+    optimizer = torch.optim.LBFGS(_sharded_params(net, "fsdp", world_size))
+    closure = full_batch_closure(net, optimizer)
     try:
         optimizer.step(closure)
     except RuntimeError as error:

@@ -22,10 +22,13 @@ from sharded_worker import (
     FUNCTIONAL_ITERATIONS,
     HIDDEN,
     batch_problems,
+    checkpointed_optimizer,
     configs,
+    full_batch_closure,
     functional,
     functional_configs,
     logistic,
+    model,
     train,
 )
 
@@ -100,7 +103,7 @@ def test_a_sharded_checkpoint_resumes_on_its_layout_only(
         )
         # the plain state dict: one DTensor per parameter and vector, of the parameter's shape
         # (history: a leading dimension of 3 rows, the placement moved to dim 1)
-        shapes = [tuple(p.shape) for p in torchlbfgs_model_params()]
+        shapes = [tuple(p.shape) for p in model().parameters()]
         for index, shape in enumerate(shapes):
             for name, expected in (
                 ("grad", shape),
@@ -124,12 +127,6 @@ def test_a_sharded_checkpoint_resumes_on_its_layout_only(
         assert extremes["empty on rank 1"] == [-4.0, 3.0]
         # what torchlbfgs.LBFGS replaces fails on the same model (the docs say so)
         assert rank["torch.optim.LBFGS"].startswith("RuntimeError"), rank["torch.optim.LBFGS"]
-
-
-def torchlbfgs_model_params() -> list[torch.Tensor]:
-    from sharded_worker import model
-
-    return list(model().parameters())
 
 
 def test_distributed_checkpoints_reshard_between_mesh_sizes(
@@ -161,18 +158,9 @@ def test_distributed_checkpoints_reshard_between_mesh_sizes(
 @functools.cache
 def _two_steps_alone() -> list[torch.Tensor]:
     """Two steps of the resharded checkpoints' optimizer, uninterrupted, on plain parameters."""
-    from sharded_worker import data, model
-
     net = model()
-    optimizer = torchlbfgs.LBFGS(net.parameters(), history_size=3, max_iter=4, line_search_fn="strong_wolfe")
-    inputs, targets = data()
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = ((net(inputs) - targets) ** 2).mean()
-        loss.backward()
-        return loss.detach()
-
+    optimizer = checkpointed_optimizer(net.parameters())
+    closure = full_batch_closure(net, optimizer)
     for _ in range(2):
         optimizer.step(closure)
     return [p.detach().clone() for p in net.parameters()]
