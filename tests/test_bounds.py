@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import torchlbfgs
-from torchlbfgs.bounded_direction import cauchy_point, compact_hessian, subspace_step
+from torchlbfgs.bounded_direction import _solve_saddle, cauchy_point, compact_hessian, subspace_step
 from torchlbfgs.bounds import Bounds, max_step, projected_gradient
 from torchlbfgs.line_searches.loop import trial_point
 
@@ -333,6 +333,31 @@ def test_cauchy_point_and_subspace_step_equal_dense_computations(n, m, iteration
     expected = torch.zeros(n, dtype=DT)
     expected[free_index] = -torch.linalg.solve(hessian[free_index][:, free_index], reduced_grad)
     torch.testing.assert_close(subspace_step(x, grad, cauchy, compact), expected, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_subspace_system_is_solved_by_block_elimination_and_a_failure_is_reported(seed):
+    """The 2m x 2m system [[-C, E'], [E, F]] (C and F + E C^-1 E' positive definite, as the
+    subspace minimization's) by two m x m Choleskys equals a dense solve, for a batch as for one
+    system; where a block is not definite the solve says so (and the direction becomes NaN,
+    which bounded_direction replaces by the projected gradient step) instead of raising."""
+    generator = torch.Generator().manual_seed(seed)
+    m = 5
+    a = torch.randn(3, m, m, generator=generator, dtype=DT)
+    c = a @ a.mT + 0.1 * torch.eye(m, dtype=DT)
+    e = torch.randn(3, m, m, generator=generator, dtype=DT)
+    f_half = torch.randn(3, m, 2, generator=generator, dtype=DT)  # positive semidefinite, rank 2
+    matrix = torch.cat((torch.cat((-c, e.mT), -1), torch.cat((e, f_half @ f_half.mT), -1)), -2)
+    rhs = torch.randn(3, 2 * m, 1, generator=generator, dtype=DT)
+    solved, ok = _solve_saddle(matrix, rhs)
+    assert bool(ok.all())
+    torch.testing.assert_close(solved, torch.linalg.solve(matrix, rhs), rtol=1e-10, atol=1e-12)
+    alone, _ = _solve_saddle(matrix[1], rhs[1])
+    torch.testing.assert_close(alone, solved[1], rtol=1e-13, atol=1e-15)
+    indefinite = matrix.clone()
+    indefinite[1, :m, :m] = c[1]  # -C not positive definite
+    _, ok = _solve_saddle(indefinite, rhs)
+    assert ok.tolist() == [True, False, True]
 
 
 def test_rounding_never_takes_a_trial_point_out_of_the_box():

@@ -32,9 +32,9 @@ The direction is :math:`d = \bar x - x`, with :math:`\bar x` feasible, so steps 
 :func:`~torchlbfgs.bounds.max_step`) stay in the box.
 
 Cost per iteration: a sort of the ``n`` breakpoints, ``O(m^2 n)`` arithmetic (the pairs'
-products and :math:`M p_j` on every segment) with ``(n, 2m)`` temporaries, one ``m x m``
-Cholesky factorization (:math:`M`, in :func:`compact_hessian`) and one ``2m x 2m`` LU solve
-(the subspace system).
+products and :math:`M p_j` on every segment) with ``(n, 2m)`` temporaries, and three ``m x m``
+Cholesky factorizations (one for :math:`M`, in :func:`compact_hessian`, two for the subspace
+system, where an LU factorization of the whole ``2m x 2m`` matrix took twice their time).
 """
 
 from __future__ import annotations
@@ -92,10 +92,30 @@ class CompactHessian(NamedTuple):
         return add_buffer_rows(self.theta * vector, self.w_rows, -inner)
 
 
-def _solve(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """``matrix^-1 rhs`` by LU with pivoting (``torch.linalg.solve`` fixes the batch size under
-    a compiled vmap; ``lu_factor``/``lu_solve`` do not)."""
-    solved: torch.Tensor = torch.linalg.lu_solve(*torch.linalg.lu_factor(matrix), rhs)
+def _solve_saddle(matrix: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""``(matrix^-1 rhs, solved)`` for the subspace system
+    :math:`\begin{bmatrix} -C & E^\top \\ E & F \end{bmatrix}`, ``2m x 2m`` with :math:`C`
+    and :math:`F + E C^{-1} E^\top` positive definite, by block elimination with two ``m x m``
+    Cholesky factorizations (L-BFGS-B's ``formk``, its :math:`LEL^\top` factorization):
+    :math:`C = L_1 L_1^\top`, :math:`G = L_1^{-1} E^\top`, :math:`F + G^\top G = L_2 L_2^\top`.
+    ``solved`` is false where a factorization met a pivot that is not positive."""
+    m = matrix.shape[-1] // 2
+    r1, r2 = rhs[..., :m, :], rhs[..., m:, :]
+    l1, first = torch.linalg.cholesky_ex(-matrix[..., :m, :m])
+    g, h = _solve_lower(l1, matrix[..., :m, m:]), _solve_lower(l1, r1)  # L1^-1 E', L1^-1 r1
+    # -C u1 + E' u2 = r1 and E u1 + F u2 = r2 give (F + E C^-1 E') u2 = r2 + E C^-1 r1, where
+    # E C^-1 E' = G'G and E C^-1 r1 = G'h; then u1 = C^-1 (E' u2 - r1) = L1^-T (G u2 - h).
+    l2, second = torch.linalg.cholesky_ex(matrix[..., m:, m:] + g.mT @ g)
+    u2 = torch.cholesky_solve(r2 + g.mT @ h, l2)
+    u1 = _solve_lower(l1, g @ u2 - h, transposed=True)
+    return torch.stack((u1, u2), -3).reshape(rhs.shape), (first == 0) & (second == 0)
+
+
+def _solve_lower(lower: torch.Tensor, rhs: torch.Tensor, *, transposed: bool = False) -> torch.Tensor:
+    """``L^-1 rhs`` (``L^-T rhs`` if ``transposed``) for a lower-triangular ``L``."""
+    solved: torch.Tensor = torch.linalg.solve_triangular(
+        lower.mT if transposed else lower, rhs, upper=transposed
+    )
     return solved
 
 
@@ -114,14 +134,14 @@ def compact_hessian(history: History) -> CompactHessian:
 
     :math:`M` is the block inverse of :math:`M^{-1} = [[-D, L^\top], [L, \theta S^\top S]]`
     through the ``m x m`` Schur complement :math:`J = \theta S^\top S + L D^{-1} L^\top`,
-    positive definite (L-BFGS-B's ``formt``), by a batched Cholesky factorization:
+    positive definite (L-BFGS-B's ``formt``), by a Cholesky factorization:
 
     .. math::
         M = \begin{bmatrix} -D^{-1} + D^{-1} L^\top J^{-1} L D^{-1} & D^{-1} L^\top J^{-1} \\
             J^{-1} L D^{-1} & J^{-1} \end{bmatrix}.
 
-    (An ``m x m`` Cholesky costs a fraction of a ``2m x 2m`` LU, and :math:`M` once formed
-    turns every later product into a matrix multiplication.)
+    (An ``m x m`` Cholesky costs a fraction of a ``2m x 2m`` factorization, and :math:`M` once
+    formed turns every later product into a matrix multiplication.)
     """
     m = history.s_history.shape[-2]
     valid = history.rho != 0
@@ -141,8 +161,8 @@ def compact_hessian(history: History) -> CompactHessian:
     middle = _blocks(-d.unsqueeze(-1) * eye, lower.mT, lower, theta * ss + empty)
     d_inv_lower_t = lower.mT / d.unsqueeze(-1)  # D^-1 L'
     schur = theta * ss + lower @ d_inv_lower_t + empty  # J
-    cholesky, info = torch.linalg.cholesky_ex(schur)
-    j_inv = torch.cholesky_inverse(cholesky)
+    cholesky_factor, info = torch.linalg.cholesky_ex(schur)
+    j_inv = torch.cholesky_inverse(cholesky_factor)
     top_right = d_inv_lower_t @ j_inv
     m_matrix = _blocks(top_right @ d_inv_lower_t.mT - eye / d.unsqueeze(-1), top_right, top_right.mT, j_inv)
     w_rows = torch.stack((y, theta * s), -3).reshape(2 * m, y.shape[-1])
@@ -263,7 +283,8 @@ def subspace_step(
     r = torch.where(free, model_grad, zero)
     w_free = torch.where(free, w_rows, zero)
     reduced = hessian.middle - (w_free @ w_free.mT) / theta
-    v = _solve(reduced, buffer_dot(w_rows, r).unsqueeze(-1)).squeeze(-1)
+    v, solved = _solve_saddle(reduced, buffer_dot(w_rows, r).unsqueeze(-1))
+    v = torch.where(solved, v.squeeze(-1), torch.nan)  # a failed solve: the direction is not finite
     return -r / theta - torch.where(free, add_buffer_rows(zero, w_rows, v), zero) / theta**2
 
 
