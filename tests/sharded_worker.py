@@ -162,6 +162,11 @@ def checkpoint_resumes(world_size: int) -> dict[str, Any]:
         if name in ("grad", "s_history", "y_history", "pending_direction")
     }
     refusals = _corrupted_loads(optimizer, state_dict, params)
+    try:
+        torchlbfgs.to_torch_state_dict(state_dict)
+        refusals.append("converted")
+    except ValueError as error:
+        refusals.append(str(error))
     buffer = io.BytesIO()
     torch.save({"model": [p.detach().to_local().clone() for p in params], "optimizer": state_dict}, buffer)
     buffer.seek(0)
@@ -382,7 +387,7 @@ FUNCTIONAL = [
     ("update", None, "compact"),
     ("update", "backtracking", "two_loop"),
 ]
-FUNCTIONAL_ITERATIONS = 8
+FUNCTIONAL_ITERATIONS = 5
 
 
 def functional_configs(world_size: int) -> list[tuple[str, str | None, str]]:

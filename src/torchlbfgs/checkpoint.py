@@ -435,6 +435,17 @@ def to_torch_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
     """
     groups = state_dict["param_groups"]
     history_size = groups[0]["history_size"]
+    dtensor = dtensor_type()
+    if dtensor is not None and any(
+        isinstance(leaf, dtensor)
+        for entry in state_dict["state"].values()
+        if isinstance(entry, Mapping)
+        for leaf in entry.values()
+    ):
+        raise ValueError(
+            "to_torch_state_dict: the state is of parameters sharded over processes (DTensor leaves); "
+            "torch.optim.LBFGS cannot step on sharded parameters (it flattens them with view(-1))"
+        )
     converted_state: dict[Any, Any] = {}
     for index, leaves in state_dict["state"].items():
         if not isinstance(leaves, Mapping) or "grad" not in leaves:
