@@ -193,7 +193,7 @@ def checkpoint_resumes(world_size: int) -> dict[str, Any]:
 def _corrupted_loads(optimizer: torchlbfgs.LBFGS, state_dict: dict[str, Any], params: list[Any]) -> list[str]:
     """What loading a state dict with one leaf broken says, on every rank, and whether the
     optimizer stayed as it was: a DTensor leaf of the wrong shape, a plain tensor where a DTensor
-    belongs, a NaN in rank 1's piece only."""
+    belongs, a NaN in rank 1's piece only, the first parameter's entry (the scalars) missing."""
     from torch.distributed.tensor import DTensor
 
     before = optimizer.state_dict()
@@ -210,12 +210,14 @@ def _corrupted_loads(optimizer: torchlbfgs.LBFGS, state_dict: dict[str, Any], pa
         "nan": DTensor.from_local(nan_on_rank_1, grad.device_mesh, grad.placements, run_check=False,
                                   shape=grad.shape, stride=grad.stride()),
     }  # fmt: skip
+    corrupted_dicts = [
+        {**state_dict, "state": {**state_dict["state"], 1: {**state_dict["state"][1], "grad": leaf}}}
+        for leaf in broken.values()
+    ]
+    without_first = {index: entry for index, entry in state_dict["state"].items() if index != 0}
+    corrupted_dicts.append({**state_dict, "state": without_first})  # the scalars' entry missing
     said = []
-    for leaf in broken.values():
-        corrupted = {
-            **state_dict,
-            "state": {**state_dict["state"], 1: {**state_dict["state"][1], "grad": leaf}},
-        }
+    for corrupted in corrupted_dicts:
         try:
             optimizer.load_state_dict(corrupted)
             said.append("loaded")

@@ -114,12 +114,13 @@ def test_a_sharded_checkpoint_resumes_on_its_layout_only(
                 assert (kind, found) == ("DTensor", expected), (index, name)
                 assert placements == ("(Shard(dim=1),)" if name == "s_history" else "(Shard(dim=0),)")
         # broken leaves are refused, on every rank alike, and change nothing
-        wrong_shape, plain, nan, to_torch = checkpoint["refusals"]
+        wrong_shape, plain, nan, no_scalars, to_torch = checkpoint["refusals"]
+        assert no_scalars.startswith("state[0] is missing or not a dict")
         assert "torch.optim.LBFGS cannot step on sharded parameters" in to_torch
         assert wrong_shape.startswith("state[1]['grad']: expected shape (7,) (the parameter's), found (1,)")
         assert "the parameter is a DTensor and this leaf a plain tensor" in plain
         assert "['grad']: expected finite values, found NaN or Inf (on this process or another)" in nan
-        assert all(said.endswith("(unchanged: True)") for said in checkpoint["refusals"][:3])
+        assert all(said.endswith("(unchanged: True)") for said in checkpoint["refusals"][:4])
         # extremes over ranks keep infinities and NaN (what the non-finite checks read)
         extremes = rank["extremes"]
         assert extremes["inf"] == [-2.0, math.inf]

@@ -530,7 +530,7 @@ def load_state_dict_checked(
     ]
     if reductions.sharded:
         joined = None
-        if index_of_first in saved_state:
+        if any(key in saved_state for key in saved_ids):
             params = [p for group in groups for p in group["params"]]
             leaves = join_per_parameter(
                 saved_state, saved_ids, params, history_size=history_size, reductions=reductions

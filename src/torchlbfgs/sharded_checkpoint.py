@@ -119,7 +119,12 @@ def join_per_parameter(
         TypeError: a leaf is not a tensor.
     """
     dtensor = dtensor_type()
-    first = saved_state[saved_ids[0]]
+    first = saved_state.get(saved_ids[0])
+    if not isinstance(first, Mapping):
+        raise ValueError(
+            f"state[{saved_ids[0]!r}] is missing or not a dict: the state of sharded parameters keeps "
+            "its scalars (value, counters, rho, ...) under the first parameter's index"
+        )
     leaves = {name: leaf for name, leaf in first.items() if name not in VECTOR_LEAVES}
     for name in VECTOR_LEAVES:
         rows = history_size if name in _HISTORY else None
