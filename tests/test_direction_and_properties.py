@@ -312,7 +312,7 @@ TOLERANCE_GRAD = 1e-10
 # test_reference_solutions.py); it is far below every decrease these checks look at.
 TOLERANCE_CHANGE = 1e-14
 # Sized for ~10 s of this file on 2 cores: update loops ~30-45 ms an example, single searches ~5 ms.
-UPDATE_LOOP_SETTINGS = settings(max_examples=100, deadline=None, database=None)
+UPDATE_LOOP_SETTINGS = settings(max_examples=60, deadline=None, database=None)
 SEARCH_SETTINGS = settings(max_examples=250, deadline=None, database=None)
 
 

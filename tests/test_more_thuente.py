@@ -316,7 +316,7 @@ def smooth_functions(draw: st.DrawFn) -> Evaluate:
 
 
 @needs_dcsrch
-@settings(max_examples=400, deadline=None, database=None)
+@settings(max_examples=200, deadline=None, database=None)
 @given(
     evaluate=smooth_functions(),
     ftol=st.floats(min_value=1e-4, max_value=0.45),
@@ -441,7 +441,7 @@ def assert_evaluated_at(fun: Callable[[Tensor], Tensor], x: Tensor, d: Tensor, r
     assert bitwise_equal(result.grad, grad)
 
 
-SEARCH_SETTINGS = settings(max_examples=150, deadline=None, database=None)  # ~3 s for the two tests
+SEARCH_SETTINGS = settings(max_examples=75, deadline=None, database=None)  # ~7 s for the two tests
 
 
 @SEARCH_SETTINGS
