@@ -46,13 +46,13 @@ def search_method(
     vectors' ``reductions``, :mod:`torchlbfgs.sharding`)."""
     if method is None:
         return FixedStep(reductions=reductions)
-    limits = {"tolerance_change": tolerance_change, "max_ls": max_ls, "reductions": reductions}
+    limits: dict[str, Any] = dict(tolerance_change=tolerance_change, max_ls=max_ls, reductions=reductions)
     if method == "strong_wolfe":
-        return StrongWolfe(c1=c1, c2=c2, **limits)  # type: ignore[arg-type]
+        return StrongWolfe(c1=c1, c2=c2, **limits)
     if method == "more_thuente":
-        return MoreThuente(c1=c1, c2=c2, **limits)  # type: ignore[arg-type]
+        return MoreThuente(c1=c1, c2=c2, **limits)
     if method == "backtracking":
-        return Backtracking(c1=c1, **limits)  # type: ignore[arg-type]
+        return Backtracking(c1=c1, **limits)
     raise ValueError(f"line_search must be one of {LINE_SEARCHES}, got {method!r}")
 
 
