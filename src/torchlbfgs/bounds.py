@@ -30,7 +30,7 @@ import torch
 from torch._C._functorch import is_functorch_wrapped_tensor
 
 from torchlbfgs.line_searches.loop import exits_early
-from torchlbfgs.sharding import dtensor_type
+from torchlbfgs.sharding import is_dtensor
 
 __all__ = [
     "Bounds",
@@ -138,8 +138,7 @@ def flat_bounds(bounds: BoundsLike, params: PyTree) -> Bounds | None:
     """
     if bounds is None:
         return None
-    dtensor = dtensor_type()
-    if dtensor is not None and any(isinstance(leaf, dtensor) for leaf in optree.tree_leaves(params)):
+    if any(is_dtensor(leaf) for leaf in optree.tree_leaves(params)):
         raise ValueError(
             "torchlbfgs: bounds are not supported with parameters sharded over processes (DTensor): "
             "L-BFGS-B's Cauchy point orders the breakpoints of every coordinate, across all shards"

@@ -28,7 +28,7 @@ import torch
 from torchlbfgs.history import History
 from torchlbfgs.options import TORCH_OPTION_NAMES, TorchOptions
 from torchlbfgs.sharded_checkpoint import join_per_parameter
-from torchlbfgs.sharding import LOCAL, Reductions, dtensor_type
+from torchlbfgs.sharding import LOCAL, Reductions, is_dtensor
 from torchlbfgs.state import LBFGSState, StopReason
 from torchlbfgs.update import initial_state
 
@@ -435,9 +435,8 @@ def to_torch_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
     """
     groups = state_dict["param_groups"]
     history_size = groups[0]["history_size"]
-    dtensor = dtensor_type()
-    if dtensor is not None and any(
-        isinstance(leaf, dtensor)
+    if any(
+        is_dtensor(leaf)
         for entry in state_dict["state"].values()
         if isinstance(entry, Mapping)
         for leaf in entry.values()
@@ -538,12 +537,7 @@ def load_state_dict_checked(
             joined = state_from_leaves(leaves, n=n, history_size=history_size, dtype=dtype, device=device)
         return LoadedStateDict(options, joined, others)
     first = saved_state.get(index_of_first)
-    dtensor = dtensor_type()
-    if (
-        dtensor is not None
-        and isinstance(first, Mapping)
-        and any(isinstance(v, dtensor) for v in first.values())
-    ):
+    if isinstance(first, Mapping) and any(is_dtensor(leaf) for leaf in first.values()):
         raise ValueError(
             "the checkpoint was saved for sharded parameters (its leaves are DTensors), this optimizer's "
             "are unsharded; load it onto parameters sharded over processes (a mesh of any size)"

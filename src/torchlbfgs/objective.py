@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from torchlbfgs.pytree import Unravel, ravel_pytree
-from torchlbfgs.sharding import dtensor_type
+from torchlbfgs.sharding import is_dtensor
 
 __all__ = ["FlatObjective", "flat_objective"]
 
@@ -26,9 +26,8 @@ FlatObjective = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def _check_scalar(value: Any) -> torch.Tensor:
-    dtensor = dtensor_type()
-    if dtensor is not None and isinstance(value, dtensor):
-        value = value.full_tensor()  # type: ignore[attr-defined]
+    if is_dtensor(value):
+        value = value.full_tensor()
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"fun must return a scalar tensor; it returned a {type(value).__name__}")
     if value.dim() != 0:

@@ -30,7 +30,14 @@ from typing import Any
 import optree
 import torch
 
-from torchlbfgs.sharding import LOCAL, Reductions, dtensor_type, reductions_for
+from torchlbfgs.sharding import (
+    LOCAL,
+    Reductions,
+    dtensor_from_local,
+    is_dtensor,
+    local_tensor,
+    reductions_for,
+)
 
 __all__ = ["Unravel", "ravel_pytree"]
 
@@ -95,24 +102,19 @@ class _DTensorLayout:
 
     def wrap(self, local: torch.Tensor) -> torch.Tensor:
         """The ``DTensor`` whose piece on this process is ``local`` (differentiably)."""
-        from torch.distributed.tensor import DTensor
-
-        return DTensor.from_local(
-            local, self.mesh, self.placements, run_check=False, shape=self.shape, stride=self.stride
-        )
+        return dtensor_from_local(local, self.mesh, self.placements, self.shape, self.stride)
 
 
 def _real_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype.to_real() if dtype.is_complex else dtype
 
 
-def _as_real_vector(leaf: torch.Tensor, dtensor: type | None) -> torch.Tensor:
+def _as_real_vector(leaf: torch.Tensor) -> torch.Tensor:
     if isinstance(leaf, torch.nn.Parameter):
         # Parameters are state to the optimizer, not inputs to differentiate through: keeping
         # their autograd history would grow a graph across iterations.
         leaf = leaf.detach()
-    if dtensor is not None and isinstance(leaf, dtensor):
-        leaf = leaf.to_local()  # type: ignore[attr-defined]
+    leaf = local_tensor(leaf)
     if leaf.is_complex():
         leaf = torch.view_as_real(leaf.resolve_conj())
     return leaf.reshape(-1)
@@ -157,25 +159,18 @@ def ravel_pytree(params: PyTree) -> tuple[torch.Tensor, Unravel]:
                 f"{where} is on {leaf.device} but {first_path} is on {device}; "
                 "all leaves must be on one device"
             )
-    dtensor = dtensor_type()
-    sharded = dtensor is not None and any(isinstance(leaf, dtensor) for leaf in leaves)
-    vectors = [_as_real_vector(leaf, dtensor if sharded else None) for leaf in leaves]
+    layouts = tuple(_DTensorLayout.of(leaf) if is_dtensor(leaf) else None for leaf in leaves)
+    sharded = any(layout is not None for layout in layouts)
+    vectors = [_as_real_vector(leaf) for leaf in leaves]
     flat = vectors[0] if len(vectors) == 1 else torch.cat(vectors)
     if flat.numel() == 0 and not sharded:  # a process may hold no piece of sharded params
         raise ValueError("params has no elements: L-BFGS needs at least one scalar to optimize")
-    layouts = (
-        tuple(_DTensorLayout.of(leaf) if isinstance(leaf, dtensor) else None for leaf in leaves)  # type: ignore[arg-type]
-        if sharded
-        else ()
-    )
     unravel = Unravel(
         treedef=treedef,
-        shapes=tuple(
-            leaf.to_local().shape if layouts and layouts[i] else leaf.shape for i, leaf in enumerate(leaves)
-        ),
+        shapes=tuple(local_tensor(leaf).shape for leaf in leaves),
         dtypes=tuple(leaf.dtype for leaf in leaves),
         sizes=tuple(vector.numel() for vector in vectors),
-        layouts=layouts,
+        layouts=layouts if sharded else (),
         reductions=reductions_for(leaves) if sharded else LOCAL,
     )
     return flat, unravel

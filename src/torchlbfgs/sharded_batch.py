@@ -21,7 +21,7 @@ from typing import Any
 import optree
 import torch
 
-from torchlbfgs.sharding import dtensor_type
+from torchlbfgs.sharding import dtensor_from_local, is_dtensor, local_tensor
 
 __all__ = ["BatchSharding", "batch_sharding"]
 
@@ -40,28 +40,14 @@ class BatchSharding:
     def local(self, *inputs: Any) -> tuple[Any, ...]:
         """Every ``DTensor`` in ``inputs`` (pytrees) as this rank's piece (a replicated one: the
         whole)."""
-        dtensor: Any = dtensor_type()
-
-        def to_local(leaf: Any) -> Any:
-            return leaf.to_local() if dtensor is not None and isinstance(leaf, dtensor) else leaf
-
-        return tuple(optree.tree_map(to_local, tree) for tree in inputs)
+        return tuple(optree.tree_map(local_tensor, tree) for tree in inputs)
 
     def sharded(self, tree: Any) -> Any:
         """This rank's rows of a result (batch first) as ``Shard(0)`` DTensors of the whole batch."""
-        from torch.distributed.tensor import DTensor, Shard
+        from torch.distributed.tensor import Shard
 
-        def shard(leaf: torch.Tensor) -> Any:
-            shape = (self.size, *leaf.shape[1:])
-            stride = torch.empty(shape, device="meta").stride()
-            return DTensor.from_local(
-                leaf.contiguous(),
-                self.mesh,
-                [Shard(0)],
-                run_check=False,
-                shape=torch.Size(shape),
-                stride=stride,
-            )
+        def shard(leaf: torch.Tensor) -> torch.Tensor:
+            return dtensor_from_local(leaf.contiguous(), self.mesh, [Shard(0)], (self.size, *leaf.shape[1:]))
 
         return optree.tree_map(shard, tree)
 
@@ -71,15 +57,14 @@ def batch_sharding(params0: Any, args: tuple[Any, ...], dims: tuple[Any, ...]) -
     or ``None`` for plain tensors. ``params0``'s leaves must be DTensors ``Shard``-ed along their
     batch dimension on one 1-D mesh; a batched argument is sharded the same way (or plain, then
     already this rank's rows); a shared one (``None`` in ``in_dims``) is plain or ``Replicate``."""
-    dtensor: Any = dtensor_type()
     inputs = (params0, *args)
-    if dtensor is None or not any(isinstance(leaf, dtensor) for leaf in _leaves(inputs)):
+    if not any(is_dtensor(leaf) for leaf in _leaves(inputs)):
         return None
     meshes, size = set(), None
     for position, (tree, dim) in enumerate(zip(inputs, dims, strict=True)):
         where = "params0" if position == 0 else f"args[{position - 1}]"
         for leaf in _leaves(tree):
-            if not isinstance(leaf, dtensor):
+            if not is_dtensor(leaf):
                 if position == 0:
                     raise ValueError(
                         f"batched_minimize: {where} mixes DTensors and plain tensors; shard every leaf of "

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from torchlbfgs.sharding import Reductions, dtensor_type, local_tensor
+from torchlbfgs.sharding import Reductions, dtensor_from_local, is_dtensor, local_tensor
 
 __all__ = ["VECTOR_LEAVES", "join_per_parameter", "split_per_parameter"]
 
@@ -67,9 +67,6 @@ def split_per_parameter(
     pieces) of an optimizer over ``params``: the scalars under index 0, and every vector split
     into one new tensor per parameter: a ``DTensor`` of the parameter's mesh and placements for a
     ``DTensor`` parameter, a plain tensor for a plain one (every process holds it whole)."""
-    from torch.distributed.tensor import DTensor
-
-    dtensor = dtensor_type()
     entries: dict[int, dict[str, Any]] = {index: {} for index in range(len(params))}
     entries[0].update(
         (name, leaf.clone() if isinstance(leaf, torch.Tensor) else leaf)  # copies: loaders write into them
@@ -89,12 +86,9 @@ def split_per_parameter(
             if p.is_complex():
                 piece = torch.view_as_complex(piece.reshape(*lead, *local_shape, 2))
             piece = piece.reshape(*lead, *local_shape).clone(memory_format=torch.contiguous_format)
-            if dtensor is not None and isinstance(p, dtensor):
-                shape = _global_shape(p, rows)
-                piece = DTensor.from_local(
-                    piece, p.device_mesh, _placements(p, rows is not None), run_check=False,  # type: ignore[attr-defined]
-                    shape=torch.Size(shape), stride=torch.empty(shape, device="meta").stride(),
-                )  # fmt: skip
+            if is_dtensor(p):
+                placements = _placements(p, rows is not None)
+                piece = dtensor_from_local(piece, p.device_mesh, placements, _global_shape(p, rows))  # type: ignore[attr-defined]
             entries[index][name] = piece
     return entries
 
@@ -118,7 +112,6 @@ def join_per_parameter(
             together) holds NaN or Inf; the message names the entry and the leaf.
         TypeError: a leaf is not a tensor.
     """
-    dtensor = dtensor_type()
     first = saved_state.get(saved_ids[0])
     if not isinstance(first, Mapping):
         raise ValueError(
@@ -145,8 +138,8 @@ def join_per_parameter(
                 raise ValueError(
                     f"{where}: expected shape {shape} (the parameter's), found {tuple(leaf.shape)}"
                 )
-            if dtensor is not None and isinstance(p, dtensor):
-                if not isinstance(leaf, dtensor):
+            if is_dtensor(p):
+                if not is_dtensor(leaf):
                     raise ValueError(
                         f"{where}: the parameter is a DTensor and this leaf a plain tensor; load the state "
                         "saved by an optimizer over sharded parameters (torch.distributed.checkpoint)"
@@ -167,6 +160,7 @@ def join_per_parameter(
         leaves[name] = torch.cat(pieces, dim=-1)
     finite = reductions.all(torch.stack([torch.isfinite(leaves[name]).all() for name in VECTOR_LEAVES]))
     if not bool(finite.all()):  # sync-ok: loading a checkpoint
-        names = [name for name, ok in zip(VECTOR_LEAVES, finite.tolist(), strict=True) if not ok]
+        flags = finite.tolist()  # sync-ok: the error path
+        names = [name for name, ok in zip(VECTOR_LEAVES, flags, strict=True) if not ok]
         raise ValueError(f"{names}: expected finite values, found NaN or Inf (on this process or another)")
     return leaves

@@ -40,7 +40,9 @@ __all__ = [
     "LOCAL",
     "Reductions",
     "ShardedReductions",
+    "dtensor_from_local",
     "dtensor_type",
+    "is_dtensor",
     "local_reductions",
     "local_tensor",
     "reductions_for",
@@ -56,14 +58,35 @@ def dtensor_type() -> type | None:
     return DTensor
 
 
+def is_dtensor(value: Any) -> bool:
+    """Whether ``value`` is a ``DTensor`` (never where torch has no distributed support)."""
+    dtensor = dtensor_type()
+    return dtensor is not None and isinstance(value, dtensor)
+
+
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The rank's own piece of ``tensor``: ``to_local()`` of a ``DTensor`` (sharing its
     storage, so writing into it writes the parameter), the tensor itself otherwise."""
-    dtensor = dtensor_type()
-    if dtensor is not None and isinstance(tensor, dtensor):
+    if is_dtensor(tensor):
         local: torch.Tensor = tensor.to_local()  # type: ignore[attr-defined]
         return local
     return tensor
+
+
+def dtensor_from_local(
+    local: torch.Tensor, mesh: Any, placements: Sequence[Any], shape: Sequence[int],
+    stride: Sequence[int] | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """The ``DTensor`` of global ``shape`` (and ``stride``; contiguous if not given) whose piece
+    on this process is ``local``, differentiably (no check across processes)."""
+    from torch.distributed.tensor import DTensor
+
+    size = torch.Size(shape)
+    strides = tuple(stride) if stride is not None else torch.empty(size, device="meta").stride()
+    wrapped: torch.Tensor = DTensor.from_local(
+        local, mesh, list(placements), run_check=False, shape=size, stride=strides
+    )
+    return wrapped
 
 
 class Reductions:
@@ -205,10 +228,9 @@ def reductions_for(params: Sequence[torch.Tensor]) -> Reductions:
     """The reductions for the flat vector of ``params``' local pieces: :data:`LOCAL` unless some
     are ``DTensor`` s, which must then all live on one 1-D device mesh with ``Shard`` or
     ``Replicate`` placements (a plain tensor among them counts as replicated)."""
-    dtensor = dtensor_type()
-    if dtensor is None or not any(isinstance(p, dtensor) for p in params):
+    if not any(is_dtensor(p) for p in params):
         return LOCAL
-    meshes = {p.device_mesh for p in params if isinstance(p, dtensor)}  # type: ignore[attr-defined]
+    meshes = {p.device_mesh for p in params if is_dtensor(p)}  # type: ignore[attr-defined]
     if len(meshes) != 1:
         raise ValueError(
             f"torchlbfgs: the parameters live on {len(meshes)} different device meshes; sharded "
@@ -225,7 +247,7 @@ def reductions_for(params: Sequence[torch.Tensor]) -> Reductions:
     start = 0
     for index, p in enumerate(params):
         size = local_tensor(p).numel() * (2 if p.is_complex() else 1)
-        placements = p.placements if isinstance(p, dtensor) else ()  # type: ignore[attr-defined]
+        placements = p.placements if is_dtensor(p) else ()  # type: ignore[attr-defined]
         if any(not (placement.is_shard() or placement.is_replicate()) for placement in placements):
             raise ValueError(
                 f"torchlbfgs: parameter {index} has placements {placements}; only Shard and "
