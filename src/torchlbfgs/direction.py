@@ -142,12 +142,12 @@ def two_loop_recursion(
     alpha = []
     q = vector if overwrite or not in_place else vector.clone()
     for i in rows:  # newest to oldest
-        a = ops.dot(s_rows[i], q) * rho[i]
+        a = ops.scaled_dot(s_rows[i], q, rho[i])
         q = ops.sub_scaled(q, y_rows[i], a, in_place=in_place)  # rounded once, as torch's
         alpha.append(a)
     r = q.mul_(gamma) if in_place else q * gamma
     for i, a in zip(reversed(rows), reversed(alpha), strict=True):  # oldest to newest
-        b = ops.dot(y_rows[i], r) * rho[i]
+        b = ops.scaled_dot(y_rows[i], r, rho[i])
         r = ops.add_scaled(r, s_rows[i], a - b, in_place=in_place)
     return r
 

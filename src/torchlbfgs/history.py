@@ -113,18 +113,19 @@ def accept_curvature_pair(
 
 
 def write_pair(
-    history: History, s: torch.Tensor, y: torch.Tensor, ys: torch.Tensor, slot: int,
+    rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor], s: torch.Tensor, y: torch.Tensor, ys: torch.Tensor,
     dot: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch.dot,
-) -> History:  # fmt: skip
-    """An accepted pair written into row ``slot`` of the buffers in place, for an owner that
-    tracks the ring's head and count on the host (the :class:`torchlbfgs.LBFGS` adapter): the
-    rows, ``rho`` and :math:`\\gamma` are updated, ``head`` and ``n_pairs`` are left to it."""
-    if has_products(history):
-        raise ValueError("write_pair: pairs written in place keep no inner products")
-    history.s_history[slot].copy_(s)
-    history.y_history[slot].copy_(y)
-    torch.reciprocal(ys, out=history.rho[slot])  # 1 / ys, as torch's `1.0 / ys` rounds it
-    return history._replace(gamma=ys / dot(y, y))
+) -> torch.Tensor:  # fmt: skip
+    """An accepted pair written in place into one row of the memory, for an owner that tracks
+    the ring's head and count on the host and keeps the buffers' rows as views (the
+    :class:`torchlbfgs.LBFGS` adapter; ``rows``: the row of ``s_history``, ``y_history`` and
+    ``rho``); return the new :math:`\\gamma`. Memories that keep inner products are written by
+    :func:`push_curvature_pair`."""
+    s_row, y_row, rho_row = rows
+    s_row.copy_(s)
+    y_row.copy_(y)
+    torch.reciprocal(ys, out=rho_row)  # 1 / ys, as torch's `1.0 / ys` rounds it
+    return ys / dot(y, y)
 
 
 def push_curvature_pair(

@@ -132,12 +132,9 @@ class _ModelParameters:
         return loss, value, self._flat_grad(into)
 
     def _flat_grad(self, into: torch.Tensor | None) -> torch.Tensor:
-        if (
-            len(self._params) == 1
-            and self._params[0].grad is not None
-            and self._params[0].grad.layout == torch.strided
-        ):
-            flat = _real_view(local_tensor(self._params[0].grad)).reshape(-1)  # one parameter: one copy
+        grad = self._params[0].grad
+        if len(self._params) == 1 and grad is not None and grad.layout == torch.strided:
+            flat = _real_view(local_tensor(grad)).reshape(-1)  # one parameter: one copy
             return flat.clone() if into is None else into.copy_(flat)
         pieces = []
         for p, view in zip(self._params, self._views, strict=True):

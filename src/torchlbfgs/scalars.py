@@ -106,6 +106,12 @@ class Tensors:
         return torch.dot(u, v)
 
     @staticmethod
+    def scaled_dot(u: torch.Tensor, v: torch.Tensor, c: Any) -> Any:
+        """``u'v * c`` (``c`` a scalar of this kind), rounded as ``torch.optim.LBFGS``'s
+        ``u.dot(v) * c``."""
+        return torch.dot(u, v) * c
+
+    @staticmethod
     def value(scalar: torch.Tensor) -> Any:
         """A 0-d tensor as a scalar of this kind (itself, here)."""
         return scalar
@@ -199,6 +205,14 @@ class Numbers:
     def dot(u: torch.Tensor, v: torch.Tensor) -> Any:
         """``u'v`` read as a host number (a device sync off the CPU)."""
         return host_number(torch.dot(u, v))
+
+    @staticmethod
+    def scaled_dot(u: torch.Tensor, v: torch.Tensor, c: Any) -> Any:
+        """``u'v * c`` read as a host number (a device sync off the CPU); ``c`` a host number of
+        the vectors' precision. The product of a Python float and a float32 scalar stays
+        float32 (NEP 50), so no float32 scalar is made for ``u'v`` itself: it is exact in either
+        form, and the two-loop recursion makes 2m of these per iteration."""
+        return torch.dot(u, v).item() * c  # sync-ok: host numbers are this kind's point (the adapter)
 
     @staticmethod
     def value(scalar: torch.Tensor) -> Any:

@@ -26,6 +26,7 @@ Examples:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -49,6 +50,7 @@ __all__ = [
 ]
 
 
+@functools.cache
 def dtensor_type() -> type | None:
     """``torch.distributed.tensor.DTensor``, or ``None`` where torch has no distributed support."""
     if not dist.is_available():
@@ -144,6 +146,9 @@ class _ShardedNumbers(Numbers):
     def dot(self, u: torch.Tensor, v: torch.Tensor) -> Any:  # type: ignore[override]
         return super().value(self._reductions.dot(u, v))
 
+    def scaled_dot(self, u: torch.Tensor, v: torch.Tensor, c: Any) -> Any:  # type: ignore[override]
+        return self.dot(u, v) * c
+
 
 class _ShardedTensors(Tensors):
     def __init__(self, reductions: Reductions) -> None:
@@ -151,6 +156,9 @@ class _ShardedTensors(Tensors):
 
     def dot(self, u: torch.Tensor, v: torch.Tensor) -> Any:  # type: ignore[override]
         return self._reductions.dot(u, v)
+
+    def scaled_dot(self, u: torch.Tensor, v: torch.Tensor, c: Any) -> Any:  # type: ignore[override]
+        return self._reductions.dot(u, v) * c
 
 
 class ShardedReductions(Reductions):

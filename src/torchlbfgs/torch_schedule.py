@@ -55,7 +55,7 @@ from torchlbfgs.bounded_direction import bounded_direction
 from torchlbfgs.bounds import Bounds, max_step, project, projected_gradient
 from torchlbfgs.checkpoint import OptimizerState
 from torchlbfgs.direction import compact_form, slots_newest_first, two_loop_recursion
-from torchlbfgs.history import History, accept_curvature_pair, write_pair
+from torchlbfgs.history import History, accept_curvature_pair, has_products, write_pair
 from torchlbfgs.line_searches.method import NO_BUDGET
 from torchlbfgs.line_searches.strong_wolfe import HostSearchResult, StrongWolfe
 from torchlbfgs.options import TorchOptions
@@ -108,8 +108,10 @@ class _Memory:
     ) -> None:
         self.head, self.n_pairs, self.size = head, n_pairs, history.s_history.shape[0]
         self.ops, self.reductions = reductions.scalars(ops), reductions
+        if has_products(history):
+            raise ValueError("torch_step: a memory that keeps inner products is not written row by row")
         self.buffers = (history.s_history, history.y_history, history.rho)
-        self.s_rows, self.y_rows = history.s_history.unbind(0), history.y_history.unbind(0)
+        self.s_rows, self.y_rows, self.rho_rows = (buffer.unbind(0) for buffer in self.buffers)
         self._read_rho(history.rho)
         # Over processes, the direction is the compact representation's (Byrd, Nocedal &
         # Schnabel 1994): its inner products with g are one all-reduce, where the two-loop
@@ -150,12 +152,13 @@ class _Memory:
     def push(self, core: LBFGSState, s: torch.Tensor, y: torch.Tensor, ys: torch.Tensor) -> LBFGSState:
         """Write an accepted pair into the head row (:func:`~torchlbfgs.history.write_pair`)."""
         slot = self.head
-        written = write_pair(core.history, s, y, ys, slot, dot=self.reductions.dot)
-        self.rho[slot], self.rho_version = self.ops.value(written.rho[slot]), written.rho._version
+        rows = self.s_rows[slot], self.y_rows[slot], self.rho_rows[slot]
+        gamma = write_pair(rows, s, y, ys, dot=self.reductions.dot)
+        self.rho[slot], self.rho_version = self.ops.value(rows[2]), self.buffers[2]._version
         if self.products is not None:
-            self._add_products(slot, written)
+            self._add_products(slot, core.history)
         self.head, self.n_pairs = (slot + 1) % self.size, min(self.n_pairs + 1, self.size)
-        return core._replace(gamma=written.gamma)
+        return core._replace(gamma=gamma)
 
     def _add_products(self, slot: int, history: History) -> None:
         """The row and column of S'Y and Y'Y of the pair in ``slot`` (one all-reduce)."""
