@@ -43,6 +43,7 @@ step that lands on a non-finite loss.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -193,7 +194,7 @@ def _read(*scalars: torch.Tensor) -> list[Any]:
     """Several 0-d tensors in one host read, as host numbers that round as the tensors would
     (:mod:`torchlbfgs.scalars`): numpy scalars of their precision (float32 or float64)."""
     dtype = scalars[0].dtype
-    if scalars[0].device.type != "cpu":  # one device sync for all of them
+    if not scalars[0].is_cpu:  # one device sync for all of them
         stacked = torch.stack([s if s.dtype == dtype else s.to(dtype) for s in scalars])
         return list(stacked.cpu().numpy())  # sync-ok: the adapter decides on the host, as torch's
     kind = numpy.float32 if dtype == torch.float32 else numpy.float64
@@ -483,8 +484,15 @@ def _strong_wolfe(
 
     # Values as Python floats, derivatives in the gradient's precision: torch's search mixes
     # them so (`float(closure())` against `g.dot(d)`), and so do we, to round as it rounds.
-    search = StrongWolfe(max_ls=max(max_ls, 0), **_TORCH_SEARCH)
+    search = _torch_search(max(max_ls, 0))
     return search.search_on_host(evaluate, float(value), grad, gtd, direction_max, t, NO_BUDGET, max_step)
+
+
+@functools.lru_cache(maxsize=64)
+def _torch_search(max_ls: int) -> StrongWolfe:
+    """torch's strong-Wolfe search with at most ``max_ls`` iterations (made once per limit: a
+    step asks for one per iteration, with what is left of its evaluation budget)."""
+    return StrongWolfe(max_ls=max_ls, **_TORCH_SEARCH)
 
 
 def _counted(core: LBFGSState, status: StopReason, iterations: int, evals: int) -> LBFGSState:
