@@ -32,7 +32,7 @@ The direction is :math:`d = \bar x - x`, with :math:`\bar x` feasible, so steps 
 :func:`~torchlbfgs.bounds.max_step`) stay in the box.
 
 Cost per iteration: a sort of the ``n`` breakpoints, ``O(m^2 n)`` arithmetic (the pairs'
-products and :math:`M p_j` on every segment) with ``(n, 2m)`` temporaries, and three ``m x m``
+products and :math:`M p_j` on every segment) with ``(2m, n + 1)`` temporaries, and three ``m x m``
 Cholesky factorizations (one for :math:`M`, in :func:`compact_hessian`, two for the subspace
 system, where an LU factorization of the whole ``2m x 2m`` matrix took twice their time).
 """
@@ -78,10 +78,6 @@ class CompactHessian(NamedTuple):
     middle: torch.Tensor
     m_matrix: torch.Tensor
     factored: torch.Tensor
-
-    def apply_m(self, columns: torch.Tensor) -> torch.Tensor:
-        """:math:`M c` for each column of ``columns`` ``(2m, k)``."""
-        return self.m_matrix @ columns
 
     def times(self, vector: torch.Tensor) -> torch.Tensor:
         """:math:`B v`."""
@@ -191,15 +187,9 @@ def _breakpoints(x: torch.Tensor, grad: torch.Tensor, bounds: Bounds) -> torch.T
     return torch.clamp(torch.nan_to_num(t, nan=torch.inf), min=0.0)
 
 
-def _row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``(a * b).sum(-1)`` for ``(k, 2m)`` rows, as a batched matrix product: Inductor turned the
-    elementwise form, fused with the segment arithmetic, into an OpenMP region per row."""
-    return (a.unsqueeze(-2) @ b.unsqueeze(-1)).reshape(a.shape[:-1])
-
-
 def _suffix_sums(values: torch.Tensor) -> torch.Tensor:
-    """``out[j] = values[j:].sum(0)``."""
-    return torch.flip(torch.cumsum(torch.flip(values, (0,)), 0), (0,))
+    """``out[..., j] = values[..., j:].sum(-1)``."""
+    return torch.flip(torch.cumsum(torch.flip(values, (-1,)), -1), (-1,))
 
 
 def cauchy_point(x: torch.Tensor, grad: torch.Tensor, bounds: Bounds, hessian: CompactHessian) -> CauchyPoint:
@@ -226,22 +216,25 @@ def cauchy_point(x: torch.Tensor, grad: torch.Tensor, bounds: Bounds, hessian: C
     t_sorted, order = torch.sort(t_break, stable=True)
     finite = torch.isfinite(t_sorted)
     g2_sorted = (g * g)[order]
-    b_sorted = (w_rows * g).mT[order]  # (n, 2m): g_i w_i in breakpoint order
+    # The segment tables hold one column per segment, (2m, n + 1): every table, the products
+    # with M included, then shares one layout (rows of some and columns of others made a
+    # compiled round gather and transpose them element by element).
+    b_sorted = (w_rows * g)[:, order]  # (2m, n): column i is g_i w_i, in breakpoint order
     # Quantities at the start of segment j = 0..n, where the first j variables are held: sums
     # over the free ones as suffix sums (no cancellation), over the held ones as prefix sums.
     # (Padding rather than torch.cat, which fixes the batch size under a compiled vmap.)
     free_g2 = pad(_suffix_sums(g2_sorted), (0, 1))  # G_j
-    p = -pad(_suffix_sums(b_sorted), (0, 0, 0, 1))  # p_j = W'd_j
-    held_tb = torch.where(finite.unsqueeze(-1), t_sorted.unsqueeze(-1) * b_sorted, 0.0)
-    tb_held = pad(torch.cumsum(held_tb, 0), (0, 0, 1, 0))
+    p = -pad(_suffix_sums(b_sorted), (0, 1))  # column j: p_j = W'd_j
+    held_tb = torch.where(finite, t_sorted * b_sorted, 0.0)
+    tb_held = pad(torch.cumsum(held_tb, -1), (1, 0))
     starts = pad(t_sorted, (1, 0))  # t_j
     ends = pad(t_sorted, (0, 1), value=torch.inf)  # t_{j+1}
     starts_finite = torch.isfinite(starts)
     safe_starts = torch.where(starts_finite, starts, torch.zeros_like(starts))
-    c = -tb_held + safe_starts.unsqueeze(-1) * p  # c_j = W'(x(t_j) - x)
-    m_p = hessian.apply_m(p.mT).mT  # M p_j, every segment at once
-    slope = -free_g2 + theta * safe_starts * free_g2 - _row_dots(c, m_p)
-    curvature = theta * free_g2 - _row_dots(p, m_p)
+    c = -tb_held + safe_starts * p  # column j: c_j = W'(x(t_j) - x)
+    m_p = hessian.m_matrix @ p  # M p_j, every segment at once
+    slope = -free_g2 + theta * safe_starts * free_g2 - (c * m_p).sum(-2)
+    curvature = theta * free_g2 - (p * m_p).sum(-2)
     length = ends - starts
     inside = (curvature > 0) & (-slope < length * curvature)
     holds = starts_finite & ((slope >= 0) | inside)
