@@ -261,6 +261,33 @@ def test_in_place_changes_by_the_closure_are_honoured_as_torch_honours_them(
     torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("max_iter", [1, 2])
+def test_a_step_leaves_the_parameters_where_torchs_does_after_the_closure_clamped_them(max_iter: int) -> None:
+    """The search's accepted trial was clamped by the closure that evaluated it (lr = 3: the
+    first trial, (2, -1), is outside the box and meets the strong-Wolfe conditions at its
+    clamped point); torch then moves from where the search started, so the step ends at the
+    unclamped point, and so must ours (skipping that move because the parameters "already hold"
+    the accepted trial, without noticing the closure's change, fails here)."""
+    ends = []
+    target = torch.tensor([3.0, -2.0], dtype=torch.float64)
+    for optimizer_class in (torch.optim.LBFGS, torchlbfgs.LBFGS):
+        x = torch.nn.Parameter(torch.tensor([0.5, 0.5], dtype=torch.float64))
+        optimizer = optimizer_class([x], lr=3.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+        def closure(x: Tensor = x, optimizer: torch.optim.Optimizer = optimizer) -> Tensor:
+            with torch.no_grad():
+                x.clamp_(0, 1)
+            optimizer.zero_grad()
+            loss = ((x - target) ** 2).sum()
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        ends.append(x.detach().clone())
+    assert not ((ends[0] >= 0) & (ends[0] <= 1)).all()  # torch's step ends outside the box
+    torch.testing.assert_close(ends[1], ends[0], rtol=0, atol=0)
+
+
 def test_the_issues_clamping_example_ends_at_the_box_minimiser() -> None:
     """min (x1 - 3)^2 + (x2 + 2)^2 over [0, 1]^2 is at (1, 0); torch gets there, and so must we
     (ignoring the clamp, the iterate would run off to (3, -2))."""
