@@ -227,8 +227,11 @@ def test_step_inside_a_compiled_training_step(line_search_fn: str | None) -> Non
 # --- closures that change the parameters in place ---------------------------------------------
 
 
-def clamping_run(optimizer_class: type[torch.optim.Optimizer], **options: Any) -> tuple[Tensor, int]:
-    """PyTorch's neural-style-transfer pattern: the closure clamps the parameters in place."""
+def clamping_run(
+    optimizer_class: type[torch.optim.Optimizer], steps: int = 3, **options: Any
+) -> tuple[Tensor, int]:
+    """PyTorch's neural-style-transfer pattern: the closure clamps the parameters in place.
+    The parameters after ``steps`` steps, and the closure's calls."""
     x = torch.nn.Parameter(torch.tensor([0.5, 0.5], dtype=torch.float64))
     target = torch.tensor([3.0, -2.0], dtype=torch.float64)
     optimizer = optimizer_class([x], **options)
@@ -244,7 +247,7 @@ def clamping_run(optimizer_class: type[torch.optim.Optimizer], **options: Any) -
         loss.backward()
         return loss
 
-    for _ in range(3):
+    for _ in range(steps):
         optimizer.step(closure)
     return x.detach().clone(), calls
 
@@ -268,22 +271,8 @@ def test_a_step_leaves_the_parameters_where_torchs_does_after_the_closure_clampe
     clamped point); torch then moves from where the search started, so the step ends at the
     unclamped point, and so must ours (skipping that move because the parameters "already hold"
     the accepted trial, without noticing the closure's change, fails here)."""
-    ends = []
-    target = torch.tensor([3.0, -2.0], dtype=torch.float64)
-    for optimizer_class in (torch.optim.LBFGS, torchlbfgs.LBFGS):
-        x = torch.nn.Parameter(torch.tensor([0.5, 0.5], dtype=torch.float64))
-        optimizer = optimizer_class([x], lr=3.0, max_iter=max_iter, line_search_fn="strong_wolfe")
-
-        def closure(x: Tensor = x, optimizer: torch.optim.Optimizer = optimizer) -> Tensor:
-            with torch.no_grad():
-                x.clamp_(0, 1)
-            optimizer.zero_grad()
-            loss = ((x - target) ** 2).sum()
-            loss.backward()
-            return loss
-
-        optimizer.step(closure)
-        ends.append(x.detach().clone())
+    options = {"lr": 3.0, "max_iter": max_iter, "line_search_fn": "strong_wolfe"}
+    ends = [clamping_run(cls, steps=1, **options)[0] for cls in (torch.optim.LBFGS, torchlbfgs.LBFGS)]
     assert not ((ends[0] >= 0) & (ends[0] <= 1)).all()  # torch's step ends outside the box
     torch.testing.assert_close(ends[1], ends[0], rtol=0, atol=0)
 
