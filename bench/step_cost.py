@@ -1,22 +1,25 @@
 """Per-iteration cost of torchlbfgs.LBFGS against torch.optim.LBFGS, same closure, same run.
 
-A diagonal quadratic f(x) = 1/2 sum(c_i x_i^2) with c spread over [1, 100], float32, history 10,
-one thread. Each optimizer takes ``--steps`` steps of up to ``max_iter`` iterations, the two
-optimizers' steps interleaved; the table reports milliseconds per inner iteration (the median
-over steps, closure calls included), the bare closure time, and the ratio
-ours/torch measured in this process. The "floor" is the time this machine needs to read the
-history as any L-BFGS direction must (the ``2m`` stored vectors twice, streamed by BLAS); the
-"overhead/floor" columns divide each optimizer's time beyond its closure calls by it. Both
-optimizers take the same iterates (the test suite checks that), so the comparison is like for
-like.
+A diagonal quadratic f(x) = 1/2 sum(c_i x_i^2) with c spread over [1, 10^4], float32, history 10,
+one thread. (Condition 10^4 keeps the timed steps iterating: with c over [1, 100] the strong-Wolfe
+runs reached float32's rounding floor within about ten steps and then timed degenerate steps,
+searches that fail and steps of one iteration.) Each optimizer takes ``--steps`` steps of up to
+``max_iter`` iterations, the two optimizers' steps interleaved; the table reports milliseconds
+per inner iteration (the median over steps, closure calls included), the bare closure time, and
+the ratio ours/torch measured in this process. The "floor" is the time this machine needs to
+read the history as any L-BFGS direction must (the ``2m`` stored vectors twice, streamed by
+BLAS); the "overhead/floor" columns divide each optimizer's time beyond its closure calls by it.
+Both optimizers take the same iterates (the test suite checks that), so the comparison is like
+for like; every pass also checks that its optimizers did the same work (iterations and closure
+calls) and warns that a ratio is void where they did not.
 
-The last two columns are floors, timed in a second pass interleaved with torch's optimizer
-(each ratio is against the torch of its own pass): :class:`ParityLoop`, torch's iteration
-reduced to the kernels that fix its iterates (the pair, the two-loop recursion as torch writes
-it, g'd, the update) and the closure calls torch makes, nothing else, so ``parity/torch`` is
-about the best ratio an implementation that reproduces torch's iterates can reach on this
-machine; and :class:`DesignFloorLoop`, the same plus the passes this package's design cannot
-skip.
+The last two columns are floors, each timed in a pass of its own interleaved with torch's
+optimizer (each ratio is against the torch of its own pass): :class:`ParityLoop`, torch's
+iteration reduced to the kernels that fix its iterates (the pair, the two-loop recursion as
+torch writes it, g'd, the update) and the closure calls torch makes, nothing else, so
+``parity/torch`` is about the best ratio an implementation that reproduces torch's iterates can
+reach on this machine; and :class:`DesignFloorLoop`, the same plus the passes this package's
+design cannot skip. Both take torch's iterates bit for bit (``tests/test_bench_floors.py``).
 
 Run: ``python bench/step_cost.py`` (add ``--sizes 1e3 1e5 1e7`` for the large case). On a
 GPU: ``python bench/step_cost.py --device cuda --sizes 1e5 1e7`` (timings then synchronise the
@@ -33,11 +36,17 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy
 import torch
 from common import synchronize, timed_ms
 from torch.optim.lbfgs import _strong_wolfe as torch_strong_wolfe
 
 import torchlbfgs
+
+
+def curvatures(n: int, device: str) -> torch.Tensor:
+    """The quadratic's diagonal, spread over [1, 10^4]."""
+    return torch.logspace(0, 4, n, device=device)
 
 
 def closure_factory(optimizer: torch.optim.Optimizer, x: torch.Tensor, scales: torch.Tensor):
@@ -55,7 +64,7 @@ class _Timed:
 
     def __init__(self, optimizer_class, n: int, line_search: str | None, max_iter: int, device: str) -> None:
         generator = torch.Generator().manual_seed(0)
-        scales = torch.logspace(0, 2, n, device=device)
+        scales = curvatures(n, device)
         self.x = torch.nn.Parameter(torch.randn(n, generator=generator).to(device))
         lr = 1.0 if line_search else 0.01
         self.optimizer = optimizer_class([self.x], lr=lr, history_size=10, max_iter=max_iter,
@@ -99,7 +108,8 @@ def time_optimizers(
 ) -> list[dict]:
     """The optimizers ``classes`` on the same problem, their steps interleaved (so that the
     machine's drift hits all alike), after a warm-up step that fills part of the history: the
-    median over steps of the time per iteration, and the closure calls per iteration."""
+    median over steps of the time per iteration, the closure calls per iteration, and the work
+    done (iterations and closure calls; equal for optimizers whose iterates are equal)."""
     runs = [_Timed(cls, n, line_search, max_iter, device) for cls in classes]
     for run in runs:
         run.step()  # warm-up
@@ -114,12 +124,21 @@ def time_optimizers(
             "ms_per_iteration": 1e3 * statistics.median(run.seconds),
             "page_faults_per_iteration": statistics.median(run.faults),
             "evals_per_iteration": run.calls / iterations,
+            "iterations_per_step": iterations / steps,
+            "work": (iterations, run.calls),
         })  # fmt: skip
     return results
 
 
+def same_work(runs: list[dict]) -> bool:
+    """Whether the runs of one pass took as many iterations and closure calls as each other:
+    their iterates are torch's, so anything else means a run left the regime the others time
+    (a floor loop without a stopping test torch's makes, for instance) and the ratio is void."""
+    return all(run["work"] == runs[0]["work"] for run in runs)
+
+
 def closure_time(n: int, repeats: int = 20, device: str = "cpu") -> float:
-    scales = torch.logspace(0, 2, n, device=device)
+    scales = curvatures(n, device)
     x = torch.nn.Parameter(torch.randn(n, device=device))
     optimizer = torch.optim.SGD([x], lr=0.0)
     closure = closure_factory(optimizer, x, scales)
@@ -158,10 +177,12 @@ class ParityLoop(torch.optim.Optimizer):
     update ``x += t d``, and the closure calls torch makes (its strong-Wolfe search itself,
     ``torch.optim.lbfgs._strong_wolfe``, with a line search). Nothing else: no copy of the
     gradient (the benchmark's closure makes a fresh one), none of the parameters outside the
-    search, no stopping test beyond the descent test (the benchmark's tolerances are 0), no
-    state to save, no checks. Its iterates are torch's; any L-BFGS that reproduces them runs
-    these kernels in this order (its scalars are Python floats, so in float32 its iterates equal
-    torch's up to their rounding): a lower bound for a drop-in's time per iteration here.
+    search, no stopping test beyond the descent test and torch's budget of closure calls (the
+    benchmark's tolerances are 0; in the timed steps no other test fires), no state to save, no
+    checks. Its iterates are torch's bit for bit (its scalars are host numbers of the parameters'
+    precision, and the first trial step torch's 0-d tensor, so they round as torch's); any L-BFGS
+    that reproduces them runs these kernels in this order: a lower bound for a drop-in's time per
+    iteration here.
     """
 
     def __init__(self, params, lr: float, history_size: int, max_iter: int, line_search_fn: str | None,
@@ -171,8 +192,12 @@ class ParityLoop(torch.optim.Optimizer):
         super().__init__(params, {"lr": lr})
         self.x = self.param_groups[0]["params"][0]
         self.lr, self.m, self.max_iter, self.line_search = lr, history_size, max_iter, line_search_fn
+        self.max_eval = max_iter * 5 // 4  # torch's default budget of closure calls per step
         self.s_list, self.y_list, self.rho = [], [], []
         self.direction, self.t, self.previous_grad, self.gamma = None, lr, None, 1.0
+        # torch's scalars are 0-d tensors of the parameters' precision: numpy scalars of that
+        # precision round as they do (NEP 50), so that the iterates are torch's to the last bit
+        self.scalar = numpy.float32 if self.x.dtype == torch.float32 else numpy.float64
         self.state[self.x]["n_iter"] = 0
 
     def _grad(self) -> torch.Tensor:
@@ -195,29 +220,29 @@ class ParityLoop(torch.optim.Optimizer):
     def step(self, closure):  # type: ignore[override]
         closure = torch.enable_grad()(closure)
         loss = float(closure())
-        grad = self._grad()
+        grad, evals = self._grad(), 1
         for n_iter in range(1, self.max_iter + 1):
             self.state[self.x]["n_iter"] += 1
             if self.direction is None:
                 direction = grad.neg()
-                t = min(1.0, 1.0 / grad.abs().sum().item()) * self.lr
+                t = min(1.0, 1.0 / grad.abs().sum()) * self.lr  # a 0-d tensor, as torch's
             else:
                 y, s = grad.sub(self.previous_grad), self.direction.mul(self.t)
-                ys = y.dot(s).item()
+                ys = self.scalar(y.dot(s).item())
                 if ys > 1e-10:
                     if len(self.s_list) == self.m:
                         self.s_list.pop(0), self.y_list.pop(0), self.rho.pop(0)
                     self.s_list.append(s), self.y_list.append(y), self.rho.append(1.0 / ys)
                     self._kept(s, y)
-                    self.gamma = ys / y.dot(y).item()
+                    self.gamma = ys / self.scalar(y.dot(y).item())
                 q, alphas = grad.neg(), []
                 for i in range(len(self.s_list) - 1, -1, -1):
-                    alphas.append(self.s_list[i].dot(q).item() * self.rho[i])
-                    q.add_(self.y_list[i], alpha=-alphas[-1])
-                direction = q.mul_(self.gamma)
+                    alphas.append(self.scalar(self.s_list[i].dot(q).item()) * self.rho[i])
+                    q.add_(self.y_list[i], alpha=float(-alphas[-1]))
+                direction = q.mul_(float(self.gamma))
                 for i, alpha in zip(range(len(self.s_list)), reversed(alphas), strict=True):
-                    beta = self.y_list[i].dot(direction).item() * self.rho[i]
-                    direction.add_(self.s_list[i], alpha=alpha - beta)
+                    beta = self.scalar(self.y_list[i].dot(direction).item()) * self.rho[i]
+                    direction.add_(self.s_list[i], alpha=float(alpha - beta))
                 t = self.lr
             self.previous_grad, self.direction = grad, direction
             self._iteration_start(direction)
@@ -227,14 +252,17 @@ class ParityLoop(torch.optim.Optimizer):
             if self.line_search:
                 x0 = self.x.clone()
                 along = functools.partial(self._evaluate_along, closure)
-                loss, grad, t, _ = torch_strong_wolfe(along, x0, t, direction, loss, grad, gtd)
+                loss, grad, t, search_evals = torch_strong_wolfe(along, x0, t, direction, loss, grad, gtd)
+                evals += search_evals
                 self.x.add_(direction.view_as(self.x), alpha=t)
             else:
                 self.x.add_(direction.view_as(self.x), alpha=t)
                 if n_iter != self.max_iter:
                     loss = float(closure())
-                    grad = self._grad()
+                    grad, evals = self._grad(), evals + 1
             self.t = t
+            if evals >= self.max_eval:  # torch's budget, checked between iterations
+                break
         return loss
 
 
@@ -267,7 +295,7 @@ class DesignFloorLoop(ParityLoop):
 
 
 OPTIMIZERS = (torch.optim.LBFGS, torchlbfgs.LBFGS)
-FLOORS = (torch.optim.LBFGS, ParityLoop, DesignFloorLoop)
+FLOORS = (ParityLoop, DesignFloorLoop)
 
 
 def device_name(device: str) -> str:
@@ -286,37 +314,48 @@ def main() -> None:
     rows = []
     header = ("n", "line search", "closure ms", "floor ms", "torch ms/it", "ours ms/it", "ours/torch",
               "torch ovh/floor", "ours ovh/floor", "parity/torch", "design/torch",
-              "faults/it t/o")  # fmt: skip
+              "faults/it t/o", "its/step")  # fmt: skip
     print(" ".join(f"{name:>12}" for name in header))
     for size in args.sizes:
         n = int(size)
         bare = closure_time(n, device=args.device)
         floor = traffic_floor(n, device=args.device)
         for line_search in (None, "strong_wolfe"):
-            # Two passes: torch against ours, then torch against the floor loops (each ratio
-            # against the torch of its own pass; running all four together shifted ours/torch
-            # by up to 0.15 with strong Wolfe at n = 1e3, through what each leaves in the caches).
+            # One pass per pair, torch against each of ours and the two floor loops, and each
+            # ratio against the torch of its own pass: two optimizers in turn leave each other
+            # the same room in the caches (a pass of three or four shifted the ratios by up to
+            # 0.2 with strong Wolfe, through what each evicts of the others' history).
             runs = time_optimizers(OPTIMIZERS, n, line_search, args.steps, args.max_iter, args.device)
             theirs, ours = runs
-            floors = time_optimizers(FLOORS, n, line_search, args.steps, args.max_iter, args.device)
+            floors = [time_optimizers((torch.optim.LBFGS, floor), n, line_search, args.steps, args.max_iter,
+                                      args.device) for floor in FLOORS]  # fmt: skip
             ratio = ours["ms_per_iteration"] / theirs["ms_per_iteration"]
             # overhead: an iteration's time beyond its closure calls (one per iteration here,
             # more with a line search), against the traffic floor of the direction
             evals_theirs, evals_ours = theirs["evals_per_iteration"], ours["evals_per_iteration"]
             overhead_theirs = (theirs["ms_per_iteration"] - evals_theirs * bare) / floor
             overhead_ours = (ours["ms_per_iteration"] - evals_ours * bare) / floor
-            their_time, parity, design = (run["ms_per_iteration"] for run in floors)
-            parity_ratio, design_ratio = parity / their_time, design / their_time
+            parity_ratio, design_ratio = (floor["ms_per_iteration"] / torch_run["ms_per_iteration"]
+                                          for torch_run, floor in floors)  # fmt: skip
             row = {"n": n, "line_search": line_search, "closure_ms": bare, "floor_ms": floor,
-                   "torch": theirs, "ours": ours, "floors_pass": floors,
+                   "torch": theirs, "ours": ours, "floor_passes": floors,
                    "torch_overhead_over_floor": overhead_theirs, "ours_overhead_over_floor": overhead_ours,
                    "parity_over_torch": parity_ratio, "design_floor_over_torch": design_ratio}  # fmt: skip
-            rows.append({**row, "ratio": ratio})
+            comparable = [same_work(runs), *(same_work(floor_pass) for floor_pass in floors)]
+            rows.append({**row, "ratio": ratio, "same_work": comparable})
+            names = ("ours", "parity", "design")
+            void = [name for name, same in zip(names, comparable, strict=True) if not same]
+            if void:  # a ratio over different work measures nothing: say so, loudly
+                print(
+                    f"warning: n={n} {line_search}: {', '.join(void)} did not do torch's work (iterations, "
+                    "closure calls); their ratios here are void"
+                )
             cells = (n, line_search or "none", f"{bare:.3f}", f"{floor:.3f}",
                      f"{theirs['ms_per_iteration']:.3f}", f"{ours['ms_per_iteration']:.3f}", f"{ratio:.2f}",
                      f"{overhead_theirs:.2f}", f"{overhead_ours:.2f}", f"{parity_ratio:.2f}",
                      f"{design_ratio:.2f}",
-                     "/".join(f"{run['page_faults_per_iteration']:.0f}" for run in runs))  # fmt: skip
+                     "/".join(f"{run['page_faults_per_iteration']:.0f}" for run in runs),
+                     f"{theirs['iterations_per_step']:.1f}")  # fmt: skip
             print(" ".join(f"{cell:>12}" for cell in cells))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
