@@ -26,7 +26,6 @@ Examples:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -50,14 +49,20 @@ __all__ = [
 ]
 
 
-@functools.cache
+_DTENSOR: list[type | None] = []  # looked up once (a module global: Dynamo traces it, where it
+# warns about a functools.cache wrapper in every compiled round that reads a parameter)
+
+
 def dtensor_type() -> type | None:
     """``torch.distributed.tensor.DTensor``, or ``None`` where torch has no distributed support."""
-    if not dist.is_available():
-        return None
-    from torch.distributed.tensor import DTensor
+    if not _DTENSOR:
+        if not dist.is_available():
+            _DTENSOR.append(None)
+        else:
+            from torch.distributed.tensor import DTensor
 
-    return DTensor
+            _DTENSOR.append(DTensor)
+    return _DTENSOR[0]
 
 
 def is_dtensor(value: Any) -> bool:
