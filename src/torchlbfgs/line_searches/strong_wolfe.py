@@ -232,12 +232,6 @@ class StrongWolfe(SearchLimits):
             at_cap = ops.both(extrapolate, s.t >= cap)
             extrapolate = ops.both(extrapolate, ops.negate(at_cap))
         gave_up_bracketing = ops.both(in_bracketing, out_of_iterations)
-        t_extrapolated = ops.when(extrapolate, lambda: cubic_minimizer(
-            s.t_prev, s.f_prev, s.gtd_prev, s.t, f_new, gtd_new,
-            lower=s.t + 0.01 * (s.t - s.t_prev), upper=s.t * 10, ops=ops,
-        ), s.t)  # fmt: skip
-        if cap is not None:
-            t_extrapolated = ops.minimum(t_extrapolated, cap)
 
         # Zoom phase (N&W Algorithm 3.6), updating the bracket with the point just evaluated.
         in_zoom = ops.both(running, s.phase == _ZOOM)
@@ -276,10 +270,28 @@ class StrongWolfe(SearchLimits):
         interval_too_small = abs(bracket_t[1] - bracket_t[0]) * d_norm < tolerance_change
         zoom_stops = ops.both(zooming, ops.either(ls_iter >= max_ls, interval_too_small))
         zoom_continues = ops.both(zooming, ops.negate(zoom_stops))
-        t_zoom = ops.when(zooming, lambda: cubic_minimizer(
-            bracket_t[0], bracket_f[0], bracket_gtd[0], bracket_t[1], bracket_f[1], bracket_gtd[1], ops=ops
-        ), s.t)  # fmt: skip
         t_max, t_min = ops.maximum(bracket_t[0], bracket_t[1]), ops.minimum(bracket_t[0], bracket_t[1])
+
+        # One cubic step for both phases (they never interpolate in the same decision, and on
+        # tensors both would be computed): extrapolation through the last two trials, bounded to
+        # [t + 0.01 (t - t_prev), 10 t], or the zoom's through the bracket's ends, inside it.
+        last_two = (s.t_prev, s.f_prev, s.gtd_prev, s.t, f_new, gtd_new)
+        extrapolating = (*last_two, s.t + 0.01 * (s.t - s.t_prev), s.t * 10)
+        bracket_ends = (bracket_t, bracket_f, bracket_gtd)
+        zooming_through = (
+            *(ends[0] for ends in bracket_ends),
+            *(ends[1] for ends in bracket_ends),
+            t_min,
+            t_max,
+        )
+        cubic_data = [
+            ops.where(extrapolate, a, b) for a, b in zip(extrapolating, zooming_through, strict=True)
+        ]
+        t_cubic = ops.when(
+            ops.either(extrapolate, zooming), lambda: cubic_minimizer(*cubic_data, ops=ops), s.t
+        )
+        t_extrapolated = t_cubic if cap is None else ops.minimum(t_cubic, cap)
+        t_zoom = t_cubic
         margin = 0.1 * (t_max - t_min)
         near_end = ops.minimum(t_max - t_zoom, t_zoom - t_min) < margin
         move_in = ops.both(
