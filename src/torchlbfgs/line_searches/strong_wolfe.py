@@ -70,14 +70,6 @@ def _pick(ops: Scalars, first: Any, pair: Any) -> Any:
     return ops.where(first, pair[0], pair[1])
 
 
-def _set_slot(ops: Scalars, pair: Any, slot_is_first: Any, write: Any, value: Any) -> Any:
-    """``pair`` with ``pair[slot] = value`` where ``write``; slot 0 if ``slot_is_first``."""
-    return ops.when(write, lambda: ops.pair(
-        ops.where(ops.both(write, slot_is_first), value, pair[0]),
-        ops.where(ops.both(write, ops.negate(slot_is_first)), value, pair[1]),
-    ), pair)  # fmt: skip
-
-
 class HostSearchResult(NamedTuple):
     """What :meth:`StrongWolfe.search_on_host` found: host numbers, and the gradient the
     evaluation at ``step_size`` returned (the same tensor, not a copy)."""
@@ -247,6 +239,17 @@ class StrongWolfe(SearchLimits):
             ops.both(zoom_new_low, ops.negate(wolfe_in_zoom)), gtd_new * (t_high - t_low) >= 0
         )
 
+        # The bracket's ends after this point: each keeps its value, takes the new point (the low
+        # end when it is a new low, the high end when it shrinks the bracket) or, the high end,
+        # the low end's (zoom_shrinks_high and high_takes_low never hold together); entering the
+        # zoom makes the bracket (previous, new). Which end does what is decided once for the
+        # four fields.
+        low_first, high_first = s.low_is_first, ops.negate(s.low_is_first)
+        takes_new = (
+            ops.either(ops.both(low_first, zoom_new_low), ops.both(high_first, zoom_shrinks_high)),
+            ops.either(ops.both(high_first, zoom_new_low), ops.both(low_first, zoom_shrinks_high)),
+        )
+        takes_other = (ops.both(high_first, high_takes_low), ops.both(low_first, high_takes_low))
         bracket = []
         for ends, new, prev in (
             (s.bracket_t, s.t, s.t_prev),
@@ -254,11 +257,10 @@ class StrongWolfe(SearchLimits):
             (s.bracket_gtd, gtd_new, s.gtd_prev),
             (s.bracket_g, g_new, s.g_prev),
         ):
-            low_end = _pick(ops, s.low_is_first, ends)
-            ends = _set_slot(ops, ends, ops.negate(s.low_is_first), zoom_shrinks_high, new)
-            ends = _set_slot(ops, ends, ops.negate(s.low_is_first), high_takes_low, low_end)
-            ends = _set_slot(ops, ends, s.low_is_first, zoom_new_low, new)
-            bracket.append(ops.where(enter_zoom, ops.pair(prev, new), ends))
+            updated = [
+                ops.where(takes_new[k], new, ops.where(takes_other[k], ends[1 - k], ends[k])) for k in (0, 1)
+            ]
+            bracket.append(ops.where(enter_zoom, ops.pair(prev, new), ops.pair(*updated)))
         bracket_t, bracket_f, bracket_gtd, bracket_g = bracket
         reorder = ops.either(enter_zoom, zoom_shrinks_high)
         low_is_first = ops.where(reorder, bracket_f[0] <= bracket_f[1], s.low_is_first)
