@@ -203,14 +203,16 @@ class StrongWolfe(SearchLimits):
         n_evals = s.n_evals + running
         ls_iter = n_evals - 1  # torch's counter: evaluations after the first
 
+        # The strong-Wolfe conditions at the new point (N&W eq. 3.7), which both phases test.
+        decrease_fails = f_new > start_value + c1 * s.t * gtd
+        curvature_holds = abs(gtd_new) <= -c2 * gtd
+
         # Bracketing phase (N&W Algorithm 3.5).
         in_bracketing = ops.both(running, s.phase == _BRACKET)
         out_of_iterations = ls_iter >= max_ls  # torch then stops without testing this point
         testing = ops.both(in_bracketing, ops.negate(out_of_iterations))
-        armijo_fails = ops.either(
-            f_new > start_value + c1 * s.t * gtd, ops.both(ls_iter > 1, f_new >= s.f_prev)
-        )
-        wolfe_now = ops.both(ops.both(testing, ops.negate(armijo_fails)), abs(gtd_new) <= -c2 * gtd)
+        armijo_fails = ops.either(decrease_fails, ops.both(ls_iter > 1, f_new >= s.f_prev))
+        wolfe_now = ops.both(ops.both(testing, ops.negate(armijo_fails)), curvature_holds)
         if ops is NUMBERS and wolfe_now:  # decided on the host: nothing below changes this outcome
             found = {"result_t": s.t, "result_f": f_new, "result_g": g_new}
             return s._replace(n_evals=n_evals, phase=_DONE, wolfe=True, **found)
@@ -228,11 +230,9 @@ class StrongWolfe(SearchLimits):
         # Zoom phase (N&W Algorithm 3.6), updating the bracket with the point just evaluated.
         in_zoom = ops.both(running, s.phase == _ZOOM)
         f_low = _pick(ops, s.low_is_first, s.bracket_f)
-        zoom_shrinks_high = ops.both(
-            in_zoom, ops.either(f_new > start_value + c1 * s.t * gtd, f_new >= f_low)
-        )
+        zoom_shrinks_high = ops.both(in_zoom, ops.either(decrease_fails, f_new >= f_low))
         zoom_new_low = ops.both(in_zoom, ops.negate(zoom_shrinks_high))
-        wolfe_in_zoom = ops.both(zoom_new_low, abs(gtd_new) <= -c2 * gtd)
+        wolfe_in_zoom = ops.both(zoom_new_low, curvature_holds)
         t_low = _pick(ops, s.low_is_first, s.bracket_t)
         t_high = _pick(ops, ops.negate(s.low_is_first), s.bracket_t)
         high_takes_low = ops.both(
