@@ -49,8 +49,9 @@ __all__ = [
 ]
 
 
-_DTENSOR: list[type | None] = []  # looked up once (a module global: Dynamo traces it, where it
-# warns about a functools.cache wrapper in every compiled round that reads a parameter)
+# DTensor's type, looked up once. A module global, not functools.cache: Dynamo traces this lookup
+# in every compiled round that reads a parameter, and warns about a cached function there.
+_DTENSOR: list[type | None] = []
 
 
 def dtensor_type() -> type | None:
