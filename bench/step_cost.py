@@ -322,9 +322,9 @@ def main() -> None:
         floor = traffic_floor(n, device=args.device)
         for line_search in (None, "strong_wolfe"):
             # One pass per pair, torch against each of ours and the two floor loops, and each
-            # ratio against the torch of its own pass: two optimizers in turn leave each other
-            # the same room in the caches (a pass of three or four shifted the ratios by up to
-            # 0.2 with strong Wolfe, through what each evicts of the others' history).
+            # ratio against the torch of its own pass: every ratio is then taken with two
+            # optimizers in turn sharing the caches (running all four together once shifted
+            # ours/torch by up to 0.15 with strong Wolfe at n = 1e3).
             runs = time_optimizers(OPTIMIZERS, n, line_search, args.steps, args.max_iter, args.device)
             theirs, ours = runs
             floors = [time_optimizers((torch.optim.LBFGS, floor), n, line_search, args.steps, args.max_iter,
