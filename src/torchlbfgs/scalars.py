@@ -105,11 +105,10 @@ class Tensors:
         """``u'v`` as a scalar of this kind."""
         return torch.dot(u, v)
 
-    @staticmethod
-    def scaled_dot(u: torch.Tensor, v: torch.Tensor, c: Any) -> Any:
+    def scaled_dot(self, u: torch.Tensor, v: torch.Tensor, c: Any) -> Any:
         """``u'v * c`` (``c`` a scalar of this kind), rounded as ``torch.optim.LBFGS``'s
-        ``u.dot(v) * c``."""
-        return torch.dot(u, v) * c
+        ``u.dot(v) * c`` (through :meth:`dot`, so a kind that reduces otherwise keeps it)."""
+        return self.dot(u, v) * c
 
     @staticmethod
     def value(scalar: torch.Tensor) -> Any:

@@ -163,9 +163,6 @@ class _ShardedTensors(Tensors):
     def dot(self, u: torch.Tensor, v: torch.Tensor) -> Any:  # type: ignore[override]
         return self._reductions.dot(u, v)
 
-    def scaled_dot(self, u: torch.Tensor, v: torch.Tensor, c: Any) -> Any:  # type: ignore[override]
-        return self._reductions.dot(u, v) * c
-
 
 class ShardedReductions(Reductions):
     """Reductions over vectors sharded across ``group``: each rank holds the concatenation of its
