@@ -121,6 +121,9 @@ def test_batched_minimize_compiles_its_round_once(capsys: pytest.CaptureFixture[
         )
     assert [str(warning.message) for warning in caught] == []  # tracing our round warns of nothing
     assert counters["stats"]["unique_graphs"] == 1
+    # the batch dimension was marked dynamic on views: the caller's tensors carry no mark (one
+    # would make their own torch.compile(dynamic=False) fail)
+    assert not hasattr(features, "_dynamo_dynamic_indices")
     shown = capsys.readouterr().err
     assert "batched_minimize: compiling one round" in shown
     assert re.search(r"batched_minimize: compiled one round .* in \d+\.\d s", shown), shown
@@ -129,6 +132,41 @@ def test_batched_minimize_compiles_its_round_once(capsys: pytest.CaptureFixture[
     assert torch.equal(compiled.status, eager.status)
     assert torch.equal(compiled.n_evals, eager.n_evals)
     assert torch.equal(compiled.n_iter, eager.n_iter)
+    assert bool(eager.converged.all())
+
+
+def test_compile_with_dynamic_false_is_static_and_keeps_the_batch_whole() -> None:
+    """``compile={"dynamic": False}`` is honoured (``mark_dynamic`` would override it): the round
+    is compiled once, for the whole batch, with static shapes, although four of the six problems
+    stop early (the eager solve sets them aside; a static graph would compile again for the
+    smaller batch). Every problem's result is the eager one."""
+
+    def quadratic(x: torch.Tensor, curvature: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (curvature * x * x).sum()
+
+    easy, hard = torch.ones(3, dtype=torch.float64), torch.tensor([1.0, 1e2, 1e4], dtype=torch.float64)
+    curvatures = torch.stack([easy, easy, hard, easy, easy, hard])
+    start = torch.ones(6, 3, dtype=torch.float64)
+    options = {"max_iter": 50, "tolerance_grad": 1e-10, "tolerance_change": 0.0}
+    graphs: list[list[object]] = []
+
+    def recording_backend(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]):  # type: ignore[no-untyped-def]
+        # a dynamic graph takes its symbolic sizes as inputs of their own (SymInt)
+        graphs.append([tuple(t.shape) if isinstance(t, torch.Tensor) else type(t) for t in example_inputs])
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torchlbfgs.batched_minimize(
+        quadratic, start, curvatures, compile={"backend": recording_backend, "dynamic": False}, **options
+    )
+    assert len(graphs) == 1  # once, for the whole batch
+    assert torch.SymInt not in graphs[0], graphs[0]  # static: no symbolic size
+    assert (6, 3) in graphs[0]  # the iterates of all six problems
+    eager = torchlbfgs.batched_minimize(quadratic, start, curvatures, **options)
+    assert int(eager.n_iter[0]) < int(eager.n_iter[2])  # the easy ones stop first
+    torch.testing.assert_close(compiled.params, eager.params, rtol=0, atol=0)
+    assert torch.equal(compiled.n_iter, eager.n_iter)
+    assert torch.equal(compiled.n_evals, eager.n_evals)
     assert bool(eager.converged.all())
 
 

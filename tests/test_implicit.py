@@ -356,6 +356,15 @@ def test_a_compiled_backward_solve_equals_the_eager_one_with_bounds(monkeypatch:
     assert len(_debug_get_cache_entry_list(iteration.__code__)) == 1  # one graph as the batch shrinks
     torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=1e-15)
     assert torch.equal(compiled == 0, ~free | (eager == 0))
+    # {"dynamic": False}: static shapes, the batch kept whole, still one graph and the same solve
+    torch._dynamo.reset()
+    static = dataclasses.replace(adjoint, compile={"backend": "eager", "dynamic": False}, _compiled=[])
+    rows.clear()
+    kept_whole = solve(static, x, free, memory, v)
+    assert rows == [x.shape[0]]
+    iteration = static._compiled[0]._torchdynamo_orig_callable
+    assert len(_debug_get_cache_entry_list(iteration.__code__)) == 1
+    torch.testing.assert_close(kept_whole, eager, rtol=1e-12, atol=1e-15)
 
 
 # ---- a nonconvex inner problem ----------------------------------------------------------------

@@ -20,7 +20,14 @@ import torch
 
 from torchlbfgs.batched_implicit import BatchedAdjoint
 from torchlbfgs.bounds import Bounds, BoundsLike, leaf_bounds
-from torchlbfgs.compaction import ActiveBatch, map_leaves, mark_batch_dynamic, should_shrink
+from torchlbfgs.compaction import (
+    ActiveBatch,
+    compiles_static,
+    fresh_views,
+    map_leaves,
+    mark_batch_dynamic,
+    should_shrink,
+)
 from torchlbfgs.implicit import ImplicitDiff, join_solution, solve_inputs
 from torchlbfgs.line_searches.loop import stop_check_interval
 from torchlbfgs.minimize import (
@@ -97,7 +104,11 @@ def batched_minimize(
         compile: ``True`` to ``torch.compile`` the vmapped round (``fullgraph=True``, the
             batch dimension marked dynamic so that the shrinking batch needs no
             recompilation), or a dict of further ``torch.compile`` keyword arguments (e.g.
-            ``{"backend": "aot_eager"}``). With ``implicit_diff``, the backward's
+            ``{"backend": "aot_eager"}``). ``{"dynamic": False}`` compiles for the whole batch
+            with static shapes and keeps it whole (stopped problems stay in it, frozen): the
+            compile takes about a third less time, but every round evaluates every problem,
+            which pays only where all problems need about as many evaluations (e.g. a fixed
+            step and ``max_iter`` iterations). With ``implicit_diff``, the backward's
             conjugate-gradient iteration is compiled the same way.
         callback: as in :func:`~torchlbfgs.minimize`; it sees the whole batch.
         callback_every: as in :func:`~torchlbfgs.minimize`.
@@ -229,9 +240,12 @@ def _solve(
         return advance(objective(data, ravel_pytree(template)[1]), state, settings)
 
     advance_batch = torch.func.vmap(advance_one, in_dims=(0, None, *dims[1:]))
+    keep_whole = compiles_static(compile)
     if compile is not False:
         advance_batch = torch.compile(advance_batch, fullgraph=True, **({} if compile is True else compile))
-        mark_batch_dynamic(state, args, dims[1:])
+        args = fresh_views(args)
+        if not keep_whole:
+            mark_batch_dynamic(state, args, dims[1:])
 
     check_every = stop_check_interval(settings.early_exit, state.lbfgs.status)
     active = ActiveBatch(state, args, dims[1:])
@@ -248,7 +262,7 @@ def _solve(
                 if bar.enabled:  # sync-ok: the bar reads the running problems' values
                     values = active.state.lbfgs.value[keep]
                     bar.update(rounds=rounds - 1, running=running_count, values=values)
-                if should_shrink(running_count, running.numel()) and active.can_shrink:
+                if should_shrink(running_count, running.numel()) and active.can_shrink and not keep_whole:
                     active.shrink(keep)
             if rounds == 1 and compile is not False:
                 with bar.compiling("one round (vmapped advance)"):
