@@ -42,9 +42,8 @@ typecheck: $(VENV)/.installed-test,dev,docs
 docs: $(VENV)/.installed-test,dev,docs
 	PYTHON=$(PY) bash .ci/build-docs mkdocs.yml $(VENV)/site
 
-# Two pytest workers, each taking whole files (module fixtures stay in one process), in the order
-# of collection: tests/conftest.py puts the slowest files first.
-PYTEST := $(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder
+# Two pytest workers, each taking whole files (module fixtures stay in one process).
+PYTEST := $(PY) -m pytest -n 2 --dist loadfile
 
 pytest: $(VENV)/.installed-test,dev,docs
 	$(PYTEST)

@@ -24,20 +24,6 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 ROOT = Path(__file__).resolve().parent.parent
 
 
-# The files that take longest run first (`make test` passes --no-loadscope-reorder): pytest-xdist's
-# --dist loadfile hands whole files to the two workers in this order, and a long file handed out
-# last keeps one worker busy while the other has finished (by default xdist orders the files by
-# their number of tests, which put these, with few but slow tests, in the middle of the queue).
-SLOWEST_FIRST = (
-    "test_minimize.py", "test_compile.py", "test_more_thuente.py", "test_bounds.py", "test_implicit.py"
-)  # fmt: skip
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    rank = {name: position for position, name in enumerate(SLOWEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's order kept
-
-
 def selected(session: pytest.Session, test: str) -> list[pytest.Item]:
     """The items of this session that are cases of the test function named ``test``."""
     return [item for item in session.items if getattr(item, "originalname", None) == test]
