@@ -20,14 +20,7 @@ import torch
 
 from torchlbfgs.batched_implicit import BatchedAdjoint
 from torchlbfgs.bounds import Bounds, BoundsLike, leaf_bounds
-from torchlbfgs.compaction import (
-    ActiveBatch,
-    compiles_static,
-    fresh_views,
-    map_leaves,
-    mark_batch_dynamic,
-    should_shrink,
-)
+from torchlbfgs.compaction import active_batch, map_leaves, should_shrink
 from torchlbfgs.implicit import ImplicitDiff, join_solution, solve_inputs
 from torchlbfgs.line_searches.loop import stop_check_interval
 from torchlbfgs.minimize import (
@@ -240,15 +233,11 @@ def _solve(
         return advance(objective(data, ravel_pytree(template)[1]), state, settings)
 
     advance_batch = torch.func.vmap(advance_one, in_dims=(0, None, *dims[1:]))
-    keep_whole = compiles_static(compile)
     if compile is not False:
         advance_batch = torch.compile(advance_batch, fullgraph=True, **({} if compile is True else compile))
-        args = fresh_views(args)
-        if not keep_whole:
-            mark_batch_dynamic(state, args, dims[1:])
 
     check_every = stop_check_interval(settings.early_exit, state.lbfgs.status)
-    active = ActiveBatch(state, args, dims[1:])
+    active = active_batch(state, args, dims[1:], compile)
     bar = ProgressBar(enabled=progress_wanted(progress), total=max_rounds(settings), label="batched_minimize")
     done = 0  # rounds run
     try:
@@ -262,7 +251,7 @@ def _solve(
                 if bar.enabled:  # sync-ok: the bar reads the running problems' values
                     values = active.state.lbfgs.value[keep]
                     bar.update(rounds=rounds - 1, running=running_count, values=values)
-                if should_shrink(running_count, running.numel()) and active.can_shrink and not keep_whole:
+                if should_shrink(running_count, running.numel()) and active.can_shrink:
                     active.shrink(keep)
             if rounds == 1 and compile is not False:
                 with bar.compiling("one round (vmapped advance)"):

@@ -22,14 +22,7 @@ from typing import Any, NamedTuple
 import torch
 from torch._C._functorch import get_unwrapped, is_batchedtensor, is_functorch_wrapped_tensor
 
-from torchlbfgs.compaction import (
-    ActiveBatch,
-    compiles_static,
-    fresh_views,
-    map_leaves,
-    mark_batch_dynamic,
-    should_shrink,
-)
+from torchlbfgs.compaction import ActiveBatch, active_batch, map_leaves, should_shrink
 from torchlbfgs.direction import inv_hessian_product
 from torchlbfgs.history import History
 from torchlbfgs.implicit import (
@@ -106,16 +99,11 @@ class BatchedAdjoint:
     def _compacting_solve(
         self, systems: _Systems, max_iter: int, *, compiled: bool
     ) -> tuple[torch.Tensor, Any]:
-        keep_whole = compiled and compiles_static(self.compile)
-        data = self.data
         if compiled:
             # Distinct, contiguous leaves, as an iteration returns them (the start's direction is
             # its residual): a compiled iteration would guard on aliasing and compile again.
             systems = map_leaves(lambda leaf: leaf.clone(memory_format=torch.contiguous_format), systems)
-            data = fresh_views(data)
-            if not keep_whole:
-                mark_batch_dynamic(systems, data, self.dims)
-        batch = ActiveBatch(systems, data, self.dims)
+        batch = active_batch(systems, self.data, self.dims, self.compile if compiled else False)
         step = self._step(batch, compiled=compiled)
         check_every = stop_check_interval(None, systems.cg.done)
         for k in range(max_iter):
@@ -124,7 +112,7 @@ class BatchedAdjoint:
                 keep = running.nonzero().squeeze(1)  # sync-ok: as often as stop_check_interval allows
                 if keep.numel() == 0:
                     break
-                if should_shrink(keep.numel(), running.numel()) and batch.can_shrink and not keep_whole:
+                if should_shrink(keep.numel(), running.numel()) and batch.can_shrink:
                     batch.shrink(keep)
                     step = self._step(batch, compiled=compiled)
             batch.state = batch.state._replace(cg=step(batch.state))

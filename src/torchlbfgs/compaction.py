@@ -27,14 +27,7 @@ from typing import Any, Generic, TypeVar
 import optree
 import torch
 
-__all__ = [
-    "ActiveBatch",
-    "compiles_static",
-    "fresh_views",
-    "map_leaves",
-    "mark_batch_dynamic",
-    "should_shrink",
-]
+__all__ = ["ActiveBatch", "active_batch", "map_leaves", "should_shrink"]
 
 State = TypeVar("State")
 
@@ -52,12 +45,22 @@ def should_shrink(running: int, current: int) -> bool:
     return 2 <= running <= current // 2
 
 
-def compiles_static(compile: bool | Mapping[str, Any]) -> bool:
-    """Whether a solve's ``compile`` option asks for static shapes (``{"dynamic": False}``): the
-    loop then compiles for the whole batch and keeps it whole (a shrunken batch would compile
-    again), which makes the compile about a third shorter; otherwise the batch dimension is
-    marked dynamic (``torch._dynamo.mark_dynamic`` would override ``dynamic=False``)."""
-    return isinstance(compile, Mapping) and compile.get("dynamic", None) is False
+def active_batch(
+    state: State, args: tuple[Any, ...], dims: tuple[Any, ...], compile: bool | Mapping[str, Any]
+) -> ActiveBatch[State]:
+    """The :class:`ActiveBatch` of a loop whose step is compiled as ``compile`` says (a solve's
+    option: ``False``, ``True`` or ``torch.compile`` arguments). Compiled, the loop runs on
+    fresh views of ``args`` (:func:`fresh_views`) with the batch dimension marked dynamic, so
+    that the shrinking batch reuses one graph; or, for ``{"dynamic": False}`` (which a mark
+    would override), on static shapes with the batch kept whole, since a smaller batch would
+    compile again."""
+    if compile is False:
+        return ActiveBatch(state, args, dims)
+    args = fresh_views(args)
+    static = isinstance(compile, Mapping) and compile.get("dynamic", None) is False
+    if not static:
+        mark_batch_dynamic(state, args, dims)
+    return ActiveBatch(state, args, dims, keep_whole=static)
 
 
 def fresh_views(tree: Any) -> Any:
@@ -83,17 +86,20 @@ def mark_batch_dynamic(state: Any, args: tuple[Any, ...], dims: tuple[Any, ...])
 class ActiveBatch(Generic[State]):
     """The problems a loop still runs on (``state``, a NamedTuple of tensors batched along
     dimension 0, and ``args``, batched along ``dims``; ``None``: shared), and the state of
-    those set aside."""
+    those set aside. ``keep_whole``: never shrink (a loop compiled for static shapes)."""
 
-    def __init__(self, state: State, args: tuple[Any, ...], dims: tuple[Any, ...]) -> None:
-        self.state, self.args, self.dims = state, args, dims
+    def __init__(
+        self, state: State, args: tuple[Any, ...], dims: tuple[Any, ...], *, keep_whole: bool = False
+    ) -> None:
+        self.state, self.args, self.dims, self.keep_whole = state, args, dims, keep_whole
         self._all = state  # the whole batch, up to date except in the rows of `rows`
         self._rows: torch.Tensor | None = None  # rows of the whole batch in `state`; None: all
 
     @property
     def can_shrink(self) -> bool:
-        """Whether every arg is batched along one dimension (or shared), as gathering needs."""
-        return all(dim is None or isinstance(dim, int) for dim in self.dims)
+        """Whether the batch may shrink: not kept whole, and every arg batched along one
+        dimension (or shared), as gathering needs."""
+        return not self.keep_whole and all(dim is None or isinstance(dim, int) for dim in self.dims)
 
     def shrink(self, keep: torch.Tensor) -> None:
         """Go on with the problems at positions ``keep`` of the current batch."""
