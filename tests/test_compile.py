@@ -122,7 +122,8 @@ def test_batched_minimize_compiles_its_round_once(capsys: pytest.CaptureFixture[
     assert [str(warning.message) for warning in caught] == []  # tracing our round warns of nothing
     assert counters["stats"]["unique_graphs"] == 1
     # the batch dimension was marked dynamic on views: the caller's tensors carry no mark (one
-    # would make their own torch.compile(dynamic=False) fail)
+    # would override their own torch.compile(dynamic=False), and fail it where their code
+    # specialises that size)
     assert not hasattr(features, "_dynamo_dynamic_indices")
     shown = capsys.readouterr().err
     assert "batched_minimize: compiling one round" in shown
