@@ -99,7 +99,7 @@ def batched_minimize(
             recompilation), or a dict of further ``torch.compile`` keyword arguments (e.g.
             ``{"backend": "aot_eager"}``). ``{"dynamic": False}`` compiles for the whole batch
             with static shapes and keeps it whole (stopped problems stay in it, frozen): the
-            compile takes about a third less time, but every round evaluates every problem,
+            compile takes a fifth to a third less time, but every round evaluates every problem,
             which pays only where all problems need about as many evaluations (e.g. a fixed
             step and ``max_iter`` iterations). With ``implicit_diff``, the backward's
             conjugate-gradient iteration is compiled the same way.
