@@ -88,14 +88,11 @@ def peaks_problem(batch: int) -> tuple[Any, torch.Tensor, tuple[torch.Tensor, ..
 
 
 PROBLEMS = {"logistic": logistic_problem, "peaks": peaks_problem}
-VARIANTS = ("ours", "static", "floor: one operation", "floor: evaluation", "floor: iteration")
 
 
-def value_and_gradient(
-    fun: Any, x: torch.Tensor, data: tuple[torch.Tensor, ...]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    gradient, value = torch.func.grad_and_value(lambda point: fun(point, *data))(x)
-    return value, gradient
+def gradient(fun: Any, x: torch.Tensor, data: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """One problem's gradient at ``x`` (its value is computed on the way, as any solver's is)."""
+    return torch.func.grad(lambda point: fun(point, *data))(x)
 
 
 def floor_one_operation(
@@ -110,8 +107,7 @@ def floor_evaluation(
 ) -> tuple[torch.Tensor, ...]:
     """The value and gradient of one problem at its point: what any compiled solver evaluates."""
     x = state[0]
-    _, gradient = value_and_gradient(fun, x, data)
-    return (x, gradient, *state[2:])
+    return (x, gradient(fun, x, data), *state[2:])
 
 
 def floor_iteration(
@@ -139,7 +135,7 @@ def floor_iteration(
         beta = torch.where(in_use[i], rho[k] * torch.dot(y_rows[k], r), 0.0)
         r = r + (alphas[i] - beta) * s_rows[k]
     x_new = x + r
-    _, g_new = value_and_gradient(fun, x_new, data)
+    g_new = gradient(fun, x_new, data)
     s, y = x_new - x, g_new - g
     sy = torch.dot(s, y)
     keep = sy > 0
@@ -158,13 +154,11 @@ def floor_worker(
     """A floor compiled as ours is (vmapped, fullgraph, batch dimension dynamic): compile time =
     first call less second call."""
     batch, n = start.shape
-    gradient = torch.func.vmap(lambda x, *d: value_and_gradient(fun, x, d)[1])(start, *data)
-    state = (start.clone(), gradient, torch.zeros(batch, history, n), torch.zeros(batch, history, n),
+    g = torch.func.vmap(lambda x, *d: gradient(fun, x, d))(start, *data)
+    state = (start.clone(), g, torch.zeros(batch, history, n), torch.zeros(batch, history, n),
              torch.zeros(batch, history), torch.zeros(batch, dtype=torch.long),
              torch.zeros(batch, dtype=torch.long))  # fmt: skip
-    body = {"floor: one operation": floor_one_operation, "floor: evaluation": floor_evaluation}.get(
-        variant, floor_iteration
-    )
+    body = FLOORS[variant]
     step = torch.compile(torch.func.vmap(lambda st, *d: body(fun, st, *d)), fullgraph=True)
     for tensor in (*state, *data):
         torch._dynamo.mark_dynamic(tensor, 0)
@@ -176,6 +170,13 @@ def floor_worker(
     second = time.perf_counter() - began
     return {"first_call_s": first, "compile_s": first - second}
 
+
+FLOORS = {
+    "floor: one operation": floor_one_operation,
+    "floor: evaluation": floor_evaluation,
+    "floor: iteration": floor_iteration,
+}
+VARIANTS = ("ours", "static", *FLOORS)
 
 _PHASES = {  # our column: torch._dynamo.utils.compile_times() entries, summed
     "tracing_s": ("bytecode_tracing",),
@@ -198,7 +199,7 @@ def worker(problem: str, variant: str, batch: int, out: Path) -> None:
         result = torchlbfgs.batched_minimize(fun, start, *data, compile=compile, progress=False, **options)
         return time.perf_counter() - began, result
 
-    if variant.startswith("floor"):
+    if variant in FLOORS:
         report = floor_worker(variant, fun, start, data, options.get("history_size", 10))
         phases = compile_times(repr="csv", aggregate=True)
     else:

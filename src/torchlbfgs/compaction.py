@@ -57,7 +57,7 @@ def active_batch(
     if compile is False:
         return ActiveBatch(state, args, dims)
     args = fresh_views(args)
-    static = isinstance(compile, Mapping) and compile.get("dynamic", None) is False
+    static = isinstance(compile, Mapping) and compile.get("dynamic") is False
     if not static:
         mark_batch_dynamic(state, args, dims)
     return ActiveBatch(state, args, dims, keep_whole=static)
