@@ -54,7 +54,11 @@ from scipy.optimize import minimize as scipy_minimize
 
 import torchlbfgs
 from torchlbfgs import LBFGSState, Progress, Result, StopReason
+from torchlbfgs.bounds import Bounds
 from torchlbfgs.line_searches.loop import batch_view
+from torchlbfgs.objective import flat_objective
+from torchlbfgs.pytree import ravel_pytree
+from torchlbfgs.rounds import Settings, advance, start
 
 Tensor = torch.Tensor
 PyTree = Any
@@ -1005,3 +1009,40 @@ def test_shrinking_batch_with_data_along_other_dims_and_shared_data() -> None:
             lambda x, i=i: batch.fun(x, lower_t[i], c[i]) * scale, batch.x0[i], **options
         )
         torch.testing.assert_close(result.params[i], alone.params, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("bounded", [False, True])
+def test_each_round_evaluates_the_point_the_round_before_planned(bounded: bool) -> None:
+    """A round's state carries the point the next round evaluates (so that a compiled round reads
+    it from memory): the search's trial ``x + t d`` for a running problem, projected onto the
+    box, ``x`` for a stopped one; the next round evaluates exactly that point."""
+    x0 = torch.tensor([-1.2, 1.0, 0.5, -0.3], dtype=torch.float64)
+    box = Bounds(torch.full_like(x0, -1.0), torch.full_like(x0, 0.9)) if bounded else None
+    settings = Settings(max_iter=40, tolerance_grad=1e-9)
+    evaluate = flat_objective(rosenbrock, ravel_pytree(x0)[1])
+    seen: list[torch.Tensor] = []
+
+    def recording(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        seen.append(x.clone())
+        return evaluate(x)
+
+    state = start(recording, x0, settings, box)
+    steps, stopped_rounds = set(), 0
+    for _ in range(200):
+        t, running = settings.search.trial(state.search)
+        direction = state.proposal.direction
+        planned = torch.where(running, state.x + t * direction, state.x)
+        if box is not None:
+            planned = torch.minimum(torch.maximum(planned, box.lower), box.upper)
+        torch.testing.assert_close(state.trial, planned, rtol=1e-15, atol=1e-15)
+        if bool(running):
+            steps.add(float(t))
+        else:
+            stopped_rounds += 1
+        before = state.trial
+        state = advance(recording, state, settings)
+        assert torch.equal(seen[-1], before)
+        if stopped_rounds == 2:
+            break
+    assert stopped_rounds == 2, "the problem should stop within the rounds"
+    assert len(steps - {1.0}) >= 2  # trials other than the unit step: the first one's, and the search's

@@ -100,6 +100,13 @@ class RoundState(NamedTuple):
         search: the current iteration's line-search state machine.
         bounds: the problem's box constraints (flat); empty vectors
             (:func:`~torchlbfgs.bounds.no_bounds`) without bounds.
+        trial: ``(n,)`` - the point the next round evaluates: the search's trial point
+            (:func:`~torchlbfgs.line_searches.loop.trial_point`), or ``x`` once the problem
+            has stopped. A round computes it for the next one rather than where it evaluates:
+            compiled, the evaluation then reads it from memory, whereas Inductor inlines
+            ``x + t d`` into the evaluation's loops and recomputes it for every row of a
+            matrix product (7-13% of a logistic regression's evaluation at B = 1024,
+            ``bench/README.md``).
     """
 
     x: torch.Tensor
@@ -107,6 +114,7 @@ class RoundState(NamedTuple):
     proposal: Proposal
     search: Any
     bounds: Bounds
+    trial: torch.Tensor
 
 
 def max_rounds(settings: Settings) -> int:
@@ -119,8 +127,9 @@ def max_rounds(settings: Settings) -> int:
 
 def _begin_iteration(
     x: torch.Tensor, lbfgs: LBFGSState, settings: Settings, bounds: Bounds | None
-) -> RoundState:
-    """Direction and first trial of the next iteration at ``x`` (nothing for stopped problems)."""
+) -> tuple[LBFGSState, Proposal, Any]:
+    """Direction and first trial of the next iteration at ``x`` (nothing for stopped problems):
+    the state, the proposal and the search, started."""
     running = lbfgs.status == StopReason.RUNNING.value
     out_of_iterations = running & (lbfgs.iteration >= settings.max_iter)
     lbfgs = lbfgs._replace(
@@ -142,10 +151,16 @@ def _begin_iteration(
         None if settings.max_evals is None else settings.max_evals - lbfgs.n_evals, lbfgs.value
     )
     origin = SearchOrigin(proposal.direction, lbfgs.value, lbfgs.grad, proposal.max_step)
-    search = settings.search.start(origin, proposal.step_size, proposal.searching, budget)
-    return RoundState(
-        x=x, lbfgs=lbfgs, proposal=proposal, search=search, bounds=no_bounds(x) if bounds is None else bounds
-    )
+    return lbfgs, proposal, settings.search.start(origin, proposal.step_size, proposal.searching, budget)
+
+
+def _round_state(
+    x: torch.Tensor, lbfgs: LBFGSState, proposal: Proposal, search: Any, box: Bounds, settings: Settings
+) -> RoundState:
+    """The state between rounds, with the point the next round evaluates."""
+    t, running = settings.search.trial(search)
+    trial = trial_point(x, proposal.direction, t, running, given_bounds(box))
+    return RoundState(x=x, lbfgs=lbfgs, proposal=proposal, search=search, bounds=box, trial=trial)
 
 
 def start(
@@ -160,7 +175,8 @@ def start(
         value.to(x.dtype), grad, history_size=settings.history_size, direction=settings.direction,
         bounds=bounds, reductions=settings.reductions,
     )  # fmt: skip
-    return _begin_iteration(x, lbfgs, settings, bounds)
+    box = no_bounds(x) if bounds is None else bounds
+    return _round_state(x, *_begin_iteration(x, lbfgs, settings, bounds), box, settings)
 
 
 def advance(objective: FlatObjective, state: RoundState, settings: Settings) -> RoundState:
@@ -172,11 +188,9 @@ def advance(objective: FlatObjective, state: RoundState, settings: Settings) -> 
     method = settings.search
     x, lbfgs, proposal, bounds = state.x, state.lbfgs, state.proposal, given_bounds(state.bounds)
     origin = SearchOrigin(proposal.direction, lbfgs.value, lbfgs.grad, proposal.max_step)
-    t, running = method.trial(state.search)
-    value, grad = objective(trial_point(x, proposal.direction, t, running, bounds))
+    value, grad = objective(state.trial)
     search = method.digest(state.search, origin, value.to(x.dtype), grad)
 
-    searched = state._replace(search=search)
     search_over = (lbfgs.status == StopReason.RUNNING.value) & ~method.trial(search)[1]
     new_x, new_lbfgs = accept(
         x, lbfgs, proposal, method.outcome(search), line_search=settings.line_search,
@@ -184,19 +198,20 @@ def advance(objective: FlatObjective, state: RoundState, settings: Settings) -> 
         tolerance_value=settings.tolerances.value, curvature_rule=settings.curvature_rule,
         max_evals=settings.max_evals, active=search_over, bounds=bounds, reductions=settings.reductions,
     )  # fmt: skip
-    new = _begin_iteration(new_x, new_lbfgs, settings, bounds)
+    next_lbfgs, next_proposal, next_search = _begin_iteration(new_x, new_lbfgs, settings, bounds)
     # `accept` changed the memory only where the search is over (`active`): its leaves are
     # taken as they are, without a selection over the (m, n) buffers.
     lbfgs = LBFGSState(*(
         after if name in _MEMORY else torch.where(search_over, after, before)
-        for name, after, before in zip(LBFGSState._fields, new.lbfgs, searched.lbfgs, strict=True)
+        for name, after, before in zip(LBFGSState._fields, next_lbfgs, lbfgs, strict=True)
     ))  # fmt: skip
-    return RoundState(
-        x=torch.where(search_over, new.x, searched.x),
-        lbfgs=lbfgs,
-        proposal=_select(search_over, new.proposal, searched.proposal),
-        search=_select(search_over, new.search, searched.search),
-        bounds=state.bounds,
+    return _round_state(
+        torch.where(search_over, new_x, x),
+        lbfgs,
+        _select(search_over, next_proposal, proposal),
+        _select(search_over, next_search, search),
+        state.bounds,
+        settings,
     )
 
 
