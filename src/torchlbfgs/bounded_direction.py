@@ -211,9 +211,12 @@ def cauchy_point(x: torch.Tensor, grad: torch.Tensor, bounds: Bounds, hessian: C
     t_break = _breakpoints(x, grad, bounds)
     moving = t_break > 0  # a variable at a bound that the gradient pushes out never moves
     g = torch.where(moving, grad, torch.zeros_like(grad))
-    # The sorted values straight from the sort: re-gathered through `order`, a compiled round
-    # would gather them again in every expression that reads them.
-    t_sorted, order = torch.sort(t_break, stable=True)
+    # The segments' ends straight from one sort of [0, t, inf] (0 <= t, and a stable sort keeps
+    # the added ends outermost): segment j = 0..n runs from grid[j] to grid[j + 1], and both
+    # are slices of the sort's output. Re-gathered through `order`, or padded, a compiled round
+    # would recompute them in every expression that reads them (padding with a masked load).
+    grid, grid_order = torch.sort(pad(pad(t_break, (1, 0)), (0, 1), value=torch.inf), stable=True)
+    t_sorted, order = grid[1:-1], grid_order[1:-1] - 1
     finite = torch.isfinite(t_sorted)
     g2_sorted = (g * g)[order]
     # The segment tables hold one column per segment, (2m, n + 1): every table, the products
@@ -227,14 +230,17 @@ def cauchy_point(x: torch.Tensor, grad: torch.Tensor, bounds: Bounds, hessian: C
     p = -pad(_suffix_sums(b_sorted), (0, 1))  # column j: p_j = W'd_j
     held_tb = torch.where(finite, t_sorted * b_sorted, 0.0)
     tb_held = pad(torch.cumsum(held_tb, -1), (1, 0))
-    starts = pad(t_sorted, (1, 0))  # t_j
-    ends = pad(t_sorted, (0, 1), value=torch.inf)  # t_{j+1}
+    starts, ends = grid[:-1], grid[1:]  # t_j, t_{j+1}
     starts_finite = torch.isfinite(starts)
     safe_starts = torch.where(starts_finite, starts, torch.zeros_like(starts))
-    c = -tb_held + safe_starts * p  # column j: c_j = W'(x(t_j) - x)
     m_p = hessian.m_matrix @ p  # M p_j, every segment at once
-    slope = -free_g2 + theta * safe_starts * free_g2 - (c * m_p).sum(-2)
-    curvature = theta * free_g2 - (p * m_p).sum(-2)
+    p_m_p = (p * m_p).sum(-2)
+    # c_j = W'(x(t_j) - x) = -tb_held_j + t_j p_j, so c_j'M p_j = -tb_held_j'M p_j + t_j p_j'M p_j:
+    # with t_j taken out of the sum over rows, a compiled round does not recompute the segment
+    # starts (and p_j, from its suffix sums) once per row of the tables.
+    c_m_p = -(tb_held * m_p).sum(-2) + safe_starts * p_m_p
+    slope = -free_g2 + theta * safe_starts * free_g2 - c_m_p
+    curvature = theta * free_g2 - p_m_p
     length = ends - starts
     inside = (curvature > 0) & (-slope < length * curvature)
     holds = starts_finite & ((slope >= 0) | inside)
