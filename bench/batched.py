@@ -265,7 +265,7 @@ def evaluation_bound(X: torch.Tensor, y: torch.Tensor, evals_per_problem: float,
     and gradient of the loss over the whole batch, timed, times the evaluations a problem needs.
     No solver built on these evaluations can go faster."""
     evaluate = torch.compile(torch.func.vmap(torch.func.grad_and_value(torch_loss)))
-    X, y = X.clone(), y.clone()  # the solve marked the originals' batch dimension dynamic
+    X, y = X.clone(), y.clone()  # tensors of its own: nothing the solve's compile saw
     w = torch.zeros(X.shape[0], X.shape[-1])
     evaluate(w, X, y)  # compile
     calls = 20
