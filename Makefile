@@ -42,8 +42,9 @@ typecheck: $(VENV)/.installed-test,dev,docs
 docs: $(VENV)/.installed-test,dev,docs
 	PYTHON=$(PY) bash .ci/build-docs mkdocs.yml $(VENV)/site
 
-# Two pytest workers, each taking whole files (module fixtures stay in one process).
-PYTEST := $(PY) -m pytest -n 2 --dist loadfile
+# Two pytest workers, each taking whole files (module fixtures stay in one process), the longest
+# files first (tests/conftest.py: LONGEST_FILES).
+PYTEST := $(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 pytest: $(VENV)/.installed-test,dev,docs
 	$(PYTEST)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from background_runs import BackgroundRuns, PendingRun, shared_folder
 from data_parallel_worker import run_two_ranks
 from sharded_worker import run_ranks
 
@@ -24,20 +26,49 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# The longest test files (seconds of a worker, `pytest --durations=0` summed per file), handed
+# out first: the workers take whole files (`--dist loadfile`) in the order of collection
+# (`--no-loadscope-reorder`: xdist would sort the files by their number of tests), so that no
+# long file, collected late, leaves one worker running it alone at the end of the session.
+LONGEST_FILES = (
+    "test_compile.py",
+    "test_minimize.py",
+    "test_bounds.py",
+    "test_implicit.py",
+    "test_more_thuente.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: position for position, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
 def selected(session: pytest.Session, test: str) -> list[pytest.Item]:
     """The items of this session that are cases of the test function named ``test``."""
     return [item for item in session.items if getattr(item, "originalname", None) == test]
 
 
 @pytest.fixture(scope="session")
-def background() -> Iterator[ThreadPoolExecutor]:
-    """One thread that runs slow subprocesses, one run after another, from the session's first
-    test on. Such a run spends most of its time starting Python and importing torch, on one
-    core: beside the tests, which use the other, it costs the session next to nothing. A test
-    that checks a run waits for its result."""
-    with ThreadPoolExecutor(max_workers=1) as executor:
-        yield executor
-        executor.shutdown(cancel_futures=True)  # runs no test waited for (a failed or stopped session)
+def background(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[BackgroundRuns]:
+    """The slow subprocess runs that this session's tests check (``background_runs.py``), run
+    from the session's first test on, once for all the pytest-xdist workers: the example
+    scripts, the two data-parallel ranks and the four sharded ranks (their results saved in
+    ``shared_folder``)."""
+    session, folder = request.session, shared_folder(tmp_path_factory)
+    runs: dict[str, Callable[[], Any]] = {}
+    if selected(session, "test_sharded_steps_equal_one_process"):
+        runs["sharded"] = functools.partial(run_ranks, folder / "sharded", 4)
+    for item in selected(session, "test_example_runs"):
+        script = item.callspec.params["script"]
+        runs[f"example-{script.name}"] = functools.partial(run_script, script)
+    if selected(session, "test_two_ranks_step_identically_and_match_full_batch"):
+        runs["data_parallel"] = functools.partial(run_two_ranks, folder / "data_parallel")
+    background = BackgroundRuns(folder, runs)
+    yield background
+    background.close()
 
 
 def run_script(script: Path) -> subprocess.CompletedProcess[str]:
@@ -47,34 +78,22 @@ def run_script(script: Path) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def example_runs(
-    request: pytest.FixtureRequest, background: ThreadPoolExecutor
-) -> dict[Path, Future[subprocess.CompletedProcess[str]]]:
+def example_runs(request: pytest.FixtureRequest, background: BackgroundRuns) -> dict[Path, PendingRun[Any]]:
     """The docs/examples/ scripts that ``test_docs.py::test_example_runs`` checks, run in the
     background."""
     scripts = [item.callspec.params["script"] for item in selected(request.session, "test_example_runs")]
-    return {script: background.submit(run_script, script) for script in scripts}
+    return {script: background.pending(f"example-{script.name}") for script in scripts}
 
 
-@pytest.fixture(scope="session", autouse=True)
-def data_parallel_run(
-    request: pytest.FixtureRequest, background: ThreadPoolExecutor, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[Path, Future[list[tuple[int, str]]]] | None:
+@pytest.fixture(scope="session")
+def data_parallel_run(background: BackgroundRuns) -> tuple[Path, PendingRun[list[tuple[int, str]]]]:
     """The two ranks that ``test_data_parallel.py`` checks, run in the background: where they save
     their results, and each one's exit status and output."""
-    if not selected(request.session, "test_two_ranks_step_identically_and_match_full_batch"):
-        return None
-    out = tmp_path_factory.mktemp("data_parallel") / "result"
-    return out, background.submit(run_two_ranks, out)
+    return background.folder / "data_parallel", background.pending("data_parallel")
 
 
-@pytest.fixture(scope="session", autouse=True)
-def sharded_run(
-    request: pytest.FixtureRequest, background: ThreadPoolExecutor, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[Path, Future[list[tuple[int, str]]]] | None:
+@pytest.fixture(scope="session")
+def sharded_run(background: BackgroundRuns) -> tuple[Path, PendingRun[list[tuple[int, str]]]]:
     """The 4 ranks that ``test_sharded.py`` checks (on meshes of 2 and 4), run in the
     background: where they save their results, and each rank's exit status and output."""
-    if not selected(request.session, "test_sharded_steps_equal_one_process"):
-        return None
-    out = tmp_path_factory.mktemp("sharded") / "result"
-    return out, background.submit(run_ranks, out, 4)
+    return background.folder / "sharded", background.pending("sharded")

@@ -8,15 +8,15 @@ L-BFGS under DDP), and the result must equal one process training on all the dat
 
 from __future__ import annotations
 
-from concurrent.futures import Future
 from pathlib import Path
 
 import torch
+from background_runs import PendingRun
 from data_parallel_worker import train
 
 
 def test_two_ranks_step_identically_and_match_full_batch(
-    data_parallel_run: tuple[Path, Future[list[tuple[int, str]]]],
+    data_parallel_run: tuple[Path, PendingRun[list[tuple[int, str]]]],
 ) -> None:
     """The two ranks run in the background from the start of the session (``data_parallel_run``
     in conftest.py, which calls ``data_parallel_worker.run_two_ranks``); this waits for them."""

@@ -6,10 +6,10 @@ from __future__ import annotations
 import inspect
 import re
 import subprocess
-from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
+from background_runs import PendingRun
 
 import torchlbfgs
 
@@ -60,7 +60,7 @@ def test_docs_page_code_runs(page: str, index: int, block: str) -> None:
 
 @pytest.mark.parametrize("script", EXAMPLES, ids=lambda path: path.name)
 def test_example_runs(
-    script: Path, example_runs: dict[Path, Future[subprocess.CompletedProcess[str]]]
+    script: Path, example_runs: dict[Path, PendingRun[subprocess.CompletedProcess[str]]]
 ) -> None:
     """Each script exits with 0 (it checks its own claims). The scripts run in the background
     from the start of the session (``example_runs`` in conftest.py); this waits for this one."""

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import functools
 import math
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from background_runs import PendingRun
 from sharded_worker import (
     FUNCTIONAL_ITERATIONS,
     HIDDEN,
@@ -37,7 +37,7 @@ import torchlbfgs
 HISTORY = 3  # sharded_worker's history_size
 
 
-def _results(run: tuple[Path, Future[list[tuple[int, str]]]], world_size: int) -> list[dict[str, Any]]:
+def _results(run: tuple[Path, PendingRun[list[tuple[int, str]]]], world_size: int) -> list[dict[str, Any]]:
     """What each rank of the mesh of ``world_size`` ranks saved."""
     out, ranks_run = run
     for returncode, output in ranks_run.result():
@@ -53,7 +53,7 @@ def _alone(layout: str, search: str | None) -> dict[str, Any]:
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_sharded_steps_equal_one_process(
-    world_size: int, sharded_run: tuple[Path, Future[list[tuple[int, str]]]]
+    world_size: int, sharded_run: tuple[Path, PendingRun[list[tuple[int, str]]]]
 ) -> None:
     ranks = _results(sharded_run, world_size)
     for layout, search in configs(world_size):
@@ -89,7 +89,7 @@ def test_sharded_steps_equal_one_process(
 
 @pytest.mark.parametrize("world_size", [2])
 def test_a_sharded_checkpoint_resumes_on_its_layout_only(
-    world_size: int, sharded_run: tuple[Path, Future[list[tuple[int, str]]]]
+    world_size: int, sharded_run: tuple[Path, PendingRun[list[tuple[int, str]]]]
 ) -> None:
     """state_dict -> torch.save -> a fresh sharded model and optimizer -> load_state_dict: the
     steps after equal uninterrupted ones, bit for bit; onto unsharded parameters it is refused."""
@@ -132,7 +132,7 @@ def test_a_sharded_checkpoint_resumes_on_its_layout_only(
 
 
 def test_distributed_checkpoints_reshard_between_mesh_sizes(
-    sharded_run: tuple[Path, Future[list[tuple[int, str]]]],
+    sharded_run: tuple[Path, PendingRun[list[tuple[int, str]]]],
 ) -> None:
     """torch.distributed.checkpoint (get/set_optimizer_state_dict, sharded save): saved on 2
     ranks and loaded on 1, and the reverse. The loaded state is the saved one, bit for bit, and
@@ -170,7 +170,7 @@ def _two_steps_alone() -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_a_batch_sharded_over_ranks_solves_as_one_process(
-    world_size: int, sharded_run: tuple[Path, Future[list[tuple[int, str]]]]
+    world_size: int, sharded_run: tuple[Path, PendingRun[list[tuple[int, str]]]]
 ) -> None:
     """batched_minimize on Shard(0) DTensors (11 problems: uneven shards): each rank solves its
     rows with no collective during the solve, the result comes back Shard(0), and gathered it
@@ -191,7 +191,7 @@ def test_a_batch_sharded_over_ranks_solves_as_one_process(
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_the_functional_api_on_dtensors_equals_one_process(
-    world_size: int, sharded_run: tuple[Path, Future[list[tuple[int, str]]]]
+    world_size: int, sharded_run: tuple[Path, PendingRun[list[tuple[int, str]]]]
 ) -> None:
     """minimize, and init with a loop of update, on a dict of DTensors (Shard(0), uneven
     Shard(1), Replicate): the values, counters and parameters of one process on the plain
