@@ -65,6 +65,12 @@ class BackgroundRuns:
             raise KeyError(f"no background run {name!r} in this session (runs: {sorted(self.runs)})")
         return PendingRun(self.folder / f"{name}.result", name)
 
+    def wait(self) -> None:
+        """Return once this process's thread has gone through every run (each run then claimed
+        by it or by another worker): a test that measures this process's memory must not see
+        the allocations of a run in progress."""
+        self._thread.join()
+
     def close(self) -> None:
         """Claim no further run and finish the one in progress: a test of another worker may be
         waiting for it. Runs no worker claimed are left to the workers still testing."""

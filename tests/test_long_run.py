@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from background_runs import BackgroundRuns
 
 import torchlbfgs
 from torchlbfgs import StopReason
@@ -46,8 +47,9 @@ def live_tensors() -> tuple[int, int]:
     ids=["small-10000-steps", "larger-1000-steps"],
 )
 def test_long_run_keeps_memory_counters_and_shapes(
-    n: int, steps: int, history_size: int, line_search_fn: str | None
+    n: int, steps: int, history_size: int, line_search_fn: str | None, background: BackgroundRuns
 ) -> None:
+    background.wait()  # the session's background runs allocate in this process too
     generator = torch.Generator().manual_seed(0)
     scales = torch.logspace(0, 2, n, dtype=torch.float64)
     x = torch.nn.Parameter(torch.randn(n, generator=generator, dtype=torch.float64))
