@@ -27,9 +27,10 @@ Value = TypeVar("Value")
 
 def shared_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder of this test session that every pytest-xdist worker sees (the workers' own
-    temporary folders share a parent), or this process's own without workers."""
-    base = tmp_path_factory.getbasetemp()
-    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "background-runs"
+    temporary folders share a parent; the run's id keeps a reused ``--basetemp`` from
+    offering an earlier session's results), or this process's own without workers."""
+    base, run = tmp_path_factory.getbasetemp(), os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    folder = base.parent / f"background-runs-{run}" if run else base / "background-runs"
     folder.mkdir(exist_ok=True)
     return folder
 
