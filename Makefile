@@ -16,12 +16,18 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
+# pip byte-compiles on one core (30 s of torch's 45 s install on two cores); each install here
+# skips that and .ci/byte-compile.py compiles on every core.
+INSTALL := $(PY) -m pip install --quiet --no-compile
+BYTE_COMPILE := $(PY) .ci/byte-compile.py
+
 $(VENV)/.torch: $(PY)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_PIN)"
+	$(PY) -c "import torch" 2>/dev/null || { $(INSTALL) "$(TORCH_PIN)" && $(BYTE_COMPILE); }
 	touch $@
 
 $(VENV)/.installed-%: pyproject.toml $(VENV)/.torch
-	$(PY) -m pip install --quiet -e ".[$*]"
+	$(INSTALL) -e ".[$*]"
+	$(BYTE_COMPILE)
 	touch $@
 
 demo: $(VENV)/.installed-test
@@ -33,8 +39,8 @@ demo: $(VENV)/.installed-test
 # ruff and mypy need only the dev extras (and torch): `make test` runs them while pip installs
 # the rest.
 lint: $(VENV)/.installed-dev
-	$(PY) -m ruff check src tests bench docs/examples
-	$(PY) -m ruff format --check src tests bench docs/examples
+	$(PY) -m ruff check src tests bench docs/examples .ci/byte-compile.py
+	$(PY) -m ruff format --check src tests bench docs/examples .ci/byte-compile.py
 
 typecheck: $(VENV)/.installed-dev
 	$(PY) -m mypy

@@ -49,38 +49,65 @@ def test_vmapped_solve_compiles_without_graph_breaks() -> None:
     assert compiled.n_iter.tolist() == eager.n_iter.tolist() == [2, 2, 2]
 
 
-# AOTAutograd once (two_loop); the compact form's graph breaks are Dynamo's to find (a second
-# AOT pass costs the suite five seconds and exercises no other AOT path). The AOT case runs in
-# float32: a 0-d float64 CPU input (the unbatched state's scalars) makes torch's pass that turns
-# Python floats into tensors restart Dynamo's analysis once, which would double its time.
+# One compiled `update` per line search, each also covering one more part: AOTAutograd once
+# (strong Wolfe; the other graphs are Dynamo's to check: a second AOT pass exercises no other AOT
+# path), and the compact direction once (with backtracking: direction and search are traced
+# independently of each other). The AOT case runs in float32: a 0-d float64 CPU input (the
+# unbatched state's scalars) makes torch's pass that turns Python floats into tensors restart
+# Dynamo's analysis once, which would double its time.
 @pytest.mark.parametrize(
-    ("direction", "backend", "dtype"),
-    [("two_loop", "aot_eager", torch.float32), ("compact", "eager", torch.float64)],
-    ids=["two_loop-aot_eager-float32", "compact-eager-float64"],
+    ("line_search", "direction", "backend", "dtype"),
+    [
+        ("strong_wolfe", "two_loop", "aot_eager", torch.float32),
+        ("more_thuente", "two_loop", "eager", torch.float64),
+        ("backtracking", "compact", "eager", torch.float64),
+    ],
+    ids=lambda value: getattr(value, "__name__", str(value).removeprefix("torch.")),
 )
-def test_update_step_compiles_without_graph_breaks(direction: str, backend: str, dtype: torch.dtype) -> None:
+def test_update_compiles_whole_its_line_search_one_device_side_loop(
+    line_search: str, direction: str, backend: str, dtype: torch.dtype
+) -> None:
+    """``update`` on pytree params compiles to one graph (fullgraph: no graph breaks), in which
+    the line search is one ``while_loop`` (one traced trial, stopped on the device), not
+    ``max_ls + 1`` unrolled copies: the default ``max_ls=25`` then compiles quickly. The
+    compiled steps equal the eager ones, including a search that tries more than one step (the
+    Rosenbrock term in ``b``)."""
     features, labels = _data(1, dtype)
 
     def fun(params: dict[str, torch.Tensor]) -> torch.Tensor:
-        return _logistic(params["w"], features[0], labels[0]) + (params["b"] ** 2).sum()
+        b = params["b"]
+        rosenbrock = 100 * (b[1] - b[0] ** 2) ** 2 + (1 - b[0]) ** 2
+        return _logistic(params["w"], features[0], labels[0]) + rosenbrock
 
-    params = {"w": torch.zeros(3, dtype=dtype), "b": torch.ones(2, dtype=dtype)}
+    params = {"w": torch.zeros(3, dtype=dtype), "b": torch.tensor([-1.2, 1.0], dtype=dtype)}
     state = torchlbfgs.init(fun, params, history_size=3, direction=direction)  # type: ignore[arg-type]
 
     def step(params: dict[str, torch.Tensor], state: torchlbfgs.LBFGSState):
-        return torchlbfgs.update(fun, params, state, max_ls=3)
+        return torchlbfgs.update(fun, params, state, line_search=line_search)  # type: ignore[arg-type]
+
+    graphs: list[torch.fx.GraphModule] = []
+    compile_graph = torch._dynamo.lookup_backend(backend)
+
+    def recording_backend(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]):  # type: ignore[no-untyped-def]
+        graphs.append(gm)
+        return compile_graph(gm, example_inputs)
 
     torch._dynamo.reset()
-    compiled_step = torch.compile(step, fullgraph=True, backend=backend)
+    compiled_step = torch.compile(step, fullgraph=True, backend=recording_backend)
     eager_params, eager_state = params, state
     tolerance = 1e-12 if dtype == torch.float64 else 1e-6
-    for _ in range(3):
+    for _ in range(4):
         params, state = compiled_step(params, state)
         eager_params, eager_state = step(eager_params, eager_state)
         for name in params:
             torch.testing.assert_close(params[name], eager_params[name], rtol=tolerance, atol=tolerance)
         assert torch.equal(state.n_evals, eager_state.n_evals)
         assert torch.equal(state.status, eager_state.status)
+    # one evaluation at init and one per iteration, unless a search tried more than one step
+    assert int(eager_state.n_evals) > int(eager_state.iteration) + 1
+    assert len(graphs) == 1
+    loops = [node for node in graphs[0].graph.nodes if node.target is torch.ops.higher_order.while_loop]
+    assert len(loops) == 1
 
 
 def test_compiled_vmapped_step_compiles_once() -> None:
@@ -177,38 +204,3 @@ def test_compile_with_dynamic_false_is_static_and_keeps_the_batch_whole() -> Non
     assert torch.equal(compiled.n_iter, eager.n_iter)
     assert torch.equal(compiled.n_evals, eager.n_evals)
     assert bool(eager.converged.all())
-
-
-@pytest.mark.parametrize("line_search", ["strong_wolfe", "more_thuente", "backtracking"])
-def test_compiled_line_search_is_one_device_side_loop(line_search: str) -> None:
-    """Under compile the line search is a ``while_loop`` (one traced trial, stopped on the
-    device), not ``max_ls + 1`` unrolled copies: the default ``max_ls=25`` then compiles
-    quickly, and the compiled step equals the eager one."""
-    features, labels = _data(1)
-
-    def fun(w: torch.Tensor) -> torch.Tensor:
-        return _logistic(w, features[0], labels[0])
-
-    graphs: list[torch.fx.GraphModule] = []
-
-    def recording_backend(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]):  # type: ignore[no-untyped-def]
-        graphs.append(gm)
-        return gm.forward
-
-    w = torch.zeros(3, dtype=torch.float64)
-    state = torchlbfgs.init(fun, w, history_size=3)
-
-    def step(w: torch.Tensor, state: torchlbfgs.LBFGSState):
-        return torchlbfgs.update(fun, w, state, line_search=line_search)  # type: ignore[arg-type]
-
-    torch._dynamo.reset()
-    compiled = torch.compile(step, fullgraph=True, backend=recording_backend)
-    eager_w, eager_state = w, state
-    for _ in range(4):
-        w, state = compiled(w, state)
-        eager_w, eager_state = step(eager_w, eager_state)
-        torch.testing.assert_close(w, eager_w, rtol=1e-12, atol=1e-12)
-        assert torch.equal(state.n_evals, eager_state.n_evals)
-    assert len(graphs) == 1
-    loops = [n for n in graphs[0].graph.nodes if n.target is torch.ops.higher_order.while_loop]
-    assert len(loops) == 1

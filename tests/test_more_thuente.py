@@ -767,21 +767,3 @@ def test_minimize_under_vmap_and_update_loop_agree() -> None:
         assert bitwise_equal(alone.n_evals, state.n_evals)
         torch.testing.assert_close(batched.params[i], alone.params, rtol=1e-10, atol=1e-12)
         assert bool(alone.converged)
-
-
-def test_update_step_compiles_without_graph_breaks() -> None:
-    x0 = torch.tensor([-1.2, 1.0, -1.2, 1.0], dtype=DTYPE)
-
-    def step(x: Tensor, state: torchlbfgs.LBFGSState) -> tuple[Tensor, torchlbfgs.LBFGSState]:
-        return torchlbfgs.update(rosenbrock, x, state, line_search="more_thuente", max_ls=4)
-
-    torch._dynamo.reset()
-    # Dynamo alone finds graph breaks; AOTAutograd on an update is tests/test_compile.py's.
-    compiled = torch.compile(step, fullgraph=True, backend="eager")
-    x, state = x0, torchlbfgs.init(rosenbrock, x0)
-    eager_x, eager_state = x, state
-    for _ in range(3):
-        x, state = compiled(x, state)
-        eager_x, eager_state = step(eager_x, eager_state)
-    torch.testing.assert_close(x, eager_x, rtol=1e-12, atol=1e-12)
-    assert torch.equal(state.n_evals, eager_state.n_evals)
