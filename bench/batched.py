@@ -27,7 +27,13 @@ in float32 on the same data (generated once with numpy, converted per library). 
 
 The Python loops are timed on the first ``--loop-max`` problems of each batch (the table says
 so). Final losses of all solvers are evaluated by one float64 function at their float32
-params. Also reported: peak memory per problem of our eager solve and the size of our state
+params. The machine's speed drifts by tens of percent within minutes, so the ratios the issues
+set targets on are taken from runs that alternate: our eager solve, the JAX solvers and
+``eager evaluations alone`` (the eager solve's floor: as many eager vmapped values and
+gradients of the batch as a problem needs, nothing else) take turns ``--repeats`` times; the
+compiled solve alternates with its evaluation bound (the compiled value and gradient, as many
+times) in its own process; each ratio is the median over the pairs. Also reported: peak
+memory per problem of our eager solve and the size of our state
 per problem, counted from its leaves. The peak is the increase of the process's resident set
 high-water mark (VmHWM, reset through /proc/self/clear_refs just before the solve, inputs
 already resident) in a fresh process, measured twice: with every allocation of 16 KiB or more
@@ -77,6 +83,7 @@ OPTAX, JAXOPT = "jax.jit(vmap(optax.lbfgs)), fori_loop", "jax.jit(vmap(jaxopt.LB
 
 
 COMPILED = "ours: batched_minimize(compile=True)"
+EAGER_FLOOR = "eager evaluations alone"
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -119,17 +126,58 @@ def solve_ours(X: torch.Tensor, y: torch.Tensor, compile: bool = False) -> torch
     )  # fmt: skip
 
 
-def run_ours(X: np.ndarray, y: np.ndarray, repeats: int) -> dict[str, Any]:
+Timer = Callable[[], tuple[float, dict[str, Any]]]  # one timed solve: seconds, and its results
+
+
+def ours_timer(X: np.ndarray, y: np.ndarray) -> Timer:
     Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
     solve_ours(Xt[:4], yt[:4])  # warm-up
-    times = []
-    for _ in range(repeats):
+
+    def timed() -> tuple[float, dict[str, Any]]:
         start = time.perf_counter()
         result = solve_ours(Xt, yt)
-        times.append(time.perf_counter() - start)
-    evals_mean = float(result.n_evals.float().mean())
-    return {"seconds": statistics.median(times), "params": result.params.numpy(),
-            "iterations": result.n_iter.numpy(), "evals_mean": evals_mean}  # fmt: skip
+        seconds = time.perf_counter() - start
+        return seconds, {"params": result.params.numpy(), "iterations": result.n_iter.numpy(),
+                         "evals_mean": float(result.n_evals.float().mean())}  # fmt: skip
+
+    return timed
+
+
+def eager_evaluation_timer(X: np.ndarray, y: np.ndarray, evaluations: int) -> Timer:
+    """The floor of an eager solve: ``evaluations`` eager vmapped values and gradients of the
+    whole batch (as many as the solve needs per problem), and nothing else."""
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+    evaluate = torch.func.vmap(torch.func.grad_and_value(torch_loss))
+    w = torch.zeros(Xt.shape[0], D)
+
+    def timed() -> tuple[float, dict[str, Any]]:
+        start = time.perf_counter()
+        for _ in range(evaluations):
+            evaluate(w, Xt, yt)
+        return time.perf_counter() - start, {}
+
+    return timed
+
+
+def alternate(timers: dict[str, Timer], repeats: int) -> dict[str, dict[str, Any]]:
+    """Each solver's results and median time, the solvers run in turn ``repeats`` times, so
+    that each round of them sees the same state of the machine (its speed drifts by tens of
+    percent within minutes); ``"times"`` holds each round's seconds."""
+    times: dict[str, list[float]] = {name: [] for name in timers}
+    results: dict[str, dict[str, Any]] = {}
+    for _ in range(repeats):
+        for name, timed in timers.items():
+            seconds, results[name] = timed()
+            times[name].append(seconds)
+    for name, result in results.items():
+        result.update(seconds=statistics.median(times[name]), times=times[name])
+    return results
+
+
+def paired_ratio(numerator: dict[str, Any], denominator: dict[str, Any]) -> float:
+    """The median over the rounds of :func:`alternate` of one solver's time over another's."""
+    pairs = zip(numerator["times"], denominator["times"], strict=True)
+    return statistics.median(a / b for a, b in pairs)
 
 
 def run_torch_loop(X: np.ndarray, y: np.ndarray, count: int) -> dict[str, Any]:
@@ -216,7 +264,8 @@ def jax_solvers() -> dict[str, Callable[..., Any]] | str:
     return {OPTAX: jax.jit(jax.vmap(optax_one)), JAXOPT: jax.jit(jax.vmap(jaxopt_one))}
 
 
-def run_jax(solver: Callable[..., Any], X: np.ndarray, y: np.ndarray, repeats: int) -> dict[str, Any]:
+def jax_timer(solver: Callable[..., Any], X: np.ndarray, y: np.ndarray) -> tuple[Timer, float]:
+    """A timer of the jitted ``solver`` on this data, and its compile time."""
     import jax
 
     Xj, yj = jax.device_put(X), jax.device_put(y)
@@ -224,20 +273,23 @@ def run_jax(solver: Callable[..., Any], X: np.ndarray, y: np.ndarray, repeats: i
     compiled = solver.lower(Xj, yj).compile()
     compile_seconds = time.perf_counter() - start
     jax.block_until_ready(compiled(Xj, yj))  # warm-up
-    times = []
-    for _ in range(repeats):
+
+    def timed() -> tuple[float, dict[str, Any]]:
         start = time.perf_counter()
         params, iterations = jax.block_until_ready(compiled(Xj, yj))
-        times.append(time.perf_counter() - start)
-    return {"seconds": statistics.median(times), "params": np.asarray(params),
-            "iterations": np.asarray(iterations), "compile_seconds": compile_seconds}  # fmt: skip
+        seconds = time.perf_counter() - start
+        return seconds, {"params": np.asarray(params), "iterations": np.asarray(iterations),
+                         "compile_seconds": compile_seconds}  # fmt: skip
+
+    return timed, compile_seconds
 
 
 # ------------------------------------------------------------------ workers in fresh processes
 
 
 def compiled_worker(batch: int, repeats: int, out: Path) -> None:
-    """Time ``batched_minimize(compile=True)``; write results to ``out``."""
+    """Time ``batched_minimize(compile=True)`` and the evaluation bound, alternated; write the
+    results to ``out``."""
     X, y = (torch.from_numpy(a) for a in make_data(batch))
     report: dict[str, Any] = {"stage": "compiling"}
     write_report(out, report)
@@ -246,37 +298,46 @@ def compiled_worker(batch: int, repeats: int, out: Path) -> None:
     report.update(stage="timing", first_solve_seconds=time.perf_counter() - start,
                   graphs=torch._dynamo.utils.counters["stats"]["unique_graphs"])  # fmt: skip
     write_report(out, report)
-    times = []
-    for _ in range(repeats):
+    evaluation = BatchEvaluation(X, y)
+    # The solve and the bound's evaluations alternate, so that each pair sees the same state of
+    # the machine (whose speed drifts by more than the ratio's margin within a minute).
+    solves, evaluations = [], []
+    for _ in range(max(repeats, 5)):
         start = time.perf_counter()
         result = solve_ours(X, y, compile=True)
-        times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
+        solves.append(time.perf_counter() - start)
+        evaluations.append(evaluation.seconds())
+    evals = float(result.n_evals.float().mean())
+    seconds = statistics.median(solves)
+    # each pair's ratio: the evaluations the problems need, alone, over the solve
+    reached = statistics.median(e * evals / s for s, e in zip(solves, evaluations, strict=True))
     report.update(stage="done", seconds=seconds, compile_seconds=report["first_solve_seconds"] - seconds,
-                  evals_mean=float(result.n_evals.float().mean()))  # fmt: skip
-    report.update(evaluation_bound_per_s=evaluation_bound(X, y, report["evals_mean"], repeats))
+                  evals_mean=evals, evaluation_bound_per_s=batch / (statistics.median(evaluations) * evals),
+                  compiled_over_bound=reached)  # fmt: skip
     np.save(out / "params.npy", result.params.numpy())
     np.save(out / "iterations.npy", result.n_iter.numpy())
     write_report(out, report)
 
 
-def evaluation_bound(X: torch.Tensor, y: torch.Tensor, evals_per_problem: float, repeats: int) -> float:
-    """Problems per second that evaluation alone allows: the compiled (Inductor) vmapped value
-    and gradient of the loss over the whole batch, timed, times the evaluations a problem needs.
-    No solver built on these evaluations can go faster."""
-    evaluate = torch.compile(torch.func.vmap(torch.func.grad_and_value(torch_loss)))
-    X, y = X.clone(), y.clone()  # tensors of its own: nothing the solve's compile saw
-    w = torch.zeros(X.shape[0], X.shape[-1])
-    evaluate(w, X, y)  # compile
+class BatchEvaluation:
+    """What evaluation alone costs: the compiled (Inductor) vmapped value and gradient of the
+    loss over the whole batch. Times the evaluations a problem needs, no solver built on these
+    evaluations can go faster."""
+
     calls = 20
-    times = []
-    for _ in range(max(repeats, 3)):
+
+    def __init__(self, X: torch.Tensor, y: torch.Tensor) -> None:
+        self.evaluate = torch.compile(torch.func.vmap(torch.func.grad_and_value(torch_loss)))
+        self.X, self.y = X.clone(), y.clone()  # tensors of its own: nothing the solve's compile saw
+        self.w = torch.zeros(X.shape[0], X.shape[-1])
+        self.evaluate(self.w, self.X, self.y)  # compile
+
+    def seconds(self) -> float:
+        """The time of one evaluation of the batch (the mean of :attr:`calls`)."""
         start = time.perf_counter()
-        for _ in range(calls):
-            evaluate(w, X, y)
-        times.append((time.perf_counter() - start) / calls)
-    per_problem_evaluation = statistics.median(times) / X.shape[0]
-    return 1.0 / (per_problem_evaluation * evals_per_problem)
+        for _ in range(self.calls):
+            self.evaluate(self.w, self.X, self.y)
+        return (time.perf_counter() - start) / self.calls
 
 
 def memory_worker(batch: int, out: Path) -> None:
@@ -413,7 +474,7 @@ def main() -> None:
         "--loop-max", type=int, default=256, help="time the Python loops on this many problems"
     )
     parser.add_argument(
-        "--repeats", type=int, default=3, help="timed runs of each vectorised solver (median)"
+        "--repeats", type=int, default=5, help="timed runs of each vectorised solver (median)"
     )
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled solve")
     parser.add_argument("--compile-timeout", type=float, default=300.0, help="seconds per compiled case")
@@ -440,15 +501,22 @@ def main() -> None:
     print(" ".join(f"{name:>{width}}" for name, width in zip(header, widths, strict=True)))
     for batch in args.sizes:
         X, y = make_data(batch)
-        results: dict[str, dict[str, Any]] = {OURS: run_ours(X, y, args.repeats)}
+        # ours eager and the JAX solvers (its anchors) take turns; the compiled solve runs in a
+        # fresh process, its evaluation bound alternated with it there
+        timers = {OURS: ours_timer(X, y)}
+        evaluations = round(timers[OURS]()[1]["evals_mean"])
+        timers[EAGER_FLOOR] = eager_evaluation_timer(X, y, evaluations)
+        if isinstance(jax, dict):
+            timers.update({name: jax_timer(solver, X, y)[0] for name, solver in jax.items()})
+        results = alternate(timers, args.repeats)
+        floor = results.pop(EAGER_FLOOR)
         if not args.no_compile:
             results[COMPILED] = run_compiled(batch, args.repeats, args.compile_timeout)
         count = min(batch, args.loop_max)
         results[TORCH_LOOP] = run_torch_loop(X, y, count)
         results[SCIPY_LOOP] = run_scipy_loop(X, y, count)
-        if isinstance(jax, dict):
-            for name, solver in jax.items():
-                results[name] = run_jax(solver, X, y, args.repeats)
+        order = (OURS, COMPILED, TORCH_LOOP, SCIPY_LOOP, OPTAX, JAXOPT)
+        results = {name: results[name] for name in order if name in results}
         ours_losses = reference_losses(results[OURS]["params"], X, y)
         torch_rate = count / results[TORCH_LOOP]["seconds"]
         for name, result in results.items():
@@ -477,14 +545,24 @@ def main() -> None:
             print(" ".join(f"{cell:>{width}}" for cell, width in zip(cells, widths, strict=True)), flush=True)
         if jax_note:
             print(f"{'JAX solvers':>42} {batch:>5} {jax_note}")
+        elif OPTAX in results:
+            eager_over_optax = paired_ratio(results[OPTAX], results[OURS])
+            floor_over_optax = paired_ratio(results[OPTAX], floor)
+            print(f"{'ours eager against optax':>42} {batch:>5} {batch:>5} {eager_over_optax:>11.2f}x  "
+                  "(optax's time over ours: median of alternated pairs)")  # fmt: skip
+            print(f"{EAGER_FLOOR + ' against optax':>42} {batch:>5} {batch:>5} {floor_over_optax:>11.2f}x  "
+                  f"({evaluations} eager evaluations of the batch: an eager solve's floor)")  # fmt: skip
+            rows.append({"solver": "ours eager against optax", "B": batch, "ratio": eager_over_optax})
+            rows.append({"solver": f"{EAGER_FLOOR} against optax", "B": batch, "ratio": floor_over_optax,
+                         "evaluations": evaluations, "seconds": floor["seconds"]})  # fmt: skip
         bound = results.get(COMPILED, {}).get("evaluation_bound_per_s")
         if bound:
-            compiled_rate = batch / results[COMPILED]["seconds"]
+            reached = results[COMPILED]["compiled_over_bound"]
             label = "evaluation bound (compiled value and grad)"
             print(f"{label:>42} {batch:>5} {batch:>5} {bound:>11.1f}   "
-                  f"compiled ours reaches {compiled_rate / bound:.2f} of it")  # fmt: skip
+                  f"compiled ours reaches {reached:.2f} of it (median of alternated pairs)")  # fmt: skip
             rows.append({"solver": "evaluation bound", "B": batch, "problems_per_s": bound,
-                         "compiled_over_bound": compiled_rate / bound})  # fmt: skip
+                         "compiled_over_bound": reached})  # fmt: skip
 
     state = state_size()
     print(f"\nour state per problem: {state['values']} values ({state['bytes']} bytes) = "

@@ -474,12 +474,12 @@ def test_stopped_problems_are_frozen_while_the_others_run() -> None:
     )
 
     assert [p.rounds for p in records] == list(range(1, len(records) + 1))
-    # A round evaluates every running problem once, and the loop ends with the round in which
-    # the last problem stops: the batch is evaluated as often as its most expensive problem
-    # (plus the starting point), not once per line-search trial of the slowest search of
+    # A round evaluates every running problem once (the first round: at its start), and the
+    # loop ends with the round in which the last problem stops: the batch is evaluated as often
+    # as its most expensive problem, not once per line-search trial of the slowest search of
     # every iteration.
-    assert len(records) == int(result.n_evals.max()) - 1
-    assert calls == len(records) + 1
+    assert len(records) == int(result.n_evals.max())
+    assert calls == len(records)
     statuses = torch.stack([p.status for p in records])  # (rounds, B)
     values = torch.stack([p.value for p in records])
     n_evals = torch.stack([p.n_evals for p in records])
@@ -492,8 +492,8 @@ def test_stopped_problems_are_frozen_while_the_others_run() -> None:
         stop = int((statuses[:, i] != StopReason.RUNNING).nonzero()[0])  # index of its last round
         stops.append(int(result.n_iter[i]))
         # While running, every round evaluates it exactly once.
-        assert stop + 1 == int(result.n_evals[i]) - 1
-        assert torch.equal(n_evals[: stop + 1, i], torch.arange(2, stop + 3))
+        assert stop + 1 == int(result.n_evals[i])
+        assert torch.equal(n_evals[: stop + 1, i], torch.arange(1, stop + 2))
         # Afterwards: frozen value, evaluation count and status, bitwise.
         for t in range(stop + 1, len(records)):
             assert bitwise_equal(values[t, i], values[stop, i]), (i, t)
@@ -657,6 +657,40 @@ def test_max_iter_zero_returns_the_start() -> None:
     assert not bool(result.converged)
 
 
+@pytest.mark.parametrize("max_iter", [0, 1, 20])
+def test_batched_start_left_to_the_first_round_is_minimizes_evaluated_start(max_iter: int) -> None:
+    """batched_minimize leaves the evaluation of its starting points to its first round (so that
+    a compiled solve evaluates them compiled); what that round makes of each start is what
+    minimize's evaluated start makes of it, bitwise: a start already optimal, one where the
+    function is NaN, one projected onto its box, and ordinary ones (batched_minimize refuses
+    crossed bounds before it starts)."""
+
+    def fun(x: Tensor, c: Tensor) -> Tensor:
+        return torch.sqrt(c[0]) * ((x - c[1:]) ** 2).sum()  # NaN where c[0] < 0
+
+    dt = torch.float64
+    c = torch.tensor([[1, 0.5, 0.5], [1, 0, 0], [-1, 1, 1], [1, 2, -1], [4, 3, 3], [1, -2, 2]], dtype=dt)
+    x0 = torch.tensor([[0, 0], [0, 0], [0, 0], [0, 0], [5, 5], [0, 1]], dtype=dt)
+    lower = torch.tensor([[-9, -9], [-9, -9], [-9, -9], [0.5, -9], [-9, -9], [-1, -9]], dtype=dt)
+    upper = torch.tensor([[9, 9], [9, 9], [9, 9], [9, 9], [1, 9], [9, 9]], dtype=dt)  # 4: x0 outside
+    options = {"max_iter": max_iter, "tolerance_grad": 1e-9, "tolerance_change": 0.0}
+    batched = torchlbfgs.batched_minimize(fun, x0, c, bounds=(lower, upper), **options)
+
+    def alone(x: Tensor, c: Tensor, low: Tensor, high: Tensor) -> Result:
+        return torchlbfgs.minimize(fun, x, c, bounds=(low, high), **options)
+
+    assert_results_bitwise(batched, torch.func.vmap(alone)(x0, c, lower, upper), "batched vs minimize")
+    assert batched.status[2] == StopReason.NON_FINITE
+    assert batched.n_evals[1:3].tolist() == [1, 1]
+    assert bool(batched.params[4, 0] <= 1)  # projected onto its box
+    if max_iter == 0:  # the iteration count is tested first
+        assert batched.n_evals.tolist() == [1] * 6
+        assert batched.status[[0, 1, 3, 4, 5]].tolist() == [StopReason.MAX_ITERATIONS] * 5
+    else:
+        assert batched.status[1] == StopReason.GRADIENT_TOLERANCE
+        assert batched.n_iter[[0, 3, 4, 5]].min() >= 1
+
+
 @pytest.mark.parametrize("max_iter", [-1, 2.0, None])
 def test_invalid_max_iter(max_iter: Any) -> None:
     with pytest.raises(ValueError, match="max_iter"):
@@ -708,15 +742,18 @@ def test_callback_sees_the_whole_batch(how: str, capsys: pytest.CaptureFixture[s
     without = batch.batched(**options_for("quadratic", torch.float64))
     assert_results_bitwise(result, without, "with callback vs without")
 
-    rounds = int(result.n_evals.max()) - 1  # the loop ends with the last problem's stop
+    # Evaluations before the first round: batched_minimize's first round evaluates the start,
+    # minimize evaluates it before its rounds.
+    before = 0 if how == "batched_minimize" else 1
+    rounds = int(result.n_evals.max()) - before  # the loop ends with the last problem's stop
     assert [p.rounds for p in records] == list(range(every, rounds + 1, every))
     for progress in records:
         for name in ("value", "grad_norm", "status", "n_iter", "n_evals"):
             assert getattr(progress, name).shape == (batch.size,), name
         for i in range(batch.size):  # problem i's lane: one evaluation per round until it stops
-            still_running = progress.rounds < result.n_evals[i] - 1
+            still_running = progress.rounds < result.n_evals[i] - before
             assert progress.status[i] == (StopReason.RUNNING if still_running else result.status[i])
-            assert progress.n_evals[i] == min(progress.rounds + 1, int(result.n_evals[i]))
+            assert progress.n_evals[i] == min(progress.rounds + before, int(result.n_evals[i]))
 
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == len(records)

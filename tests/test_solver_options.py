@@ -365,7 +365,7 @@ def test_progress_bar_shows_rounds_running_problems_and_values(capsys: pytest.Ca
     starts = torch.linspace(0, 2, 12, dtype=torch.float64).reshape(6, 2)
     result = torchlbfgs.batched_minimize(_slow_quartic, starts, progress=True)
     shown = capsys.readouterr().err.replace("\r", "\n")
-    rounds = int(max(result.n_evals)) - 1  # the start's evaluation is not a round
+    rounds = int(max(result.n_evals))  # a round per evaluation, the start's included
     last = [line for line in shown.splitlines() if "batched_minimize" in line][-1]
     assert f"{rounds}/{rounds}" in last  # the bar ends at the rounds run (its total was the bound)
     assert "0 running" in last

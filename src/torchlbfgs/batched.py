@@ -34,7 +34,7 @@ from torchlbfgs.objective import FlatObjective, flat_objective
 from torchlbfgs.options import reject_unknown_options, require_count
 from torchlbfgs.progress import ProgressBar, progress_wanted
 from torchlbfgs.pytree import Unravel, ravel_pytree
-from torchlbfgs.rounds import RoundState, Settings, advance, max_rounds, start
+from torchlbfgs.rounds import RoundState, Settings, advance, max_rounds, start_unevaluated
 from torchlbfgs.sharded_batch import batch_sharding
 from torchlbfgs.state import StopReason
 
@@ -211,9 +211,10 @@ def _solve(
         return flat_objective(lambda p: fun(p, *data), unravel, value_and_grad=value_and_grad)
 
     def start_one(params: PyTree, box: Bounds | None, *data: Any) -> RoundState:
+        # `data` (unused: the first round evaluates) sizes the batch where `params0` is shared.
         x, unravel = ravel_pytree(params)
         structure.append(unravel)
-        return start(objective(data, unravel), x, settings, box)
+        return start_unevaluated(x, settings, box)
 
     # Distinct, contiguous leaves, as a round returns them: vmap returns a leaf that does not
     # depend on the batch as a stride-0 expansion, and the start shares some leaves (the first
@@ -238,10 +239,11 @@ def _solve(
 
     check_every = stop_check_interval(settings.early_exit, state.lbfgs.status)
     active = active_batch(state, args, dims[1:], compile)
-    bar = ProgressBar(enabled=progress_wanted(progress), total=max_rounds(settings), label="batched_minimize")
+    total = 1 + max_rounds(settings)  # the first round evaluates the start
+    bar = ProgressBar(enabled=progress_wanted(progress), total=total, label="batched_minimize")
     done = 0  # rounds run
     try:
-        for rounds in range(1, max_rounds(settings) + 1):
+        for rounds in range(1, total + 1):
             if check_every is not None and (rounds - 1) % check_every == 0:
                 running = active.state.lbfgs.status == StopReason.RUNNING.value
                 keep = running.nonzero().squeeze(1)  # sync-ok: as often as early_exit allows

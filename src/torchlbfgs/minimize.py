@@ -91,7 +91,9 @@ class Progress(NamedTuple):
     reference does not.
 
     Attributes:
-        rounds: evaluation rounds so far (a Python int).
+        rounds: evaluation rounds so far (a Python int). :func:`minimize` evaluates its
+            starting point before its first round; :func:`batched_minimize`'s first round
+            evaluates the starting points (compiled, with the other rounds).
         value: current values.
         grad_norm: current ``max|g|``.
         status: current stop-reason codes (0 while running).

@@ -56,7 +56,7 @@ from torchlbfgs.sharding import LOCAL, Reductions
 from torchlbfgs.state import LBFGSState, StopReason
 from torchlbfgs.stopping import at_precision_limit, stop_reason
 
-__all__ = ["Proposal", "accept", "init", "initial_state", "propose", "update"]
+__all__ = ["Proposal", "accept", "init", "initial_state", "propose", "starting_status", "update"]
 
 PyTree = Any
 
@@ -145,10 +145,7 @@ def initial_state(
     is this after evaluating ``fun``."""
     require_count("history_size", history_size, 1)
     products = history_size if uses_compact_form(direction) else 0
-    finite = torch.isfinite(value) & reductions.all(torch.isfinite(grad).all())
-    status = torch.where(finite, _status(StopReason.RUNNING, grad), _status(StopReason.NON_FINITE, grad))
-    if bounds is not None:
-        status = torch.where(infeasible(bounds), StopReason.INVALID_BOUNDS.value, status)
+    status = starting_status(value, grad, bounds, reductions)
     # Every leaf is built from value/grad, so that under vmap each is a real batched tensor
     # (not a shared, stride-0 expansion): compile guards and in-place owners rely on it.
     return LBFGSState(
@@ -166,6 +163,18 @@ def initial_state(
         n_evals=torch.ones_like(value, dtype=torch.int64),
         status=status,
     )
+
+
+def starting_status(
+    value: torch.Tensor, grad: torch.Tensor, bounds: Bounds | None = None, reductions: Reductions = LOCAL
+) -> torch.Tensor:
+    """The status at a solve's first point: ``RUNNING``, or ``NON_FINITE`` where its value or
+    gradient is not finite, or ``INVALID_BOUNDS`` where ``bounds`` cross."""
+    finite = torch.isfinite(value) & reductions.all(torch.isfinite(grad).all())
+    status = torch.where(finite, _status(StopReason.RUNNING, grad), _status(StopReason.NON_FINITE, grad))
+    if bounds is not None:
+        status = torch.where(infeasible(bounds), StopReason.INVALID_BOUNDS.value, status)
+    return status
 
 
 def _check_state(state: LBFGSState, x: torch.Tensor) -> None:
