@@ -381,6 +381,7 @@ def test_without_tqdm_progress_is_plain_lines(
     torchlbfgs.batched_minimize(_slow_quartic, starts, progress=True)
     lines = capsys.readouterr().err.splitlines()
     assert lines[0].startswith("batched_minimize: round 0/")
+    assert "not evaluated yet" in lines[0]  # batched_minimize's first round evaluates the starts
     assert "6 running" in lines[0]  # every reading is a line: while they all ran,
     assert "0 running" in lines[-1]  # and at the end
 

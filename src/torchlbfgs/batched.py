@@ -251,7 +251,8 @@ def _solve(
                 if running_count == 0:
                     break
                 if bar.enabled:  # sync-ok: the bar reads the running problems' values
-                    values = active.state.lbfgs.value[keep]
+                    # (none before the first round, which evaluates the starts)
+                    values = active.state.lbfgs.value[keep] if rounds > 1 else None
                     bar.update(rounds=rounds - 1, running=running_count, values=values)
                 if should_shrink(running_count, running.numel()) and active.can_shrink:
                     active.shrink(keep)

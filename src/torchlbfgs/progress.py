@@ -67,12 +67,15 @@ class ProgressBar:
             if tqdm is not None:
                 self._bar = tqdm(total=total, desc=label, unit="round", file=self.stream, leave=True)
 
-    def update(self, *, rounds: int, running: int, values: torch.Tensor) -> None:
-        """Show that ``rounds`` rounds are done, ``running`` problems still run, with ``values``."""
+    def update(self, *, rounds: int, running: int, values: torch.Tensor | None) -> None:
+        """Show that ``rounds`` rounds are done, ``running`` problems still run, with ``values``
+        (``None``: none evaluated yet)."""
         if not self.enabled:
             return
-        finite = values[torch.isfinite(values)]
-        if finite.numel():
+        finite = None if values is None else values[torch.isfinite(values)]
+        if finite is None:
+            summary = "not evaluated yet"
+        elif finite.numel():
             low, high = (float(v) for v in torch.aminmax(finite))  # sync-ok: progress is shown on the host
             summary = f"value {low:.6g} .. {high:.6g}"
         else:
