@@ -110,7 +110,8 @@ def convergence_figure(path: Path) -> None:
 
 
 def throughput_figure(results: Path, path: Path) -> None:
-    rows = json.loads(results.read_text())["rows"]
+    # the rows of rates (others hold the alternated ratios)
+    rows = [row for row in json.loads(results.read_text())["rows"] if "problems_per_s" in row]
     figure, axis = plt.subplots(figsize=(8, 5))
     for solver in dict.fromkeys(row["solver"] for row in rows):
         points = sorted((row["B"], row["problems_per_s"]) for row in rows if row["solver"] == solver)
