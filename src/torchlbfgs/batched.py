@@ -231,7 +231,7 @@ def _solve(
     template = unravel(state.x[0].clone())
 
     def advance_one(state: RoundState, template: PyTree, *data: Any) -> RoundState:
-        return advance(objective(data, ravel_pytree(template)[1]), state, settings)
+        return advance(objective(data, ravel_pytree(template)[1]), state, settings, unevaluated_starts=True)
 
     advance_batch = torch.func.vmap(advance_one, in_dims=(0, None, *dims[1:]))
     if compile is not False:

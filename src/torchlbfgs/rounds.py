@@ -185,9 +185,7 @@ def start_unevaluated(x: torch.Tensor, settings: Settings, bounds: Bounds | None
     :func:`start` would have. A compiled solve thus evaluates its start with its compiled round
     rather than eagerly (an eager evaluation of the whole batch cost 5% of a compiled solve
     of ``bench/batched.py``'s problems). Until then the value is NaN and no evaluation is
-    counted. Not for parameters sharded over processes, whose solves
-    (:func:`~torchlbfgs.minimize`'s) start evaluated: their rounds spend no collective on a
-    start's status.
+    counted. Its rounds are ``advance(..., unevaluated_starts=True)``.
 
     Examples:
         >>> import optree, torch
@@ -197,13 +195,11 @@ def start_unevaluated(x: torch.Tensor, settings: Settings, bounds: Bounds | None
         >>> planned = start_unevaluated(torch.tensor([1.0, -2.0]), settings)
         >>> int(planned.lbfgs.n_evals), bool(planned.lbfgs.value.isnan())
         (0, True)
-        >>> first = advance(objective, planned, settings)
+        >>> first = advance(objective, planned, settings, unevaluated_starts=True)
         >>> direct = start(objective, torch.tensor([1.0, -2.0]), settings)
         >>> all(torch.equal(a, b) for a, b in zip(optree.tree_leaves(first), optree.tree_leaves(direct)))
         True
     """
-    if settings.reductions.sharded:
-        raise ValueError("start_unevaluated: parameters sharded over processes start evaluated (start)")
     if bounds is not None:
         x = project(x, bounds)
     zeros = torch.zeros_like(x)
@@ -220,12 +216,15 @@ def start_unevaluated(x: torch.Tensor, settings: Settings, bounds: Bounds | None
     return RoundState(x=x, lbfgs=unevaluated, proposal=proposal, search=search, bounds=box, trial=x)
 
 
-def advance(objective: FlatObjective, state: RoundState, settings: Settings) -> RoundState:
+def advance(
+    objective: FlatObjective, state: RoundState, settings: Settings, *, unevaluated_starts: bool = False
+) -> RoundState:
     """One round: evaluate each running problem at its trial point and move it on.
 
     Problems that have stopped are evaluated at their own point (in a batch everybody is
-    evaluated) and left bitwise unchanged. A problem not yet evaluated
-    (:func:`start_unevaluated`) is evaluated at its start and begins its first iteration.
+    evaluated) and left bitwise unchanged. With ``unevaluated_starts`` (rounds that began at
+    :func:`start_unevaluated`), a problem not yet evaluated is evaluated at its start and begins
+    its first iteration; rounds that began at :func:`start` spare those selections.
     """
     method = settings.search
     x, lbfgs, proposal, bounds = state.x, state.lbfgs, state.proposal, given_bounds(state.bounds)
@@ -234,8 +233,10 @@ def advance(objective: FlatObjective, state: RoundState, settings: Settings) -> 
     value = value.to(x.dtype)
     search = method.digest(state.search, origin, value, grad)
 
-    starting = lbfgs.n_evals == 0
-    search_over = (lbfgs.status == StopReason.RUNNING.value) & ~method.trial(search)[1] & ~starting
+    search_over = (lbfgs.status == StopReason.RUNNING.value) & ~method.trial(search)[1]
+    starting = lbfgs.n_evals == 0 if unevaluated_starts else None
+    if starting is not None:
+        search_over = search_over & ~starting
     new_x, new_lbfgs = accept(
         x, lbfgs, proposal, method.outcome(search), line_search=settings.line_search,
         tolerance_grad=settings.tolerance_grad, tolerance_change=settings.tolerances.change,
@@ -244,7 +245,7 @@ def advance(objective: FlatObjective, state: RoundState, settings: Settings) -> 
     )  # fmt: skip
     new_x = torch.where(search_over, new_x, x)
     begin = search_over
-    if not settings.reductions.sharded:  # sharded solves start evaluated (`start_unevaluated`)
+    if starting is not None:
         # A start evaluated now takes the state `start` gives it; its memory, the empty one,
         # is what `accept` (inactive there) returns.
         started = lbfgs._replace(
