@@ -146,17 +146,8 @@ def ours_timer(X: np.ndarray, y: np.ndarray) -> Timer:
 def eager_evaluation_timer(X: np.ndarray, y: np.ndarray, evaluations: int) -> Timer:
     """The floor of an eager solve: ``evaluations`` eager vmapped values and gradients of the
     whole batch (as many as the solve needs per problem), and nothing else."""
-    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
-    evaluate = torch.func.vmap(torch.func.grad_and_value(torch_loss))
-    w = torch.zeros(Xt.shape[0], D)
-
-    def timed() -> tuple[float, dict[str, Any]]:
-        start = time.perf_counter()
-        for _ in range(evaluations):
-            evaluate(w, Xt, yt)
-        return time.perf_counter() - start, {}
-
-    return timed
+    evaluation = BatchEvaluation(torch.from_numpy(X), torch.from_numpy(y), compiled=False)
+    return lambda: (evaluation.seconds(evaluations), {})
 
 
 def alternate(timers: dict[str, Timer], repeats: int) -> dict[str, dict[str, Any]]:
@@ -299,7 +290,7 @@ def compiled_worker(batch: int, repeats: int, out: Path) -> None:
     report.update(stage="timing", first_solve_seconds=time.perf_counter() - start,
                   graphs=torch._dynamo.utils.counters["stats"]["unique_graphs"])  # fmt: skip
     write_report(out, report)
-    evaluation = BatchEvaluation(X, y)
+    evaluation, calls = BatchEvaluation(X, y, compiled=True), 20
     # The solve and the bound's evaluations alternate, so that each pair sees the same state of
     # the machine (whose speed drifts by more than the ratio's margin within a minute).
     solves, evaluations = [], []
@@ -307,7 +298,7 @@ def compiled_worker(batch: int, repeats: int, out: Path) -> None:
         start = time.perf_counter()
         result = solve_ours(X, y, compile=True)
         solves.append(time.perf_counter() - start)
-        evaluations.append(evaluation.seconds())
+        evaluations.append(evaluation.seconds(calls) / calls)
     evals = float(result.n_evals.float().mean())
     seconds = statistics.median(solves)
     # each pair's ratio: the evaluations the problems need, alone, over the solve
@@ -321,24 +312,23 @@ def compiled_worker(batch: int, repeats: int, out: Path) -> None:
 
 
 class BatchEvaluation:
-    """What evaluation alone costs: the compiled (Inductor) vmapped value and gradient of the
-    loss over the whole batch. Times the evaluations a problem needs, no solver built on these
-    evaluations can go faster."""
+    """What evaluation alone costs: the vmapped value and gradient of the loss over the whole
+    batch, eager or compiled (Inductor). Times the evaluations a problem needs, no solver built
+    on these evaluations can go faster."""
 
-    calls = 20
-
-    def __init__(self, X: torch.Tensor, y: torch.Tensor) -> None:
-        self.evaluate = torch.compile(torch.func.vmap(torch.func.grad_and_value(torch_loss)))
+    def __init__(self, X: torch.Tensor, y: torch.Tensor, *, compiled: bool) -> None:
+        evaluate = torch.func.vmap(torch.func.grad_and_value(torch_loss))
+        self.evaluate = torch.compile(evaluate) if compiled else evaluate
         self.X, self.y = X.clone(), y.clone()  # tensors of its own: nothing the solve's compile saw
         self.w = torch.zeros(X.shape[0], X.shape[-1])
-        self.evaluate(self.w, self.X, self.y)  # compile
+        self.evaluate(self.w, self.X, self.y)  # warm-up (compiles)
 
-    def seconds(self) -> float:
-        """The time of one evaluation of the batch (the mean of :attr:`calls`)."""
+    def seconds(self, calls: int) -> float:
+        """The time of ``calls`` evaluations of the batch."""
         start = time.perf_counter()
-        for _ in range(self.calls):
+        for _ in range(calls):
             self.evaluate(self.w, self.X, self.y)
-        return (time.perf_counter() - start) / self.calls
+        return time.perf_counter() - start
 
 
 def memory_worker(batch: int, out: Path) -> None:
