@@ -126,10 +126,7 @@ def solve_ours(X: torch.Tensor, y: torch.Tensor, compile: bool = False) -> torch
     )  # fmt: skip
 
 
-Timer = Callable[[], tuple[float, dict[str, Any]]]  # one timed solve: seconds, and its results
-
-
-def ours_timer(X: np.ndarray, y: np.ndarray) -> Timer:
+def ours_timer(X: np.ndarray, y: np.ndarray) -> common.Timer:
     Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
     solve_ours(Xt[:4], yt[:4])  # warm-up
 
@@ -143,32 +140,11 @@ def ours_timer(X: np.ndarray, y: np.ndarray) -> Timer:
     return timed
 
 
-def eager_evaluation_timer(X: np.ndarray, y: np.ndarray, evaluations: int) -> Timer:
+def eager_evaluation_timer(X: np.ndarray, y: np.ndarray, evaluations: int) -> common.Timer:
     """The floor of an eager solve: ``evaluations`` eager vmapped values and gradients of the
     whole batch (as many as the solve needs per problem), and nothing else."""
     evaluation = BatchEvaluation(torch.from_numpy(X), torch.from_numpy(y), compiled=False)
     return lambda: (evaluation.seconds(evaluations), {})
-
-
-def alternate(timers: dict[str, Timer], repeats: int) -> dict[str, dict[str, Any]]:
-    """Each solver's results and median time, the solvers run in turn ``repeats`` times, so
-    that each round of them sees the same state of the machine (its speed drifts by tens of
-    percent within minutes); ``"times"`` holds each round's seconds."""
-    times: dict[str, list[float]] = {name: [] for name in timers}
-    results: dict[str, dict[str, Any]] = {}
-    for _ in range(repeats):
-        for name, timed in timers.items():
-            seconds, results[name] = timed()
-            times[name].append(seconds)
-    for name, result in results.items():
-        result.update(seconds=statistics.median(times[name]), times=times[name])
-    return results
-
-
-def paired_ratio(numerator: dict[str, Any], denominator: dict[str, Any]) -> float:
-    """The median over the rounds of :func:`alternate` of one solver's time over another's."""
-    pairs = zip(numerator["times"], denominator["times"], strict=True)
-    return statistics.median(a / b for a, b in pairs)
 
 
 def run_torch_loop(X: np.ndarray, y: np.ndarray, count: int) -> dict[str, Any]:
@@ -255,7 +231,7 @@ def jax_solvers() -> dict[str, Callable[..., Any]] | str:
     return {OPTAX: jax.jit(jax.vmap(optax_one)), JAXOPT: jax.jit(jax.vmap(jaxopt_one))}
 
 
-def jax_timer(solver: Callable[..., Any], X: np.ndarray, y: np.ndarray) -> Timer:
+def jax_timer(solver: Callable[..., Any], X: np.ndarray, y: np.ndarray) -> common.Timer:
     """A timer of the jitted ``solver`` on this data (compiled here; its results say how long
     that took)."""
     import jax
@@ -499,7 +475,7 @@ def main() -> None:
         timers[EAGER_FLOOR] = eager_evaluation_timer(X, y, evaluations)
         if isinstance(jax, dict):
             timers.update({name: jax_timer(solver, X, y) for name, solver in jax.items()})
-        results = alternate(timers, args.repeats)
+        results = common.alternate(timers, args.repeats)
         floor = results.pop(EAGER_FLOOR)
         if not args.no_compile:
             results[COMPILED] = run_compiled(batch, args.repeats, args.compile_timeout)
@@ -537,8 +513,8 @@ def main() -> None:
         if jax_note:
             print(f"{'JAX solvers':>42} {batch:>5} {jax_note}")
         elif OPTAX in results:
-            eager_over_optax = paired_ratio(results[OPTAX], results[OURS])
-            floor_over_optax = paired_ratio(results[OPTAX], floor)
+            eager_over_optax = common.paired_ratio(results[OPTAX], results[OURS])
+            floor_over_optax = common.paired_ratio(results[OPTAX], floor)
             print(f"{'ours eager against optax':>42} {batch:>5} {batch:>5} {eager_over_optax:>11.2f}x  "
                   "(optax's time over ours: median of alternated pairs)")  # fmt: skip
             print(f"{EAGER_FLOOR + ' against optax':>42} {batch:>5} {batch:>5} {floor_over_optax:>11.2f}x  "

@@ -95,18 +95,23 @@ with ``scipy.optimize.nnls``'s (an exact active-set method): the table gives the
 curvature down to 0.034 leaves x within about 3e-5 of the solution). Solvers:
 
 * ours eager: ``torchlbfgs.batched_minimize(fun, x0, A, b, bounds=(0.0, None))``, strong
-  Wolfe (the default line search), median of ``--repeats`` timed calls after a warm-up on 4
-  problems;
+  Wolfe (the default line search), after a warm-up on 4 problems;
 * ours compiled: the same with ``compile=True``; the first call compiles (its time minus the
-  median of the next ``--repeats`` calls is the compile time, reported apart), the solve time
-  is the median of those later calls. Inductor's on-disk cache is a fresh temporary folder
-  (unless ``TORCHINDUCTOR_CACHE_DIR`` is set), so the compile time is a cold one;
+  median of the timed calls is the compile time, reported apart). Inductor's on-disk cache is
+  a fresh temporary folder (unless ``TORCHINDUCTOR_CACHE_DIR`` is set), so the compile time is
+  a cold one;
 * a Python loop of scipy L-BFGS-B (``maxcor=10``, the objective and gradient in numpy) over
-  the first ``--loop-max`` (64) problems, the median of ``--repeats`` timed loops; problems/s
-  is scaled from those;
+  the first ``--loop-max`` (64) problems; problems/s is scaled from those;
 * if JAX is installed: ``jax.jit(jax.vmap(solve_one))``, ``solve_one`` running
   ``jaxopt.LBFGSB`` on one problem; compiled ahead of time (compile time reported apart),
-  one warm-up call, then the median of ``--repeats`` calls with ``block_until_ready``.
+  one warm-up call, each call timed with ``block_until_ready``.
+
+Once all are compiled and warm, the solvers take turns ``--repeats`` times (each round times
+every solver once), so that the timings a ratio pairs are made seconds apart: this machine's
+speed drifts by tens of percent within minutes, and solvers timed one after the other minutes
+apart gave ratios off by that much (``bench/README.md``, ``batched.py``'s section). Each
+solver's time is its median over the rounds, and each ratio ours / anchor the median over the
+rounds of that round's ratio.
 
 Printed: a markdown table of problems/s, seconds, mean evaluations and iterations, problems
 not converged, max disagreement with nnls and compile seconds; then the ratios ours/anchor
@@ -616,61 +621,63 @@ def solve_ours(A: torch.Tensor, b: torch.Tensor, compile: bool = False) -> torch
     )  # fmt: skip
 
 
-def ours_entry(result: torchlbfgs.Result, seconds: float) -> dict[str, Any]:
+def ours_entry(result: torchlbfgs.Result) -> dict[str, Any]:
     gtol = torchlbfgs.StopReason.GRADIENT_TOLERANCE.value
-    return {"seconds": seconds, "params": result.params.numpy(),
+    return {"params": result.params.numpy(),
             "evals_mean": float(result.n_evals.double().mean()),
             "iterations_mean": float(result.n_iter.double().mean()),
             "not_converged": int((result.status != gtol).sum())}  # fmt: skip
 
 
-def run_eager(A: np.ndarray, b: np.ndarray, repeats: int) -> dict[str, Any]:
-    At, bt = torch.from_numpy(A), torch.from_numpy(b)
-    solve_ours(At[:4], bt[:4])  # warm-up
-    seconds, result = common.timed_runs(lambda: solve_ours(At, bt), repeats)
-    return ours_entry(result, seconds)
-
-
-def run_compiled(A: np.ndarray, b: np.ndarray, repeats: int) -> dict[str, Any]:
+def ours_timer(A: np.ndarray, b: np.ndarray, compile: bool) -> common.Timer:
+    """A timer of ``batched_minimize`` on the batch, warmed up here (compiled: the first call
+    compiles, and its results say how long it took)."""
     At, bt = torch.from_numpy(A), torch.from_numpy(b)
     graphs = torch._dynamo.utils.counters["stats"]
     start = time.perf_counter()
-    solve_ours(At, bt, compile=True)
-    first, graphs_first = time.perf_counter() - start, graphs["unique_graphs"]
-    seconds, result = common.timed_runs(lambda: solve_ours(At, bt, compile=True), repeats)
-    return {**ours_entry(result, seconds), "compile_seconds": first - seconds, "first_call_seconds": first,
-            "graphs_after_first_call": graphs_first,
-            "graphs_after_timed_calls": graphs["unique_graphs"]}  # fmt: skip
+    solve_ours(At, bt, compile=True) if compile else solve_ours(At[:4], bt[:4])
+    compiled = {"first_call_seconds": time.perf_counter() - start,
+                "graphs_after_first_call": graphs["unique_graphs"]} if compile else {}  # fmt: skip
+
+    def timed() -> tuple[float, dict[str, Any]]:
+        start = time.perf_counter()
+        result = solve_ours(At, bt, compile=compile)
+        seconds = time.perf_counter() - start
+        after = {"graphs_after_timed_calls": graphs["unique_graphs"]} if compile else {}
+        return seconds, {**ours_entry(result), **compiled, **after}
+
+    return timed
 
 
-def run_scipy_loop(A: np.ndarray, b: np.ndarray, count: int) -> dict[str, Any]:
+def scipy_loop_timer(A: np.ndarray, b: np.ndarray, count: int) -> common.Timer:
+    """A timer of a loop of scipy's L-BFGS-B over the first ``count`` problems."""
+
     def objective(x: np.ndarray, A: np.ndarray, b: np.ndarray) -> tuple[float, np.ndarray]:
         residual = A @ x - b
         return 0.5 * float(residual @ residual) / ROWS_B, A.T @ residual / ROWS_B
 
     options = {"maxcor": HISTORY, "gtol": TOL_B, "ftol": 0.0, "maxiter": MAX_ITER_B, "maxfun": 10**6}
     bounds = scipy.optimize.Bounds(np.zeros(COLUMNS_B), np.full(COLUMNS_B, np.inf))
-    params, evals, iterations, failed = np.empty((count, COLUMNS_B)), 0, 0, 0
-    start = time.perf_counter()
-    for i in range(count):
-        found = scipy.optimize.minimize(objective, np.ones(COLUMNS_B), args=(A[i], b[i]), jac=True,
-                                        method="L-BFGS-B", bounds=bounds, options=options)  # fmt: skip
-        params[i] = found.x
-        evals, iterations = evals + found.nfev, iterations + found.nit
-        failed += "PROJECTED GRADIENT" not in str(found.message)
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "params": params, "evals_mean": evals / count,
-            "iterations_mean": iterations / count, "not_converged": failed}  # fmt: skip
+
+    def timed() -> tuple[float, dict[str, Any]]:
+        params, evals, iterations, failed = np.empty((count, COLUMNS_B)), 0, 0, 0
+        start = time.perf_counter()
+        for i in range(count):
+            found = scipy.optimize.minimize(objective, np.ones(COLUMNS_B), args=(A[i], b[i]), jac=True,
+                                            method="L-BFGS-B", bounds=bounds, options=options)  # fmt: skip
+            params[i] = found.x
+            evals, iterations = evals + found.nfev, iterations + found.nit
+            failed += "PROJECTED GRADIENT" not in str(found.message)
+        seconds = time.perf_counter() - start
+        return seconds, {"params": params, "evals_mean": evals / count,
+                         "iterations_mean": iterations / count, "not_converged": failed}  # fmt: skip
+
+    return timed
 
 
-def median_of(run: Callable[[], dict[str, Any]], repeats: int) -> dict[str, Any]:
-    """The run with the median time of ``repeats`` runs (the loop is timed as often as the
-    vectorised solvers, median of ``--repeats``)."""
-    runs = sorted((run() for _ in range(repeats)), key=lambda outcome: outcome["seconds"])
-    return runs[len(runs) // 2]
-
-
-def run_jaxopt_vmap(A: np.ndarray, b: np.ndarray, repeats: int) -> dict[str, Any] | str:
+def jaxopt_timer(A: np.ndarray, b: np.ndarray) -> common.Timer | str:
+    """A timer of ``jax.jit(jax.vmap(jaxopt.LBFGSB))`` on the batch, compiled and warmed up
+    here; or why JAX cannot run."""
     imported = common.import_jax()
     if isinstance(imported, str):
         return imported
@@ -691,37 +698,47 @@ def run_jaxopt_vmap(A: np.ndarray, b: np.ndarray, repeats: int) -> dict[str, Any
     compiled = jax.jit(jax.vmap(solve_one)).lower(Aj, bj).compile()
     compile_seconds = time.perf_counter() - start
     jax.block_until_ready(compiled(Aj, bj))  # warm-up
-    seconds, (x, iterations, evals, error) = common.timed_runs(
-        lambda: jax.block_until_ready(compiled(Aj, bj)), repeats
-    )
-    return {"seconds": seconds, "params": np.asarray(x),
-            "evals_mean": float(np.mean(evals)), "iterations_mean": float(np.mean(iterations)),
-            "not_converged": int(np.sum(~(np.asarray(error) <= TOL_B))),
-            "compile_seconds": compile_seconds}  # fmt: skip
+
+    def timed() -> tuple[float, dict[str, Any]]:
+        start = time.perf_counter()
+        x, iterations, evals, error = jax.block_until_ready(compiled(Aj, bj))
+        seconds = time.perf_counter() - start
+        return seconds, {"params": np.asarray(x),
+                         "evals_mean": float(np.mean(evals)), "iterations_mean": float(np.mean(iterations)),
+                         "not_converged": int(np.sum(~(np.asarray(error) <= TOL_B))),
+                         "compile_seconds": compile_seconds}  # fmt: skip
+
+    return timed
 
 
 def batched_part(batch: int, loop_max: int, repeats: int, no_compile: bool, no_jax: bool) -> dict[str, Any]:
     A, b = make_nnls_batch(batch)
     exact = np.stack([scipy.optimize.nnls(A[i], b[i])[0] for i in range(batch)])
     count = min(batch, loop_max)
-    results: dict[str, dict[str, Any]] = {}
     failures: dict[str, str] = {}
-    runs: list[tuple[str, Callable[[], Any]]] = [(EAGER, lambda: run_eager(A, b, repeats))]
+    makers: list[tuple[str, Callable[[], common.Timer | str]]] = [(EAGER, lambda: ours_timer(A, b, False))]
     if not no_compile:
-        runs.append((COMPILED, lambda: run_compiled(A, b, repeats)))
-    runs.append((SCIPY_LOOP, lambda: median_of(lambda: run_scipy_loop(A, b, count), repeats)))
+        makers.append((COMPILED, lambda: ours_timer(A, b, True)))
+    makers.append((SCIPY_LOOP, lambda: scipy_loop_timer(A, b, count)))
     if not no_jax:
-        runs.append((JAXOPT_VMAP, lambda: run_jaxopt_vmap(A, b, repeats)))
-    for name, run in runs:
+        makers.append((JAXOPT_VMAP, lambda: jaxopt_timer(A, b)))
+    timers: dict[str, common.Timer] = {}
+    for name, make in makers:
         try:
-            outcome = run()
+            timer = make()
         except Exception as error:  # a crash is a result too
-            outcome = f"raised {type(error).__name__}: {error}"[:300]
-        if isinstance(outcome, str):
-            failures[name] = outcome
+            timer = f"raised {type(error).__name__}: {error}"[:300]
+        if isinstance(timer, str):
+            failures[name] = timer
         else:
-            results[name] = outcome
-        print(f"  {name}: done", flush=True)
+            timers[name] = timer
+        print(f"  {name}: ready", flush=True)
+    # The solvers take turns, --repeats times: each ratio below pairs timings made seconds apart
+    # (this machine's speed drifts by tens of percent within minutes).
+    results = common.alternate(timers, repeats)
+    if COMPILED in results:
+        compiled = results[COMPILED]
+        compiled["compile_seconds"] = compiled["first_call_seconds"] - compiled["seconds"]
 
     rows = []
     for name, result in results.items():
@@ -753,19 +770,26 @@ def batched_part(batch: int, loop_max: int, repeats: int, no_compile: bool, no_j
         print(f"\n{name}: {failure}")
 
     rates = {row["solver"]: row["problems_per_s"] for row in rows}
-    anchors = {name: rate for name, rate in rates.items() if name in (SCIPY_LOOP, JAXOPT_VMAP)}
+    anchors = [name for name in (SCIPY_LOOP, JAXOPT_VMAP) if name in results]
     ratios: dict[str, Any] = {}
+
+    def paired(ours: str, anchor: str) -> float:
+        """ours / anchor in problems/s, the median over the alternated rounds (the loop timed
+        on fewer problems: its rate per round scaled by its own count)."""
+        problems = results[ours]["params"].shape[0] / results[anchor]["params"].shape[0]
+        return problems * common.paired_ratio(results[anchor], results[ours])
+
     if anchors:
-        faster = max(anchors, key=lambda name: anchors[name])
+        faster = max(anchors, key=lambda name: rates[name])
         ratios["faster_anchor"] = faster
-        print(f"\nproblems/s, ours / anchor (above 1: ours faster); faster anchor: {faster}\n")
+        print(f"\nproblems/s, ours / anchor (above 1: ours faster; median of the alternated rounds' "
+              f"ratios); faster anchor: {faster}\n")  # fmt: skip
         table = []
         for ours in (COMPILED, EAGER):
             if ours not in rates:
                 continue
-            cells = [ours, f"{rates[ours] / anchors[faster]:.2f}"]
-            cells += [f"{rates[ours] / anchors[a]:.2f}" for a in anchors]
-            ratios[ours] = {a: rates[ours] / anchors[a] for a in anchors}
+            ratios[ours] = {anchor: paired(ours, anchor) for anchor in anchors}
+            cells = [ours, f"{ratios[ours][faster]:.2f}", *(f"{ratios[ours][a]:.2f}" for a in anchors)]
             table.append(cells)
         print(markdown(["ours", "vs faster anchor", *(f"vs {a}" for a in anchors)], table))
     agree = all(row["agrees"] for row in rows)

@@ -100,15 +100,28 @@ def timed_ms(
     return 1e3 * statistic(times)
 
 
-def timed_runs(work: Callable[[], Any], repeats: int) -> tuple[float, Any]:
-    """The median over ``repeats`` calls of ``work()`` in seconds, and the last call's result
-    (for benchmarks that report what the timed solve returned)."""
-    times, result = [], None
+Timer = Callable[[], tuple[float, dict[str, Any]]]  # one timed solve: seconds, and its results
+
+
+def alternate(timers: dict[str, Timer], repeats: int) -> dict[str, dict[str, Any]]:
+    """Each solver's results and median time, the solvers run in turn ``repeats`` times, so
+    that each round of them sees the same state of the machine (its speed drifts by tens of
+    percent within minutes); ``"times"`` holds each round's seconds."""
+    times: dict[str, list[float]] = {name: [] for name in timers}
+    results: dict[str, dict[str, Any]] = {}
     for _ in range(repeats):
-        start = time.perf_counter()
-        result = work()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+        for name, timed in timers.items():
+            seconds, results[name] = timed()
+            times[name].append(seconds)
+    for name, result in results.items():
+        result.update(seconds=statistics.median(times[name]), times=times[name])
+    return results
+
+
+def paired_ratio(numerator: dict[str, Any], denominator: dict[str, Any]) -> float:
+    """The median over the rounds of :func:`alternate` of one solver's time over another's."""
+    pairs = zip(numerator["times"], denominator["times"], strict=True)
+    return statistics.median(a / b for a, b in pairs)
 
 
 def write_report(report: dict[str, Any], began: float, output: Path) -> None:
