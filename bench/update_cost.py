@@ -37,9 +37,12 @@ first step by the gradient's norm in its own way):
   closure once more at its start, so it evaluates about once more per iteration).
 
 Every solver starts from the same point, takes ``--warmup`` untimed iterations (to fill its
-history and compile), then ``--iters`` iterations are timed; ms/iteration is the median over
-``--repeats`` repetitions (the functional solvers restart from the same warm state, torch from
-a fresh optimizer and its own warm-up). Evaluations per iteration are those counted by each
+history and compile), then windows of ``--iters`` iterations are timed (the functional solvers
+restart from the same warm state, torch from a fresh optimizer and its own warm-up). Once every
+solver of a case is ready, their windows take turns ``--repeats`` times, so that the windows a
+ratio pairs are timed seconds apart (this machine's speed drifts by tens of percent within
+minutes); ms/iteration is a solver's median window, and each ratio the median over the turns
+of that turn's ratio. Evaluations per iteration are those counted by each
 solver; "calls" are the evaluations actually executed (more than counted where the masked loop
 runs on: eager with ``early_exit=False``). Ratios: ours/optax on the same problem and line
 search; "vs eager" against the default eager update. "|dx| run" of the other rows:
@@ -134,16 +137,20 @@ def run(step: Callable[[Carry], Carry], carry: Carry, iterations: int) -> Carry:
     return carry
 
 
-def time_window(
-    step: Callable[[Carry], Carry], carry: Carry, iterations: int, repeats: int, sync: Callable[[Carry], Any]
-) -> list[float]:
-    """ms per iteration of ``iterations`` steps from ``carry``, once per repeat."""
-    times = []
-    for _ in range(repeats):
+Window = Callable[[], float]  # one timed window: ms per iteration
+
+
+def window_of(
+    step: Callable[[Carry], Carry], carry: Carry, iterations: int, sync: Callable[[Carry], Any]
+) -> Window:
+    """A timed window: ms per iteration of ``iterations`` steps from ``carry``."""
+
+    def window() -> float:
         start = time.perf_counter()
         sync(run(step, carry, iterations))
-        times.append(1e3 * (time.perf_counter() - start) / iterations)
-    return times
+        return 1e3 * (time.perf_counter() - start) / iterations
+
+    return window
 
 
 def summary(times: list[float], **extra: Any) -> dict[str, Any]:
@@ -178,16 +185,16 @@ def window_outcome(start: Carry, end: Carry, iterations: int) -> dict[str, Any]:
 
 
 def run_ours_eager(fun: Callable, x0: torch.Tensor, line_search: str | None, early_exit: bool | None,
-                   args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
-    """Eager ``update``: a counted pass from x0 (iterates, evaluations), then the timed windows."""
+                   args: argparse.Namespace) -> tuple[dict[str, Any], Window]:  # fmt: skip
+    """Eager ``update``: a counted pass from x0 (iterates, evaluations), and its timed window."""
     counted_fun, calls = counting(fun)
     counted = ours_step(counted_fun, line_search, early_exit=early_exit)
     warm = run(counted, (x0, torchlbfgs.init(fun, x0, history_size=HISTORY)), args.warmup)
     calls[0] = 0
     outcome = window_outcome(warm, run(counted, warm, args.iters), args.iters)
     step = ours_step(fun, line_search, early_exit=early_exit)
-    times = time_window(step, warm, args.iters, args.repeats, sync=lambda _: None)
-    return summary(times, calls_per_iteration=calls[0] / args.iters, **outcome)
+    window = window_of(step, warm, args.iters, sync=lambda _: None)
+    return {"calls_per_iteration": calls[0] / args.iters, **outcome}, window
 
 
 def update_step(fun: Callable, line_search: str | None, max_ls: int) -> Callable:
@@ -208,9 +215,9 @@ def one_step_check(eager: Callable, compiled: Callable, carry: Carry) -> dict[st
 
 
 def run_ours_compiled(fun: Callable, x0: torch.Tensor, line_search: str | None, args: argparse.Namespace,
-                      backend: str) -> dict[str, Any]:  # fmt: skip
+                      backend: str) -> tuple[dict[str, Any], Window]:  # fmt: skip
     """``torch.compile(update step, fullgraph=True)``: compile on the first call (timed), then
-    the same counted pass and timed windows as eager. A graph break raises here. The iterates
+    the same counted pass and timed window as eager. A graph break raises here. The iterates
     are compared with the eager step of the same options (``max_ls`` included)."""
     from torch._dynamo.utils import counters
 
@@ -226,33 +233,33 @@ def run_ours_compiled(fun: Callable, x0: torch.Tensor, line_search: str | None, 
     first_call = time.perf_counter() - start
     warm = run(step, carry, args.warmup - 1)
     outcome = window_outcome(warm, run(step, warm, args.iters), args.iters)
-    times = time_window(step, warm, args.iters, args.repeats, sync=lambda _: None)
-    steady = statistics.median(times) / 1e3
+    window = window_of(step, warm, args.iters, sync=lambda _: None)
     check = one_step_check(plain, compiled, warm)
     reference = run(lambda carry: plain(*carry), initial, args.warmup + args.iters)
     # the search is a device-side while_loop: it evaluates what it counts
     calls = outcome["evals_per_iteration"]
-    return summary(times, calls_per_iteration=calls, compile_seconds=first_call - steady, backend=backend,
-                   max_ls=max_ls, graphs=counters["stats"]["unique_graphs"],
-                   graph_breaks=sum(counters["graph_break"].values()), **check, **outcome,
-                   x_reference=reference[0], n_evals_eager=int(reference[1].n_evals))  # fmt: skip
+    info = {"calls_per_iteration": calls, "first_call_seconds": first_call, "backend": backend,
+            "max_ls": max_ls, "graphs": counters["stats"]["unique_graphs"],
+            "graph_breaks": sum(counters["graph_break"].values()), **check, **outcome,
+            "x_reference": reference[0], "n_evals_eager": int(reference[1].n_evals)}  # fmt: skip
+    return info, window
 
 
 def compiled_or_failure(fun: Callable, x0: torch.Tensor, line_search: str | None,
-                        args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
+                        args: argparse.Namespace) -> tuple[dict[str, Any], Window | None]:  # fmt: skip
     """Compile with Inductor; if Inductor itself fails (not a graph break), say why and fall
     back to ``aot_eager``. A graph break (``fullgraph=True``) is reported as a failure."""
     try:
         return run_ours_compiled(fun, x0, line_search, args, backend="inductor")
     except torch._dynamo.exc.Unsupported as error:
-        return {"failure": f"graph break: {str(error).splitlines()[0][:300]}"}
+        return {"failure": f"graph break: {str(error).splitlines()[0][:300]}"}, None
     except Exception as error:  # an Inductor failure is a result to report
         reason = f"inductor failed: {type(error).__name__}: {str(error).splitlines()[0][:300]}"
     try:
-        fallback = run_ours_compiled(fun, x0, line_search, args, backend="aot_eager")
+        fallback, window = run_ours_compiled(fun, x0, line_search, args, backend="aot_eager")
     except Exception as error:
-        return {"failure": f"{reason}; aot_eager failed too: {type(error).__name__}: {error}"[:600]}
-    return {**fallback, "inductor_failure": reason}
+        return {"failure": f"{reason}; aot_eager failed too: {type(error).__name__}: {error}"[:600]}, None
+    return {**fallback, "inductor_failure": reason}, window
 
 
 # -------------------------------------------------------------------------------------- optax
@@ -283,7 +290,7 @@ def optax_step(problem: str, line_search: str | None) -> Callable[..., Any]:
 
 
 def run_optax(problem: str, data: dict[str, np.ndarray], line_search: str | None,
-              args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
+              args: argparse.Namespace) -> tuple[dict[str, Any], Window]:  # fmt: skip
     import jax
     import optax
 
@@ -301,11 +308,12 @@ def run_optax(problem: str, data: dict[str, np.ndarray], line_search: str | None
     for _ in range(args.iters):
         end = step(end)
         evals += float(optax.tree.get(end[1], "num_linesearch_steps")) if line_search else 1.0
-    times = time_window(step, warm, args.iters, args.repeats, sync=jax.block_until_ready)
+    window = window_of(step, warm, args.iters, sync=jax.block_until_ready)
     value_end = float(jax_loss(problem)(end[0], arrays))
-    return summary(times, evals_per_iteration=evals / args.iters, calls_per_iteration=evals / args.iters,
-                   compile_seconds=compile_seconds, value_end=value_end,
-                   x_end=torch.from_numpy(np.array(end[0])))  # fmt: skip
+    info = {"evals_per_iteration": evals / args.iters, "calls_per_iteration": evals / args.iters,
+            "compile_seconds": compile_seconds, "value_end": value_end,
+            "x_end": torch.from_numpy(np.array(end[0]))}  # fmt: skip
+    return info, window
 
 
 # -------------------------------------------------------------------------- torch.optim.LBFGS
@@ -334,12 +342,15 @@ def torch_window(fun: Callable, x0: torch.Tensor, line_search: str | None,
     return 1e3 * elapsed / args.iters, optimizer, x, optimizer.state[x]["func_evals"] - evals
 
 
-def run_torch(fun: Callable, x0: torch.Tensor, line_search: str | None, args: argparse.Namespace) -> dict:
-    windows = [torch_window(fun, x0, line_search, args) for _ in range(args.repeats)]
-    _, _, x, evals = windows[-1]
-    return summary([window[0] for window in windows], evals_per_iteration=evals / args.iters,
-                   calls_per_iteration=evals / args.iters, value_end=float(fun(x.detach())),
-                   x_end=x.detach())  # fmt: skip
+def run_torch(
+    fun: Callable, x0: torch.Tensor, line_search: str | None, args: argparse.Namespace
+) -> tuple[dict[str, Any], Window]:
+    """A first window for the iterates and evaluations, and the timed window (each a fresh
+    optimizer with its own warm-up)."""
+    _, _, x, evals = torch_window(fun, x0, line_search, args)
+    info = {"evals_per_iteration": evals / args.iters, "calls_per_iteration": evals / args.iters,
+            "value_end": float(fun(x.detach())), "x_end": x.detach()}  # fmt: skip
+    return info, lambda: torch_window(fun, x0, line_search, args)[0]
 
 
 # --------------------------------------------------------------------------------------- main
@@ -349,24 +360,40 @@ def measure_case(problem: str, n: int, line_search: str | None, args: argparse.N
     data = make_data(problem, n)
     tensors = {name: torch.from_numpy(value) for name, value in data.items()}
     fun, x0 = torch_loss(problem, tensors), tensors["x0"]
-    results = {EAGER: run_ours_eager(fun, x0, line_search, None, args),
-               NO_EXIT: run_ours_eager(fun, x0, line_search, False, args)}  # fmt: skip
+    prepared: dict[str, tuple[dict[str, Any], Window | None]] = {
+        EAGER: run_ours_eager(fun, x0, line_search, None, args),
+        NO_EXIT: run_ours_eager(fun, x0, line_search, False, args),
+    }
     if not args.no_compile:
-        results[COMPILED] = compiled_or_failure(fun, x0, line_search, args)
+        prepared[COMPILED] = compiled_or_failure(fun, x0, line_search, args)
     if not args.no_jax:
-        results[OPTAX] = run_optax(problem, data, line_search, args)
-    results[TORCH] = run_torch(fun, x0, line_search, args)
-    eager, optax_ms = results[EAGER], results.get(OPTAX, {}).get("ms_per_iteration")
-    default_end = eager["x_end"]
+        prepared[OPTAX] = run_optax(problem, data, line_search, args)
+    prepared[TORCH] = run_torch(fun, x0, line_search, args)
+    # The solvers' windows take turns, --repeats times: a ratio pairs windows timed seconds
+    # apart (this machine's speed drifts by tens of percent within minutes).
+    windows = {name: window for name, (_, window) in prepared.items() if window is not None}
+    times: dict[str, list[float]] = {name: [] for name in windows}
+    for _ in range(args.repeats):
+        for name, window in windows.items():
+            times[name].append(window())
+    results = {name: summary(times[name], **info) if name in times else info
+               for name, (info, _) in prepared.items()}  # fmt: skip
+
+    def paired(name: str, anchor: str) -> float:
+        return statistics.median(a / b for a, b in zip(times[name], times[anchor], strict=True))
+
+    default_end = results[EAGER]["x_end"]
     for name, result in results.items():
         if "failure" in result:
             continue
         reference = result.pop("x_reference", default_end)
         result["max_abs_diff_vs_eager"] = float((result.pop("x_end") - reference).abs().max())
-        if name.startswith("ours") and optax_ms:
-            result["ours_over_optax"] = result["ms_per_iteration"] / optax_ms
+        if "first_call_seconds" in result:
+            result["compile_seconds"] = result["first_call_seconds"] - result["ms_per_iteration"] / 1e3
+        if name.startswith("ours") and OPTAX in times:
+            result["ours_over_optax"] = paired(name, OPTAX)
         if name in (NO_EXIT, COMPILED):
-            result["over_eager"] = result["ms_per_iteration"] / eager["ms_per_iteration"]
+            result["over_eager"] = paired(name, EAGER)
     return results
 
 
