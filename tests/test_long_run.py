@@ -83,8 +83,12 @@ def test_long_run_keeps_memory_counters_and_shapes(
             assert shapes() == expected_shapes, f"step {step}"
     # No growth: live tensors and their allocated bytes exactly as after the warm-up; the
     # resident set within 8 MiB (allocator noise) while the run went on for 90% of its steps.
+    # The resident set is read before the scan of live objects, as after the warm-up: in a long
+    # session the scan's list of every object is megabytes, and once glibc has returned one
+    # such block to the system it raises its mmap threshold and keeps the next one resident.
+    rss_growth = resident_kib() - rss_after_warmup
     assert live_tensors() == tensors_after_warmup
-    assert resident_kib() - rss_after_warmup < 8 * 1024
+    assert rss_growth < 8 * 1024
     state = optimizer.state_dict()["state"][0]
     assert shapes() == expected_shapes
     assert int(state["iteration"]) == steps  # one iteration per step (max_iter=1)
