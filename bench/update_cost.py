@@ -371,16 +371,15 @@ def measure_case(problem: str, n: int, line_search: str | None, args: argparse.N
     prepared[TORCH] = run_torch(fun, x0, line_search, args)
     # The solvers' windows take turns, --repeats times: a ratio pairs windows timed seconds
     # apart (this machine's speed drifts by tens of percent within minutes).
-    windows = {name: window for name, (_, window) in prepared.items() if window is not None}
-    times: dict[str, list[float]] = {name: [] for name in windows}
-    for _ in range(args.repeats):
-        for name, window in windows.items():
-            times[name].append(window())
-    results = {name: summary(times[name], **info) if name in times else info
+    timers: dict[str, common.Timer] = {
+        name: (lambda window=window: (window(), {})) for name, (_, window) in prepared.items() if window
+    }
+    timed = common.alternate(timers, args.repeats)  # "times": each turn's ms per iteration
+    results = {name: summary(timed[name]["times"], **info) if name in timed else info
                for name, (info, _) in prepared.items()}  # fmt: skip
 
     def paired(name: str, anchor: str) -> float:
-        return statistics.median(a / b for a, b in zip(times[name], times[anchor], strict=True))
+        return common.paired_ratio(timed[name], timed[anchor])
 
     default_end = results[EAGER]["x_end"]
     for name, result in results.items():
@@ -390,7 +389,7 @@ def measure_case(problem: str, n: int, line_search: str | None, args: argparse.N
         result["max_abs_diff_vs_eager"] = float((result.pop("x_end") - reference).abs().max())
         if "first_call_seconds" in result:
             result["compile_seconds"] = result["first_call_seconds"] - result["ms_per_iteration"] / 1e3
-        if name.startswith("ours") and OPTAX in times:
+        if name.startswith("ours") and OPTAX in timed:
             result["ours_over_optax"] = paired(name, OPTAX)
         if name in (NO_EXIT, COMPILED):
             result["over_eager"] = paired(name, EAGER)
