@@ -354,3 +354,75 @@ def test_early_exit_false_changes_only_the_number_of_calls(line_search: str | No
     # Without early exit, the masked loop keeps calling fun after the search is done (and on
     # the stopped problem), changing nothing.
     assert masked_calls > default_calls
+
+
+# --------------------------------------------------------------------------------------------
+# The memory's row gather and row write, under every transform the core meets
+
+
+def test_history_rows_gathered_and_written_under_vmap_grad_and_compile_as_by_indexing() -> None:
+    """``buffer_rows`` (eagerly an embedding lookup, for the speed of its batching rule) and
+    the out-of-place row write of ``push_curvature_pair`` (an ``index_put``) give each problem
+    exactly what plain indexing gives it alone: batched buffers with batched or shared indices,
+    a vmap inside a vmap, a compiled vmap whose batch dimension stays dynamic, and gradients
+    through the gather; the inputs are left as they were."""
+    from torchlbfgs.direction import newest_first_order
+    from torchlbfgs.history import buffer_rows
+
+    generator = torch.Generator().manual_seed(3)
+    batch, m, n = 6, 5, 7
+    buffers = torch.randn(batch, m, n, generator=generator, dtype=torch.float64)
+    heads = torch.tensor([0, 1, 4, 2, 3, 4])
+
+    def alone(buffer: Tensor, head: Tensor) -> Tensor:
+        return buffer[newest_first_order(head, m)]
+
+    def rows(buffer: Tensor, head: Tensor) -> Tensor:
+        return buffer_rows(buffer, newest_first_order(head, m))
+
+    expected = torch.stack([alone(buffers[i], heads[i]) for i in range(batch)])
+    before = buffers.clone()
+    assert torch.equal(torch.func.vmap(rows)(buffers, heads), expected)
+    assert torch.equal(buffers, before)
+    shared = torch.func.vmap(rows, in_dims=(0, None))(buffers, heads[2])
+    assert torch.equal(shared, torch.stack([alone(b, heads[2]) for b in buffers]))
+    one_buffer = torch.func.vmap(rows, in_dims=(None, 0))(buffers[1], heads)
+    assert torch.equal(one_buffer, torch.stack([alone(buffers[1], h) for h in heads]))
+    nested = torch.func.vmap(torch.func.vmap(rows))(buffers.view(2, 3, m, n), heads.view(2, 3))
+    assert torch.equal(nested, expected.view(2, 3, m, n))
+    entries = torch.func.vmap(rows)(buffers[..., 0], heads)  # an (m,) buffer: rho
+    assert torch.equal(entries, expected[..., 0])
+
+    # gradients through the gather: d/dbuffer sum(w * buffer[order]) puts w back in the rows' slots
+    weights = torch.randn(m, n, generator=generator, dtype=torch.float64)
+    grads = torch.func.vmap(torch.func.grad(lambda b, h: (weights * rows(b, h)).sum()))(buffers, heads)
+    for i in range(batch):
+        assert torch.equal(grads[i][newest_first_order(heads[i], m)], weights)
+
+    # the row write: slot `head` takes the new row where the pair is accepted, nothing else moves
+    s_new = torch.randn(batch, n, generator=generator, dtype=torch.float64)
+    accept = torch.tensor([True, False, True, True, False, True])
+    written = torch.func.vmap(_push_s_row)(buffers, heads, s_new, accept)
+    assert torch.equal(buffers, before)
+    for i in range(batch):
+        want = buffers[i].clone()
+        if accept[i]:
+            want[heads[i]] = s_new[i]
+        assert torch.equal(written[i], want), i
+
+    compiled = torch.compile(torch.func.vmap(rows), fullgraph=True, backend="aot_eager")
+    for size in (batch, 4):  # the second size reuses the graph: the batch dimension is dynamic
+        torch._dynamo.mark_dynamic(b := buffers[:size].clone(), 0)
+        torch._dynamo.mark_dynamic(h := heads[:size].clone(), 0)
+        assert torch.equal(compiled(b, h), expected[:size])
+
+
+def _push_s_row(buffer: Tensor, head: Tensor, s: Tensor, accept: Tensor) -> Tensor:
+    """The ``s`` buffer after ``push_curvature_pair`` of ``(s, y = 2 s)`` into a memory whose
+    ring stands at ``head``."""
+    from torchlbfgs.history import History, push_curvature_pair
+
+    m = buffer.shape[0]
+    zeros = torch.zeros(m, dtype=buffer.dtype)
+    memory = History(buffer, buffer.clone(), zeros, zeros.sum() + 1, head, head.clone(), zeros[:0], zeros[:0])
+    return push_curvature_pair(memory, s, 2 * s, 2 * (s @ s), accept).s_history

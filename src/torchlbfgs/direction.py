@@ -44,7 +44,7 @@ from typing import Any, Literal
 import torch
 from torch._C._functorch import is_functorch_wrapped_tensor
 
-from torchlbfgs.history import History, add_buffer_rows, buffer_dot, has_products
+from torchlbfgs.history import History, add_buffer_rows, buffer_dot, buffer_rows, has_products
 from torchlbfgs.line_searches.loop import batch_view, exits_early
 from torchlbfgs.options import require_choice
 from torchlbfgs.scalars import TENSORS, Scalars
@@ -107,7 +107,9 @@ def _two_loop(
 ) -> torch.Tensor:  # fmt: skip
     if slots is None:  # per-problem heads (vmap) or no host reads: gather newest-first rows
         order = newest_first_order(history.head, history.s_history.shape[0])[:rows_in_use]
-        s, y, rho = history.s_history[order], history.y_history[order], history.rho[order]
+        s, y, rho = (
+            buffer_rows(buffer, order) for buffer in (history.s_history, history.y_history, history.rho)
+        )
         rows = list(range(len(order)))
     else:
         s, y, rho, rows = history.s_history, history.y_history, history.rho, slots

@@ -35,6 +35,7 @@ __all__ = [
     "accept_curvature_pair",
     "add_buffer_rows",
     "buffer_dot",
+    "buffer_rows",
     "has_products",
     "push_curvature_pair",
     "write_pair",
@@ -71,6 +72,19 @@ def buffer_dot(buffer: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
     return (buffer * vector).sum(-1)
 
 
+def buffer_rows(buffer: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``buffer[index]``: rows of an ``(m, n)`` history buffer (or entries of an ``(m,)`` one).
+
+    Eagerly, rows are gathered as an embedding lookup: the same rows, bit for bit, but under
+    ``vmap`` the batching rule of an embedding gathers whole rows (one ``index_select`` over the
+    rows of the whole batch), whereas that of advanced indexing gathers element by element
+    (``bench/README.md``). Compiled, Inductor generates the same gather for both, and the
+    embedding's batching rule would fix the batch size (no dynamic batch dimension)."""
+    if buffer.dim() == 2 and not torch.compiler.is_compiling():
+        return torch.nn.functional.embedding(index, buffer)
+    return buffer[index]
+
+
 def add_buffer_rows(vector: torch.Tensor, buffer: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``vector + buffer.T @ weights`` for an ``(m, n)`` history buffer."""
     if buffer.shape[-1] > ELEMENTWISE_PRODUCTS_MAX_N:
@@ -81,6 +95,18 @@ def add_buffer_rows(vector: torch.Tensor, buffer: torch.Tensor, weights: torch.T
 def has_products(history: History) -> bool:
     """Whether the memory keeps the pairs' inner products (static: decided by their shape)."""
     return history.sy_products.shape[-1] != 0
+
+
+def _with_row(
+    buffer: torch.Tensor, slot: torch.Tensor, row: torch.Tensor, write: torch.Tensor, *, in_place: bool
+) -> torch.Tensor:
+    """``buffer`` with row ``slot`` (a 1-element index) set to ``row`` where ``write``: a copy,
+    or ``buffer`` itself changed ``in_place``. Out of place, an ``index_put`` rather than a
+    ``torch.where`` over the whole buffer: the same values, but under ``vmap`` it copies the
+    batch's buffers and writes one row per problem instead of selecting every element
+    (``bench/README.md``)."""
+    update = torch.where(write, row, buffer_rows(buffer, slot).squeeze(0)).unsqueeze(0)
+    return buffer.index_put_((slot,), update) if in_place else buffer.index_put((slot,), update)
 
 
 def _with_new_column(products: torch.Tensor, column: torch.Tensor, slot: torch.Tensor, write: torch.Tensor,
@@ -156,17 +182,11 @@ def push_curvature_pair(
     m = history.s_history.shape[0]
     one = torch.ones((), dtype=ys.dtype, device=ys.device)
     safe_ys = torch.where(accept, ys, one)  # keep 1/ys finite in the branch not taken
-    if in_place:
-        slot = history.head.reshape(1)
-        for buffer, new in ((history.s_history, s), (history.y_history, y), (history.rho, 1.0 / safe_ys)):
-            kept = buffer.index_select(0, slot).squeeze(0)
-            buffer.index_copy_(0, slot, torch.where(accept, new, kept).unsqueeze(0))
-        s_history, y_history, rho = history.s_history, history.y_history, history.rho
-    else:
-        write = (torch.arange(m, device=history.head.device) == history.head) & accept
-        s_history = torch.where(write.unsqueeze(-1), s, history.s_history)
-        y_history = torch.where(write.unsqueeze(-1), y, history.y_history)
-        rho = torch.where(write, 1.0 / safe_ys, history.rho)
+    slot = history.head.reshape(1)
+    s_history, y_history, rho = (
+        _with_row(buffer, slot, new, accept, in_place=in_place)
+        for buffer, new in ((history.s_history, s), (history.y_history, y), (history.rho, 1.0 / safe_ys))
+    )
     sy_products, yy_products = history.sy_products, history.yy_products
     if has_products(history):
         # Column h: s_i'y_h for every slot i (the diagonal entry is exactly ys) and y_i'y_h.
