@@ -410,11 +410,13 @@ def test_history_rows_gathered_and_written_under_vmap_grad_and_compile_as_by_ind
             want[heads[i]] = s_new[i]
         assert torch.equal(written[i], want), i
 
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     compiled = torch.compile(torch.func.vmap(rows), fullgraph=True, backend="aot_eager")
-    for size in (batch, 4):  # the second size reuses the graph: the batch dimension is dynamic
+    for size in (batch, 4):  # a batch dimension marked dynamic (which a specialisation refuses)
         torch._dynamo.mark_dynamic(b := buffers[:size].clone(), 0)
         torch._dynamo.mark_dynamic(h := heads[:size].clone(), 0)
         assert torch.equal(compiled(b, h), expected[:size])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1  # one graph for both sizes
 
 
 def _push_s_row(buffer: Tensor, head: Tensor, s: Tensor, accept: Tensor) -> Tensor:
