@@ -60,7 +60,6 @@ import functools  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
-import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -262,26 +261,28 @@ def compiled_worker(batch: int, repeats: int, out: Path) -> None:
     report: dict[str, Any] = {"stage": "compiling"}
     write_report(out, report)
     start = time.perf_counter()
-    solve_ours(X, y, compile=True)
+    first = solve_ours(X, y, compile=True)
     report.update(stage="timing", first_solve_seconds=time.perf_counter() - start,
                   graphs=torch._dynamo.utils.counters["stats"]["unique_graphs"])  # fmt: skip
     write_report(out, report)
+    evals = float(first.n_evals.float().mean())
     evaluation, calls = BatchEvaluation(X, y, compiled=True), 20
-    # The solve and the bound's evaluations alternate, so that each pair sees the same state of
-    # the machine (whose speed drifts by more than the ratio's margin within a minute).
-    solves, evaluations = [], []
-    for _ in range(max(repeats, 5)):
+
+    def solve() -> tuple[float, dict[str, Any]]:
         start = time.perf_counter()
         result = solve_ours(X, y, compile=True)
-        solves.append(time.perf_counter() - start)
-        evaluations.append(evaluation.seconds(calls) / calls)
-    evals = float(result.n_evals.float().mean())
-    seconds = statistics.median(solves)
-    # each pair's ratio: the evaluations the problems need, alone, over the solve
-    reached = statistics.median(e * evals / s for s, e in zip(solves, evaluations, strict=True))
+        return time.perf_counter() - start, {"result": result}
+
+    def bound() -> tuple[float, dict[str, Any]]:  # the evaluations the problems need, alone
+        return evaluation.seconds(calls) / calls * evals, {}
+
+    # The solve and the bound take turns, so that each pair sees the same state of the machine
+    # (whose speed drifts by more than the ratio's margin within a minute).
+    timed = common.alternate({"solve": solve, "bound": bound}, max(repeats, 5))
+    seconds, result = timed["solve"]["seconds"], timed["solve"]["result"]
     report.update(stage="done", seconds=seconds, compile_seconds=report["first_solve_seconds"] - seconds,
-                  evals_mean=evals, evaluation_bound_per_s=batch / (statistics.median(evaluations) * evals),
-                  compiled_over_bound=reached)  # fmt: skip
+                  evals_mean=evals, evaluation_bound_per_s=batch / timed["bound"]["seconds"],
+                  compiled_over_bound=common.paired_ratio(timed["bound"], timed["solve"]))  # fmt: skip
     np.save(out / "params.npy", result.params.numpy())
     np.save(out / "iterations.npy", result.n_iter.numpy())
     write_report(out, report)

@@ -190,11 +190,10 @@ def push_curvature_pair(
     sy_products, yy_products = history.sy_products, history.yy_products
     if has_products(history):
         # Column h: s_i'y_h for every slot i (the diagonal entry is exactly ys) and y_i'y_h.
-        slot = history.head
-        in_slot = torch.arange(m, device=slot.device) == slot
-        s_dot_y = torch.where(in_slot, ys, buffer_dot(s_history, y))
-        sy_products = _with_new_column(sy_products, s_dot_y, slot, accept, symmetric=False)
-        yy_products = _with_new_column(yy_products, buffer_dot(y_history, y), slot, accept, symmetric=True)
+        head = history.head
+        s_dot_y = torch.where(torch.arange(m, device=head.device) == head, ys, buffer_dot(s_history, y))
+        sy_products = _with_new_column(sy_products, s_dot_y, head, accept, symmetric=False)
+        yy_products = _with_new_column(yy_products, buffer_dot(y_history, y), head, accept, symmetric=True)
     return History(
         s_history=s_history,
         y_history=y_history,
