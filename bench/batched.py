@@ -35,7 +35,8 @@ else) and ``eager bare iterations alone`` (as many eager vmapped L-BFGS iteratio
 nothing but the direction, a unit step, the evaluation and the new pair: ``bare_iteration``,
 the floor of any eager L-BFGS solve, with or without a line search); the
 compiled solve alternates with its evaluation bound (the compiled value and gradient, as many
-times) in its own process; each ratio is the median over the pairs. Also reported: peak
+times) and with as many compiled bare iterations (static shapes), in its own process; each
+ratio is the median over the pairs. Also reported: peak
 memory per problem of our eager solve and the size of our state
 per problem, counted from its leaves. The peak is the increase of the process's resident set
 high-water mark (VmHWM, reset through /proc/self/clear_refs just before the solve, inputs
@@ -182,34 +183,45 @@ def bare_iteration(
             shifted_in(rho, 1 / torch.dot(direction, change)))  # fmt: skip
 
 
-def eager_iteration_timer(X: np.ndarray, y: np.ndarray, iterations: int) -> common.Timer:
-    """A floor of any eager L-BFGS solve: ``iterations`` eager vmapped bare iterations
-    (:func:`bare_iteration`) of the whole batch, as many as the evaluations a problem needs.
-    Each starts from ``w = 0`` with a full memory (the pairs of ``HISTORY`` iterations from 0):
-    unit steps without a line search stray far from the optimum within a few dozen iterations,
-    and the loss's arithmetic should stay that of a solve."""
-    Xt, yt = torch.from_numpy(X).clone(), torch.from_numpy(y).clone()
-    batch = Xt.shape[0]
-    iterate = torch.func.vmap(functools.partial(bare_iteration, torch_loss))
-    w = torch.zeros(batch, D)
-    origin = (w, torch.func.vmap(torch.func.grad(torch_loss))(w, Xt, yt))
-    state = (
-        *origin,
-        torch.zeros(batch, HISTORY, D),
-        torch.zeros(batch, HISTORY, D),
-        torch.zeros(batch, HISTORY),
-    )
-    for _ in range(HISTORY):
-        state = iterate(state, Xt, yt)
-    start = (*origin, *state[2:])
+class BareIterations:
+    """What bare L-BFGS iterations cost: :func:`bare_iteration`, vmapped over the whole batch,
+    eager or compiled (Inductor, static shapes: shifting the pairs in specialises the batch
+    size). Each starts from ``w = 0`` with a full memory (the pairs of ``HISTORY`` iterations
+    from 0): unit steps without a line search stray far from the optimum within a few dozen
+    iterations, and the loss's arithmetic should stay that of a solve. Times as many
+    iterations as the evaluations a problem needs: the floor of any L-BFGS solve, eager or
+    compiled as this one is, with or without a line search."""
 
-    def timed() -> tuple[float, dict[str, Any]]:
+    def __init__(self, X: torch.Tensor, y: torch.Tensor, *, compiled: bool) -> None:
+        self.X, self.y = X.clone(), y.clone()  # tensors of its own: nothing the solve's compile saw
+        batch = X.shape[0]
+        eager = torch.func.vmap(functools.partial(bare_iteration, torch_loss))
+        w = torch.zeros(batch, D)
+        origin = (w, torch.func.vmap(torch.func.grad(torch_loss))(w, self.X, self.y))
+        state = (
+            *origin,
+            torch.zeros(batch, HISTORY, D),
+            torch.zeros(batch, HISTORY, D),
+            torch.zeros(batch, HISTORY),
+        )
+        for _ in range(HISTORY):
+            state = eager(state, self.X, self.y)
+        self.start = (*origin, *state[2:])
+        self.iterate = torch.compile(eager, fullgraph=True, dynamic=False) if compiled else eager
+        self.iterate(self.start, self.X, self.y)  # warm-up (compiles)
+
+    def seconds(self, iterations: int) -> float:
+        """The time of ``iterations`` bare iterations of the batch, each from the same start."""
         began = time.perf_counter()
         for _ in range(iterations):
-            iterate(start, Xt, yt)
-        return time.perf_counter() - began, {}
+            self.iterate(self.start, self.X, self.y)
+        return time.perf_counter() - began
 
-    return timed
+
+def eager_iteration_timer(X: np.ndarray, y: np.ndarray, iterations: int) -> common.Timer:
+    """The floor of any eager L-BFGS solve: ``iterations`` eager :class:`BareIterations`."""
+    bare = BareIterations(torch.from_numpy(X), torch.from_numpy(y), compiled=False)
+    return lambda: (bare.seconds(iterations), {})
 
 
 def run_torch_loop(X: np.ndarray, y: np.ndarray, count: int) -> dict[str, Any]:
@@ -333,6 +345,7 @@ def compiled_worker(batch: int, repeats: int, out: Path) -> None:
     write_report(out, report)
     evals = float(first.n_evals.float().mean())
     evaluation, calls = BatchEvaluation(X, y, compiled=True), 20
+    iterations = BareIterations(X, y, compiled=True)
 
     def solve() -> tuple[float, dict[str, Any]]:
         start = time.perf_counter()
@@ -342,13 +355,17 @@ def compiled_worker(batch: int, repeats: int, out: Path) -> None:
     def bound() -> tuple[float, dict[str, Any]]:  # the evaluations the problems need, alone
         return evaluation.seconds(calls) / calls * evals, {}
 
-    # The solve and the bound take turns, so that each pair sees the same state of the machine
-    # (whose speed drifts by more than the ratio's margin within a minute).
-    timed = common.alternate({"solve": solve, "bound": bound}, max(repeats, 5))
+    def bare() -> tuple[float, dict[str, Any]]:  # as many compiled bare iterations
+        return iterations.seconds(calls) / calls * evals, {}
+
+    # The solve, the bound and the floor take turns, so that each pair sees the same state of
+    # the machine (whose speed drifts by more than the ratio's margin within a minute).
+    timed = common.alternate({"solve": solve, "bound": bound, "bare": bare}, max(repeats, 5))
     seconds, result = timed["solve"]["seconds"], timed["solve"]["result"]
     report.update(stage="done", seconds=seconds, compile_seconds=report["first_solve_seconds"] - seconds,
                   evals_mean=evals, evaluation_bound_per_s=batch / timed["bound"]["seconds"],
-                  compiled_over_bound=common.paired_ratio(timed["bound"], timed["solve"]))  # fmt: skip
+                  compiled_over_bound=common.paired_ratio(timed["bound"], timed["solve"]),
+                  bare_over_bound=common.paired_ratio(timed["bound"], timed["bare"]))  # fmt: skip
     np.save(out / "params.npy", result.params.numpy())
     np.save(out / "iterations.npy", result.n_iter.numpy())
     write_report(out, report)
@@ -602,10 +619,12 @@ def main() -> None:
         if bound:
             reached = results[COMPILED]["compiled_over_bound"]
             label = "evaluation bound (compiled value and grad)"
+            bare = results[COMPILED]["bare_over_bound"]
             print(f"{label:>42} {batch:>5} {batch:>5} {bound:>11.1f}   "
-                  f"compiled ours reaches {reached:.2f} of it (median of alternated pairs)")  # fmt: skip
+                  f"compiled ours reaches {reached:.2f} of it, compiled bare iterations {bare:.2f} "
+                  "(medians of alternated pairs)")  # fmt: skip
             rows.append({"solver": "evaluation bound", "B": batch, "problems_per_s": bound,
-                         "compiled_over_bound": reached})  # fmt: skip
+                         "compiled_over_bound": reached, "bare_iterations_over_bound": bare})  # fmt: skip
 
     state = state_size()
     print(f"\nour state per problem: {state['values']} values ({state['bytes']} bytes) = "
