@@ -212,10 +212,7 @@ class BareIterations:
 
     def seconds(self, iterations: int) -> float:
         """The time of ``iterations`` bare iterations of the batch, each from the same start."""
-        began = time.perf_counter()
-        for _ in range(iterations):
-            self.iterate(self.start, self.X, self.y)
-        return time.perf_counter() - began
+        return seconds_of_calls(iterations, self.iterate, self.start, self.X, self.y)
 
 
 def eager_iteration_timer(X: np.ndarray, y: np.ndarray, iterations: int) -> common.Timer:
@@ -385,10 +382,15 @@ class BatchEvaluation:
 
     def seconds(self, calls: int) -> float:
         """The time of ``calls`` evaluations of the batch."""
-        start = time.perf_counter()
-        for _ in range(calls):
-            self.evaluate(self.w, self.X, self.y)
-        return time.perf_counter() - start
+        return seconds_of_calls(calls, self.evaluate, self.w, self.X, self.y)
+
+
+def seconds_of_calls(calls: int, function: Callable[..., Any], *args: Any) -> float:
+    """The time of ``calls`` calls of ``function(*args)``."""
+    start = time.perf_counter()
+    for _ in range(calls):
+        function(*args)
+    return time.perf_counter() - start
 
 
 def memory_worker(batch: int, out: Path) -> None:
