@@ -613,10 +613,10 @@ def main() -> None:
                       f"({evaluations} {what})")  # fmt: skip
                 rows.append({"solver": f"{name} against optax", "B": batch, "ratio": floor_over_optax,
                              "evaluations": evaluations, "seconds": floors[name]["seconds"]})  # fmt: skip
-            reached = common.paired_ratio(floors[ITERATION_FLOOR], results[OURS])
-            print(f"{'ours eager against ' + ITERATION_FLOOR:>42} {batch:>5} {batch:>5} {reached:>11.2f}x  "
+            of_floor = common.paired_ratio(floors[ITERATION_FLOOR], results[OURS])
+            print(f"{'ours eager against ' + ITERATION_FLOOR:>42} {batch:>5} {batch:>5} {of_floor:>11.2f}x  "
                   "(the floor's time over ours: how close to it a solve with its search comes)")  # fmt: skip
-            rows.append({"solver": f"ours eager against {ITERATION_FLOOR}", "B": batch, "ratio": reached})
+            rows.append({"solver": f"ours eager against {ITERATION_FLOOR}", "B": batch, "ratio": of_floor})
         bound = results.get(COMPILED, {}).get("evaluation_bound_per_s")
         if bound:
             reached = results[COMPILED]["compiled_over_bound"]
