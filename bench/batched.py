@@ -144,11 +144,11 @@ def ours_timer(X: np.ndarray, y: np.ndarray) -> common.Timer:
     return timed
 
 
-def eager_evaluation_timer(X: np.ndarray, y: np.ndarray, evaluations: int) -> common.Timer:
-    """The floor of an eager solve: ``evaluations`` eager vmapped values and gradients of the
-    whole batch (as many as the solve needs per problem), and nothing else."""
-    evaluation = BatchEvaluation(torch.from_numpy(X), torch.from_numpy(y), compiled=False)
-    return lambda: (evaluation.seconds(evaluations), {})
+def floor_timer(floor: BatchEvaluation | BareIterations, calls: float, per: int = 1) -> common.Timer:
+    """A floor (:class:`BatchEvaluation` or :class:`BareIterations`) timed as ``calls`` calls of
+    the whole batch, measured over ``per`` calls and scaled (as many evaluations or iterations
+    as a problem needs)."""
+    return lambda: (floor.seconds(per) / per * calls, {})
 
 
 def bare_iteration(
@@ -173,13 +173,14 @@ def bare_iteration(
     for i in reversed(range(s_rows.shape[0])):  # oldest to newest
         beta = rho[i] * torch.dot(y_rows[i], direction)
         direction = torch.addcmul(direction, s_rows[i], alphas[i] - beta)
-    new_g, _ = torch.func.grad_and_value(loss)(w + direction, *data)
+    new_w = w + direction
+    new_g, _ = torch.func.grad_and_value(loss)(new_w, *data)
     change = new_g - g
 
     def shifted_in(rows: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
         return torch.cat([row.unsqueeze(0), rows[:-1]])
 
-    return (w + direction, new_g, shifted_in(s_rows, direction), shifted_in(y_rows, change),
+    return (new_w, new_g, shifted_in(s_rows, direction), shifted_in(y_rows, change),
             shifted_in(rho, 1 / torch.dot(direction, change)))  # fmt: skip
 
 
@@ -213,12 +214,6 @@ class BareIterations:
     def seconds(self, iterations: int) -> float:
         """The time of ``iterations`` bare iterations of the batch, each from the same start."""
         return seconds_of_calls(iterations, self.iterate, self.start, self.X, self.y)
-
-
-def eager_iteration_timer(X: np.ndarray, y: np.ndarray, iterations: int) -> common.Timer:
-    """The floor of any eager L-BFGS solve: ``iterations`` eager :class:`BareIterations`."""
-    bare = BareIterations(torch.from_numpy(X), torch.from_numpy(y), compiled=False)
-    return lambda: (bare.seconds(iterations), {})
 
 
 def run_torch_loop(X: np.ndarray, y: np.ndarray, count: int) -> dict[str, Any]:
@@ -349,11 +344,8 @@ def compiled_worker(batch: int, repeats: int, out: Path) -> None:
         result = solve_ours(X, y, compile=True)
         return time.perf_counter() - start, {"result": result}
 
-    def bound() -> tuple[float, dict[str, Any]]:  # the evaluations the problems need, alone
-        return evaluation.seconds(calls) / calls * evals, {}
-
-    def bare() -> tuple[float, dict[str, Any]]:  # as many compiled bare iterations
-        return iterations.seconds(calls) / calls * evals, {}
+    # the evaluations the problems need, alone, and as many compiled bare iterations
+    bound, bare = floor_timer(evaluation, evals, calls), floor_timer(iterations, evals, calls)
 
     # The solve, the bound and the floor take turns, so that each pair sees the same state of
     # the machine (whose speed drifts by more than the ratio's margin within a minute).
@@ -558,8 +550,9 @@ def main() -> None:
         # fresh process, its evaluation bound alternated with it there
         timers = {OURS: ours_timer(X, y)}
         evaluations = round(timers[OURS]()[1]["evals_mean"])
-        timers[EAGER_FLOOR] = eager_evaluation_timer(X, y, evaluations)
-        timers[ITERATION_FLOOR] = eager_iteration_timer(X, y, evaluations)
+        Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+        for name, floor in ((EAGER_FLOOR, BatchEvaluation), (ITERATION_FLOOR, BareIterations)):
+            timers[name] = floor_timer(floor(Xt, yt, compiled=False), evaluations, evaluations)
         if isinstance(jax, dict):
             timers.update({name: jax_timer(solver, X, y) for name, solver in jax.items()})
         results = common.alternate(timers, args.repeats)
