@@ -8,6 +8,9 @@ compiled ``vmap`` the masked loops run all their trips (no host reads).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 import torch
 
@@ -217,3 +220,90 @@ def test_compile_with_dynamic_false_is_static_and_keeps_the_batch_whole() -> Non
     assert torch.equal(compiled.n_iter, eager.n_iter)
     assert torch.equal(compiled.n_evals, eager.n_evals)
     assert bool(eager.converged.all())
+
+
+def _solved_as_eager(
+    loss: Callable[..., torch.Tensor], start: torch.Tensor, *data: torch.Tensor, **options: Any
+) -> None:
+    """Solve compiled (Dynamo only) and eagerly; the compiled solve must be the eager one."""
+    compiled = torchlbfgs.batched_minimize(loss, start, *data, compile={"backend": "eager"}, **options)
+    eager = torchlbfgs.batched_minimize(loss, start, *data, **options)
+    torch.testing.assert_close(compiled.params, eager.params, rtol=1e-12, atol=1e-12)
+    assert torch.equal(compiled.n_evals, eager.n_evals)
+    assert torch.equal(compiled.status, eager.status)
+
+
+def test_each_loss_function_keeps_a_compile_cache_of_its_own() -> None:
+    """Dynamo counts the graphs of one code object against ``recompile_limit`` and fails a
+    ``fullgraph`` compile beyond it. The round is a ``vmap`` wrapper, whose code is functorch's,
+    shared by every vmapped function a process compiles: once the user's own compiled vmaps
+    (or solves of other losses) had filled the limit, the next compiled solve failed. Each loss
+    function now has a cache of its own, which a later solve with it reuses."""
+    from torch._dynamo.utils import counters
+
+    features, labels = _data(4)
+    start = torch.zeros(4, 3, dtype=torch.float64)
+
+    def doubled(w: torch.Tensor, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return 2.0 * _logistic(w, features, labels)
+
+    torch._dynamo.reset()
+    counters.clear()
+    with torch._dynamo.config.patch(recompile_limit=1):
+        # the user's own compiled vmap: the one graph functorch's vmap wrapper may have
+        users = torch.compile(torch.func.vmap(torch.sin), fullgraph=True, backend="eager")
+        torch.testing.assert_close(users(features), features.sin())
+        for loss in (_logistic, doubled, _logistic):
+            _solved_as_eager(loss, start, features, labels, max_iter=8, history_size=3)
+    assert counters["stats"]["unique_graphs"] == 3  # the user's, then one per loss: reused
+
+
+def test_a_loss_compiled_more_ways_than_the_limit_allows_compiles_again() -> None:
+    """One loss function solved with options that each need a graph of their own (two line
+    searches) beyond ``recompile_limit``: the solve compiles again in a fresh cache rather than
+    fail (Dynamo raises while compiling, before anything has run)."""
+    features, labels = _data(4)
+    start = torch.zeros(4, 3, dtype=torch.float64)
+
+    def loss(w: torch.Tensor, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return _logistic(w, features, labels)
+
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for line_search in ("strong_wolfe", "backtracking"):
+            options = {"max_iter": 8, "history_size": 3, "line_search": line_search}
+            _solved_as_eager(loss, start, features, labels, **options)
+
+
+def test_a_loss_is_known_by_its_code_through_methods_partials_and_wrappers() -> None:
+    """The compile cache is found by the loss's code, so that a bound method (a new object at
+    each attribute access), a ``functools.partial`` or a ``functools.wraps`` wrapper of one
+    function finds the same cache; a callable object is known by its type (Dynamo's guards
+    tell instances apart), and a cycle of ``__wrapped__`` ends."""
+    import functools
+
+    from torchlbfgs.compiled import user_code
+
+    class Model(torch.nn.Module):
+        def loss(self, w: torch.Tensor) -> torch.Tensor:
+            return (w**2).sum()
+
+    model = Model()
+    code = Model.loss.__code__
+
+    @functools.wraps(model.loss)
+    def wrapper(w: torch.Tensor) -> torch.Tensor:
+        return model.loss(w)
+
+    assert model.loss is not model.loss  # a new bound method each time...
+    assert user_code(model.loss) is user_code(Model().loss) is code  # ...one code
+    assert user_code(functools.partial(model.loss)) is user_code(wrapper) is code
+    assert user_code(model) is Model
+    assert user_code(_logistic) is _logistic.__code__
+
+    class Looping:
+        pass
+
+    first, second = Looping(), Looping()
+    first.__wrapped__, second.__wrapped__ = second, first  # type: ignore[attr-defined]
+    assert user_code(first) is Looping

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+from torch._dynamo.utils import counters
 from torch.func import grad, jacfwd, jacrev, vjp, vmap
 
 import torchlbfgs
@@ -342,6 +342,7 @@ def test_a_compiled_backward_solve_equals_the_eager_one_with_bounds(monkeypatch:
     assert 0 < int((~free).sum()) < free.numel()
     eager = solve(adjoint, x, free, memory, v)
     torch._dynamo.reset()
+    counters.clear()
     compiling = dataclasses.replace(adjoint, compile={"backend": "eager"}, _compiled=[])
     rows: list[int] = []
     iterate = batched_implicit.BatchedAdjoint._step
@@ -352,19 +353,43 @@ def test_a_compiled_backward_solve_equals_the_eager_one_with_bounds(monkeypatch:
     compiled = solve(compiling, x, free, memory, v)
     assert len(rows) >= 3
     assert rows[-1] < rows[1] < rows[0]
-    iteration = compiling._compiled[0]._torchdynamo_orig_callable  # what torch.compile wrapped
-    assert len(_debug_get_cache_entry_list(iteration.__code__)) == 1  # one graph as the batch shrinks
+    assert counters["stats"]["unique_graphs"] == 1  # one graph as the batch shrinks
     torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=1e-15)
     assert torch.equal(compiled == 0, ~free | (eager == 0))
     # {"dynamic": False}: static shapes, the batch kept whole, still one graph and the same solve
     torch._dynamo.reset()
+    counters.clear()
     static = dataclasses.replace(adjoint, compile={"backend": "eager", "dynamic": False}, _compiled=[])
     rows.clear()
     kept_whole = solve(static, x, free, memory, v)
     assert rows == [x.shape[0]]
-    iteration = static._compiled[0]._torchdynamo_orig_callable
-    assert len(_debug_get_cache_entry_list(iteration.__code__)) == 1
+    assert counters["stats"]["unique_graphs"] == 1
     torch.testing.assert_close(kept_whole, eager, rtol=1e-12, atol=1e-15)
+
+
+def test_compiled_backward_solves_of_two_losses_each_keep_a_compile_cache_of_their_own() -> None:
+    """The backward's compiled CG iteration, as the round (``test_compile.py``), is compiled in a
+    Dynamo cache of each loss function's own: with one graph allowed per cache, the compiled
+    solves of two losses each give the closed form's hyperparameter gradients. (Before, every
+    loss's iteration shared one code object, and the second loss's failed to compile.)"""
+    Xs, ys, lams = _ridge_batch(3, batch=6)
+    w0 = torch.zeros(6, Xs.shape[-1], dtype=F64)
+
+    def doubled(w: torch.Tensor, lam: torch.Tensor, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return 2.0 * ridge(w, lam, X, y)  # the same minimiser
+
+    exact = vmap(grad(lambda lam, X, y: ridge_closed_form(lam, X, y).sum()))(lams, Xs, ys)
+    torch._dynamo.reset()
+    counters.clear()
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for loss in (ridge, doubled):
+            leaf = lams.clone().requires_grad_()
+            params = torchlbfgs.batched_minimize(
+                loss, w0, leaf, Xs, ys, implicit_diff=True, compile={"backend": "eager"}, **TIGHT
+            ).params
+            (got,) = torch.autograd.grad(params.sum(), leaf)
+            assert_close(got, exact, 1e-8)
+    assert counters["stats"]["unique_graphs"] == 4  # a round and a CG iteration per loss
 
 
 # ---- a nonconvex inner problem ----------------------------------------------------------------

@@ -13,6 +13,7 @@ problem. Each problem's iterates are those it would have alone.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -21,6 +22,7 @@ import torch
 from torchlbfgs.batched_implicit import BatchedAdjoint
 from torchlbfgs.bounds import Bounds, BoundsLike, leaf_bounds
 from torchlbfgs.compaction import active_batch, map_leaves, should_shrink
+from torchlbfgs.compiled import compiled_step
 from torchlbfgs.implicit import ImplicitDiff, join_solution, solve_inputs
 from torchlbfgs.line_searches.loop import stop_check_interval
 from torchlbfgs.minimize import (
@@ -235,7 +237,8 @@ def _solve(
 
     advance_batch = torch.func.vmap(advance_one, in_dims=(0, None, *dims[1:]))
     if compile is not False:
-        advance_batch = torch.compile(advance_batch, fullgraph=True, **({} if compile is True else compile))
+        run = compiled_step("batched_minimize round", fun, {} if compile is True else compile)
+        advance_batch = functools.partial(run, advance_batch)
 
     check_every = stop_check_interval(settings.early_exit, state.lbfgs.status)
     active = active_batch(state, args, dims[1:], compile)

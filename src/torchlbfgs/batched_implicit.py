@@ -15,6 +15,7 @@ graph. Each problem's iterates are those it would have alone.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -23,6 +24,7 @@ import torch
 from torch._C._functorch import get_unwrapped, is_batchedtensor, is_functorch_wrapped_tensor
 
 from torchlbfgs.compaction import ActiveBatch, active_batch, map_leaves, should_shrink
+from torchlbfgs.compiled import compiled_step
 from torchlbfgs.direction import inv_hessian_product
 from torchlbfgs.history import History
 from torchlbfgs.implicit import (
@@ -156,7 +158,8 @@ class BatchedAdjoint:
         if not self._compiled:
             options = {} if self.compile is True else dict(self.compile)  # type: ignore[arg-type]
             iteration = _iteration_of(self.fun, self.dims, self.options.solver, bounded=self.bounded)
-            self._compiled.append(torch.compile(iteration, fullgraph=True, **options))
+            run = compiled_step("batched_minimize implicit CG iteration", self.fun, options)
+            self._compiled.append(functools.partial(run, iteration))
         return self._compiled[0]
 
     def value_of_one(self, z: torch.Tensor, template: PyTree, *data: Any) -> torch.Tensor:
