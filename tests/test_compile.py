@@ -185,6 +185,14 @@ def test_batched_minimize_compiles_its_round_once(capsys: pytest.CaptureFixture[
     assert torch.equal(compiled.n_evals, eager.n_evals)
     assert torch.equal(compiled.n_iter, eager.n_iter)
     assert bool(eager.converged.all())
+    # a later solve with the same loss finds the round compiled: no compile line, no graph
+    again = torchlbfgs.batched_minimize(
+        counted_logistic, start, features, labels, compile={"backend": "aot_eager"}, progress=True,
+        **options,
+    )  # fmt: skip
+    assert "compil" not in capsys.readouterr().err
+    assert counters["stats"]["unique_graphs"] == 1
+    assert torch.equal(again.params, compiled.params)
 
 
 def test_compile_with_dynamic_false_is_static_and_keeps_the_batch_whole() -> None:
@@ -227,7 +235,7 @@ def _solved_as_eager(
 ) -> None:
     """Solve compiled (Dynamo only) and eagerly; the compiled solve must be the eager one."""
     compiled = torchlbfgs.batched_minimize(loss, start, *data, compile={"backend": "eager"}, **options)
-    eager = torchlbfgs.batched_minimize(loss, start, *data, **options)
+    eager = torchlbfgs.batched_minimize(loss, start, *data, **{**options, "progress": False})
     torch.testing.assert_close(compiled.params, eager.params, rtol=1e-12, atol=1e-12)
     assert torch.equal(compiled.n_evals, eager.n_evals)
     assert torch.equal(compiled.status, eager.status)
@@ -258,10 +266,20 @@ def test_each_loss_function_keeps_a_compile_cache_of_its_own() -> None:
     assert counters["stats"]["unique_graphs"] == 3  # the user's, then one per loss: reused
 
 
-def test_a_loss_compiled_more_ways_than_the_limit_allows_compiles_again() -> None:
+def test_a_loss_compiled_more_ways_than_the_limit_allows_gets_room_and_a_warning(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """One loss function solved with options that each need a graph of their own (two line
-    searches) beyond ``recompile_limit``: the solve compiles again in a fresh cache rather than
-    fail (Dynamo raises while compiling, before anything has run)."""
+    searches), one more than ``recompile_limit`` allows: the second solve compiles its graph
+    with a warning instead of failing (Dynamo's failure would leave the process slowed, see
+    ``test_a_cap_that_room_does_not_lift_starts_a_fresh_cache``), and says so afterwards with
+    ``progress=True`` although no compile was expected; a third solve finds its graph. After
+    ``torch._dynamo.reset()`` the count starts again."""
+    import re
+    import warnings
+
+    from torch._dynamo.utils import counters
+
     features, labels = _data(4)
     start = torch.zeros(4, 3, dtype=torch.float64)
 
@@ -269,10 +287,60 @@ def test_a_loss_compiled_more_ways_than_the_limit_allows_compiles_again() -> Non
         return _logistic(w, features, labels)
 
     torch._dynamo.reset()
+    counters.clear()
+    shown, caught = [], []
     with torch._dynamo.config.patch(recompile_limit=1):
-        for line_search in ("strong_wolfe", "backtracking"):
+        for line_search in ("strong_wolfe", "backtracking", "strong_wolfe"):
             options = {"max_iter": 8, "history_size": 3, "line_search": line_search}
-            _solved_as_eager(loss, start, features, labels, **options)
+            with warnings.catch_warnings(record=True) as solve_caught:
+                warnings.simplefilter("always")
+                _solved_as_eager(loss, start, features, labels, progress=True, **options)
+            shown.append(capsys.readouterr().err)
+            caught.append([str(warning.message) for warning in solve_caught])
+    assert counters["stats"]["unique_graphs"] == 2  # the third solve found the first's graph
+    assert "compiling one round" in shown[0]
+    assert "compiling one round" not in shown[1]  # expected to find its round compiled...
+    assert re.search(r"batched_minimize: compiled one round .* in \d+\.\d s", shown[1]), shown[1]
+    assert "compil" not in shown[2]
+    assert caught[0] == caught[2] == []
+    assert len(caught[1]) == 1
+    assert "2 graphs compiled for 'loss'" in caught[1][0]
+    assert "recompile_limit (1)" in caught[1][0]
+    # torch._dynamo.reset() drops the graphs: the next one is within the limit again, no warning
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=1), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _solved_as_eager(loss, start, features, labels, max_iter=8, history_size=3)
+
+
+def test_a_cap_that_room_does_not_lift_starts_a_fresh_cache() -> None:
+    """Where Dynamo refuses a graph all the same (``accumulated_recompile_limit``, per code
+    object), the step compiles in a fresh cache (a code object of its own) instead of failing.
+    In a process of its own: after Dynamo's failure every later Python call of the process is
+    slower (``torchlbfgs.compiled``), which would reach the tests run after this one."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import torch
+        from torchlbfgs.compiled import compiled_step
+
+        def double(x):
+            return x * 2
+
+        with torch._dynamo.config.patch(accumulated_recompile_limit=1):
+            run = compiled_step("test", double, {"backend": "eager"})
+            assert torch.equal(run(double, torch.ones(2)), torch.full((2,), 2.0))
+            twice = run(double, torch.ones(2, dtype=torch.float64))  # a second graph: refused
+        assert torch.equal(twice, torch.full((2,), 2.0, dtype=torch.float64))
+        print("compiled afresh")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "compiled afresh"
 
 
 def test_a_loss_is_known_by_its_code_through_methods_partials_and_wrappers() -> None:

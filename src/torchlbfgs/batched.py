@@ -236,9 +236,10 @@ def _solve(
         return advance(objective(data, ravel_pytree(template)[1]), state, settings, unevaluated_starts=True)
 
     advance_batch = torch.func.vmap(advance_one, in_dims=(0, None, *dims[1:]))
+    first_compile = False  # whether the first round compiles (as far as can be told before it)
     if compile is not False:
         run = compiled_step("batched_minimize round", fun, {} if compile is True else compile)
-        advance_batch = functools.partial(run, advance_batch)
+        advance_batch, first_compile = functools.partial(run, advance_batch), not run.compiled_before
 
     check_every = stop_check_interval(settings.early_exit, state.lbfgs.status)
     active = active_batch(state, args, dims[1:], compile)
@@ -260,7 +261,7 @@ def _solve(
                 if should_shrink(running_count, running.numel()) and active.can_shrink:
                     active.shrink(keep)
             if rounds == 1 and compile is not False:
-                with bar.compiling("one round (vmapped advance)"):
+                with bar.compiling("one round (vmapped advance)", announce=first_compile):
                     active.state = advance_batch(active.state, template, *active.args)
             else:
                 active.state = advance_batch(active.state, template, *active.args)

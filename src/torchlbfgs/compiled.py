@@ -2,18 +2,22 @@
 
 Dynamo keeps the graphs it compiles on the code object of the compiled function, and counts
 them against a limit per code object (``torch._dynamo.config.recompile_limit``, 8); beyond it,
-a ``fullgraph=True`` compile fails with ``FailOnRecompileLimitHit``. The steps
-:func:`~torchlbfgs.batched_minimize` compiles are built afresh for each solve (closures over
-that solve's loss and options), and one of them is a ``torch.func.vmap`` wrapper, whose code
-is functorch's and shared by every vmapped function compiled in the process. Compiled as they
-are, the ninth distinct loss of a process (the user's own compiled vmaps counting too) failed.
+a ``fullgraph=True`` compile fails with ``FailOnRecompileLimitHit`` (pytorch/pytorch#167504).
+The steps :func:`~torchlbfgs.batched_minimize` compiles are built afresh for each solve
+(closures over that solve's loss and options), and one of them is a ``torch.func.vmap``
+wrapper, whose code is functorch's and shared by every vmapped function compiled in the
+process. Compiled as they are, the ninth distinct loss of a process (the user's own compiled
+vmaps counting too) failed.
 
 Here a step is compiled as a *trampoline* ``run(step, *args) -> step(*args)``, one per kind of
 step and user function, each with a code object of its own: Dynamo traces through the step it
 is given (guarding on it as it guarded on the closures before), so a later solve with the same
-function finds its graphs, and different functions never share a limit. A trampoline that
-reaches the limit anyway (one function compiled in more than ``recompile_limit`` distinct
-ways) is replaced by a fresh one, which compiles again instead of failing.
+function finds its graphs, and different functions never share a limit. A function compiled in
+more distinct ways than ``recompile_limit`` (e.g. as many combinations of line search, dtype
+and history size) gets room for one more graph at a time, with a warning for each, rather than
+a failure: after Dynamo's failure the whole process runs as if its frame hook were left
+installed (measured with torch 2.13: every Python call half again as slow, and a function's
+arguments held until it returns, even after ``torch._dynamo.reset()``).
 
 Examples:
     >>> import torch
@@ -28,12 +32,13 @@ from __future__ import annotations
 
 import functools
 import types
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
-__all__ = ["compiled_step"]
+__all__ = ["CompiledStep", "compiled_step", "graphs_compiled"]
 
 _RECOMPILE_LIMIT_HIT: tuple[type[BaseException], ...] = tuple(
     error
@@ -41,7 +46,11 @@ _RECOMPILE_LIMIT_HIT: tuple[type[BaseException], ...] = tuple(
     if isinstance(error := getattr(torch._dynamo.exc, name, None), type)
 )
 
-_trampolines: dict[tuple[Any, ...], Callable[..., Any]] = {}
+_LIMIT_NAME = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+
+_Key = tuple[str, Any, str]
+_trampolines: dict[_Key, Callable[..., Any]] = {}
+_graphs: dict[_Key, int] = {}  # graphs compiled in each key's trampoline
 
 
 def _run(step: Callable[..., Any], *args: Any) -> Any:
@@ -68,27 +77,84 @@ def user_code(fun: Any) -> Any:
     return getattr(fun, "__code__", type(fun))
 
 
-def _options_key(options: Mapping[str, Any]) -> str:
-    return repr(sorted(options.items()))
+def graphs_compiled() -> int:
+    """How many graphs Dynamo has compiled in this process."""
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
-def compiled_step(kind: str, fun: Any, options: Mapping[str, Any]) -> Callable[..., Any]:
+def _cache_entries(compiled: Any, tally: int) -> int:
+    """The graphs Dynamo holds for a compiled trampoline (by Dynamo's debugging API; ``tally``,
+    the graphs counted as they were compiled, where that API is missing)."""
+    try:
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+        return len(_debug_get_cache_entry_list(compiled._torchdynamo_orig_callable.__code__))
+    except (ImportError, AttributeError):
+        return tally
+
+
+def _recompile_limit() -> int:
+    limit: int = getattr(torch._dynamo.config, _LIMIT_NAME)
+    return limit
+
+
+class CompiledStep:
     """``run(step, *args) -> step(*args)``, ``torch.compile``-d (``fullgraph=True`` and
-    ``options``) with the Dynamo cache of the step ``kind`` for the user function ``fun``.
-    ``step`` may be a new closure at each call; what it closes over is guarded."""
-    key = (kind, user_code(fun), _options_key(options))
+    ``options``) in the Dynamo cache of the step ``kind`` for the user function ``fun``.
+    ``step`` may be a new closure at each call; what it closes over is guarded.
 
-    def run(step: Callable[..., Any], *args: Any) -> Any:
+    Attributes:
+        compiled_before: whether this process has compiled this step for this function (and
+            these options) before this object was made: its first call then most likely finds
+            its graph and compiles nothing.
+    """
+
+    def __init__(self, kind: str, fun: Any, options: Mapping[str, Any]) -> None:
+        self.key: _Key = (kind, user_code(fun), repr(sorted(options.items())))
+        self.options = options
+        self.compiled_before = self.key in _trampolines
+        self._limit = _recompile_limit()
+
+    def __call__(self, step: Callable[..., Any], *args: Any) -> Any:
+        trampoline, graphs = self._trampoline(), _graphs.get(self.key, 0)
+        if graphs >= self._limit:  # the tally also counts graphs a torch._dynamo.reset() dropped
+            graphs = _graphs[self.key] = _cache_entries(trampoline, graphs)
+        before = graphs_compiled()
         try:
-            return _trampoline(key, options)(step, *args)
-        except _RECOMPILE_LIMIT_HIT:  # raised while compiling, before anything ran
-            del _trampolines[key]
-            return _trampoline(key, options)(step, *args)
+            if graphs < self._limit:
+                result = trampoline(step, *args)
+            else:  # room for one more graph, should this call need one
+                with torch._dynamo.config.patch(_LIMIT_NAME, graphs + 1):
+                    result = trampoline(step, *args)
+        except _RECOMPILE_LIMIT_HIT:  # raised while compiling, before anything ran: a cap this
+            # room does not lift (accumulated_recompile_limit); a fresh code object has its own
+            _trampolines.pop(self.key, None)
+            graphs = _graphs[self.key] = 0
+            result = self._trampoline()(step, *args)
+        compiled = graphs_compiled() - before
+        if compiled > 0:
+            _graphs[self.key] = graphs + compiled
+            if graphs + compiled > self._limit:
+                self._warn_beyond_limit(graphs + compiled)
+        return result
 
-    return run
+    def _trampoline(self) -> Callable[..., Any]:
+        if self.key not in _trampolines:
+            _trampolines[self.key] = torch.compile(_fresh_trampoline(), fullgraph=True, **self.options)
+        return _trampolines[self.key]
+
+    def _warn_beyond_limit(self, graphs: int) -> None:
+        kind, code, _ = self.key
+        name = getattr(code, "co_name", getattr(code, "__name__", repr(code)))
+        warnings.warn(
+            f"torchlbfgs: {kind}: {graphs} graphs compiled for {name!r} in this process, more than "
+            f"torch._dynamo.config.recompile_limit ({self._limit}); each combination of options, "
+            'dtypes or shapes that needs a graph of its own compiles once (TORCH_LOGS="recompiles" '
+            "shows what differed).",
+            stacklevel=2,
+        )
 
 
-def _trampoline(key: tuple[Any, ...], options: Mapping[str, Any]) -> Callable[..., Any]:
-    if key not in _trampolines:
-        _trampolines[key] = torch.compile(_fresh_trampoline(), fullgraph=True, **options)
-    return _trampolines[key]
+def compiled_step(kind: str, fun: Any, options: Mapping[str, Any]) -> CompiledStep:
+    """The :class:`CompiledStep` of ``kind`` for ``fun``, compiled with ``options``."""
+    return CompiledStep(kind, fun, options)

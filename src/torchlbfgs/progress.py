@@ -30,6 +30,8 @@ from typing import Any, TextIO
 
 import torch
 
+from torchlbfgs.compiled import graphs_compiled
+
 __all__ = ["ProgressBar", "progress_wanted"]
 
 
@@ -98,12 +100,17 @@ class ProgressBar:
             print(line, file=self.stream)
 
     @contextlib.contextmanager
-    def compiling(self, what: str) -> Iterator[None]:
-        """Around the first call of a compiled function: a line before and one after, timed."""
-        self.note(f"{self.label}: compiling {what} with torch.compile (first call; this takes a while)")
+    def compiling(self, what: str, *, announce: bool = True) -> Iterator[None]:
+        """Around the first call of a compiled function: a line before it where a compile is
+        expected (``announce``), and one after it, timed, where one was expected or Dynamo
+        compiled a graph after all. A call that finds its graph compiled shows nothing."""
+        graphs = graphs_compiled()
+        if announce:
+            self.note(f"{self.label}: compiling {what} with torch.compile (first call; this takes a while)")
         start = time.perf_counter()
         yield
-        self.note(f"{self.label}: compiled {what} in {time.perf_counter() - start:.1f} s")
+        if announce or graphs_compiled() > graphs:
+            self.note(f"{self.label}: compiled {what} in {time.perf_counter() - start:.1f} s")
 
     def close(self) -> None:
         """The end: the bar's total becomes the rounds run (the total shown until then is the
