@@ -325,13 +325,13 @@ def test_a_cap_that_room_does_not_lift_starts_a_fresh_cache() -> None:
     script = textwrap.dedent(
         """
         import torch
-        from torchlbfgs.compiled import compiled_step
+        from torchlbfgs.compiled import CompiledStep
 
         def double(x):
             return x * 2
 
         with torch._dynamo.config.patch(accumulated_recompile_limit=1):
-            run = compiled_step("test", double, {"backend": "eager"})
+            run = CompiledStep("test", double, {"backend": "eager"})
             assert torch.equal(run(double, torch.ones(2)), torch.full((2,), 2.0))
             twice = run(double, torch.ones(2, dtype=torch.float64))  # a second graph: refused
         assert torch.equal(twice, torch.full((2,), 2.0, dtype=torch.float64))

@@ -22,7 +22,7 @@ import torch
 from torchlbfgs.batched_implicit import BatchedAdjoint
 from torchlbfgs.bounds import Bounds, BoundsLike, leaf_bounds
 from torchlbfgs.compaction import active_batch, map_leaves, should_shrink
-from torchlbfgs.compiled import compiled_step
+from torchlbfgs.compiled import CompiledStep
 from torchlbfgs.implicit import ImplicitDiff, join_solution, solve_inputs
 from torchlbfgs.line_searches.loop import stop_check_interval
 from torchlbfgs.minimize import (
@@ -238,7 +238,7 @@ def _solve(
     advance_batch = torch.func.vmap(advance_one, in_dims=(0, None, *dims[1:]))
     first_compile = False  # whether the first round compiles (as far as can be told before it)
     if compile is not False:
-        run = compiled_step("batched_minimize round", fun, {} if compile is True else compile)
+        run = CompiledStep("batched_minimize round", fun, {} if compile is True else compile)
         advance_batch, first_compile = functools.partial(run, advance_batch), not run.compiled_before
 
     check_every = stop_check_interval(settings.early_exit, state.lbfgs.status)

@@ -24,7 +24,7 @@ import torch
 from torch._C._functorch import get_unwrapped, is_batchedtensor, is_functorch_wrapped_tensor
 
 from torchlbfgs.compaction import ActiveBatch, active_batch, map_leaves, should_shrink
-from torchlbfgs.compiled import compiled_step
+from torchlbfgs.compiled import CompiledStep
 from torchlbfgs.direction import inv_hessian_product
 from torchlbfgs.history import History
 from torchlbfgs.implicit import (
@@ -158,7 +158,7 @@ class BatchedAdjoint:
         if not self._compiled:
             options = {} if self.compile is True else dict(self.compile)  # type: ignore[arg-type]
             iteration = _iteration_of(self.fun, self.dims, self.options.solver, bounded=self.bounded)
-            run = compiled_step("batched_minimize implicit CG iteration", self.fun, options)
+            run = CompiledStep("batched_minimize implicit CG iteration", self.fun, options)
             self._compiled.append(functools.partial(run, iteration))
         return self._compiled[0]
 

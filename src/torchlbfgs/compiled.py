@@ -23,7 +23,7 @@ Examples:
     >>> import torch
     >>> def step(x):
     ...     return x * 2
-    >>> run = compiled_step("example", step, {"backend": "eager"})
+    >>> run = CompiledStep("example", step, {"backend": "eager"})
     >>> run(step, torch.ones(2))
     tensor([2., 2.])
 """
@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["CompiledStep", "compiled_step", "graphs_compiled"]
+__all__ = ["CompiledStep", "graphs_compiled"]
 
 _RECOMPILE_LIMIT_HIT: tuple[type[BaseException], ...] = tuple(
     error
@@ -153,8 +153,3 @@ class CompiledStep:
             "shows what differed).",
             stacklevel=2,
         )
-
-
-def compiled_step(kind: str, fun: Any, options: Mapping[str, Any]) -> CompiledStep:
-    """The :class:`CompiledStep` of ``kind`` for ``fun``, compiled with ``options``."""
-    return CompiledStep(kind, fun, options)
