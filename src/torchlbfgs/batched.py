@@ -98,12 +98,14 @@ def batched_minimize(
         in_dims: as in ``torch.func.vmap``, for ``(params0, *args)``; an int applies to all.
         compile: ``True`` to ``torch.compile`` the vmapped round (``fullgraph=True``, the
             batch dimension marked dynamic so that the shrinking batch needs no
-            recompilation), or a dict of further ``torch.compile`` keyword arguments (e.g.
-            ``{"backend": "aot_eager"}``). ``{"dynamic": False}`` compiles for the whole batch
-            with static shapes and keeps it whole (stopped problems stay in it, frozen): the
-            compile takes a fifth to a third less time, but every round evaluates every problem,
-            which pays only where all problems need about as many evaluations (e.g. a fixed
-            step and ``max_iter`` iterations). With ``implicit_diff``, the backward's
+            recompilation; kept for later solves with the same ``fun``, in a cache of that
+            function's own: :mod:`torchlbfgs.compiled`), or a dict of further
+            ``torch.compile`` keyword arguments (e.g. ``{"backend": "aot_eager"}``).
+            ``{"dynamic": False}`` compiles for the whole batch with static shapes and keeps it
+            whole (stopped problems stay in it, frozen): the compile takes a fifth to a third
+            less time, but every round evaluates every problem, which pays only where all
+            problems need about as many evaluations (e.g. a fixed step and ``max_iter``
+            iterations). With ``implicit_diff``, the backward's
             conjugate-gradient iteration is compiled the same way.
         callback: as in :func:`~torchlbfgs.minimize`; it sees the whole batch.
         callback_every: as in :func:`~torchlbfgs.minimize`.
