@@ -50,7 +50,6 @@ _LIMIT_NAME = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limi
 
 _Key = tuple[str, Any, str]
 _trampolines: dict[_Key, Callable[..., Any]] = {}
-_graphs: dict[_Key, int] = {}  # graphs compiled in each key's trampoline
 
 
 def _run(step: Callable[..., Any], *args: Any) -> Any:
@@ -82,15 +81,16 @@ def graphs_compiled() -> int:
     return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
-def _cache_entries(compiled: Any, tally: int) -> int:
-    """The graphs Dynamo holds for a compiled trampoline (by Dynamo's debugging API; ``tally``,
-    the graphs counted as they were compiled, where that API is missing)."""
+def _cache_entries(compiled: Any) -> int:
+    """The graphs Dynamo holds for a compiled trampoline (by Dynamo's debugging API, which
+    ``torch._dynamo.reset()`` empties with the cache; 0 where the API is missing: no room is
+    then made, and a refused graph starts a fresh cache)."""
     try:
         from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
         return len(_debug_get_cache_entry_list(compiled._torchdynamo_orig_callable.__code__))
     except (ImportError, AttributeError):
-        return tally
+        return 0
 
 
 def _recompile_limit() -> int:
@@ -116,10 +116,8 @@ class CompiledStep:
         self._limit = _recompile_limit()
 
     def __call__(self, step: Callable[..., Any], *args: Any) -> Any:
-        trampoline, graphs = self._trampoline(), _graphs.get(self.key, 0)
-        if graphs >= self._limit:  # the tally also counts graphs a torch._dynamo.reset() dropped
-            graphs = _graphs[self.key] = _cache_entries(trampoline, graphs)
-        before = graphs_compiled()
+        trampoline = self._trampoline()
+        graphs = _cache_entries(trampoline)
         try:
             if graphs < self._limit:
                 result = trampoline(step, *args)
@@ -129,13 +127,11 @@ class CompiledStep:
         except _RECOMPILE_LIMIT_HIT:  # raised while compiling, before anything ran: a cap this
             # room does not lift (accumulated_recompile_limit); a fresh code object has its own
             _trampolines.pop(self.key, None)
-            graphs = _graphs[self.key] = 0
-            result = self._trampoline()(step, *args)
-        compiled = graphs_compiled() - before
-        if compiled > 0:
-            _graphs[self.key] = graphs + compiled
-            if graphs + compiled > self._limit:
-                self._warn_beyond_limit(graphs + compiled)
+            trampoline, graphs = self._trampoline(), 0
+            result = trampoline(step, *args)
+        after = _cache_entries(trampoline)
+        if after > max(graphs, self._limit):
+            self._warn_beyond_limit(after)
         return result
 
     def _trampoline(self) -> Callable[..., Any]:
