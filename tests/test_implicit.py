@@ -343,7 +343,7 @@ def test_a_compiled_backward_solve_equals_the_eager_one_with_bounds(monkeypatch:
     eager = solve(adjoint, x, free, memory, v)
     torch._dynamo.reset()
     counters.clear()
-    compiling = dataclasses.replace(adjoint, compile={"backend": "eager"}, _compiled=[])
+    compiling = dataclasses.replace(adjoint, compile={"backend": "eager"})
     rows: list[int] = []
     iterate = batched_implicit.BatchedAdjoint._step
     monkeypatch.setattr(
@@ -359,7 +359,7 @@ def test_a_compiled_backward_solve_equals_the_eager_one_with_bounds(monkeypatch:
     # {"dynamic": False}: static shapes, the batch kept whole, still one graph and the same solve
     torch._dynamo.reset()
     counters.clear()
-    static = dataclasses.replace(adjoint, compile={"backend": "eager", "dynamic": False}, _compiled=[])
+    static = dataclasses.replace(adjoint, compile={"backend": "eager", "dynamic": False})
     rows.clear()
     kept_whole = solve(static, x, free, memory, v)
     assert rows == [x.shape[0]]

@@ -7,13 +7,17 @@ problems still run, and once at most half of the current batch does, it goes on 
 alone (*compaction*): their states and data are gathered into a smaller batch, and the stopped
 problems' results are set aside. The work of a solve is then close to the sum of the
 evaluations the problems need, rather than the batch size times those of the most expensive
-problem. Each problem's iterates are those it would have alone.
+problem. Each problem's iterates are those it would have alone. Compiled on the CPU, the
+rounds between two such actions of the host run in one call of the compiled graph, as a
+``while_loop`` that applies the same rule on the device
+(:func:`~torchlbfgs.compaction.steps_until_shrink`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
+import sys
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -21,7 +25,7 @@ import torch
 
 from torchlbfgs.batched_implicit import BatchedAdjoint
 from torchlbfgs.bounds import Bounds, BoundsLike, leaf_bounds
-from torchlbfgs.compaction import active_batch, map_leaves, should_shrink
+from torchlbfgs.compaction import active_batch, map_leaves, should_shrink, steps_until_shrink
 from torchlbfgs.compiled import CompiledStep
 from torchlbfgs.implicit import ImplicitDiff, join_solution, solve_inputs
 from torchlbfgs.line_searches.loop import stop_check_interval
@@ -100,7 +104,9 @@ def batched_minimize(
             batch dimension marked dynamic so that the shrinking batch needs no
             recompilation; kept for later solves with the same ``fun``, in a cache of that
             function's own: :mod:`torchlbfgs.compiled`), or a dict of further
-            ``torch.compile`` keyword arguments (e.g. ``{"backend": "aot_eager"}``).
+            ``torch.compile`` keyword arguments (e.g. ``{"backend": "aot_eager"}``). On the
+            CPU the graph runs the rounds between two compactions (or callbacks) in one call,
+            as a ``while_loop``; elsewhere one round per call.
             ``{"dynamic": False}`` compiles for the whole batch with static shapes and keeps it
             whole (stopped problems stay in it, frozen): the compile takes a fifth to a third
             less time, but every round evaluates every problem, which pays only where all
@@ -238,38 +244,38 @@ def _solve(
         return advance(objective(data, ravel_pytree(template)[1]), state, settings, unevaluated_starts=True)
 
     advance_batch = torch.func.vmap(advance_one, in_dims=(0, None, *dims[1:]))
-    first_compile = False  # whether the first round compiles (as far as can be told before it)
-    if compile is not False:
-        run = CompiledStep("batched_minimize round", fun, {} if compile is True else compile)
-        advance_batch, first_compile = functools.partial(run, advance_batch), not run.compiled_before
-
     check_every = stop_check_interval(settings.early_exit, state.lbfgs.status)
     active = active_batch(state, args, dims[1:], compile)
+    rounds_to = _Rounds(advance_batch, fun, compile, check_every, shrinkable=active.can_shrink)
     total = 1 + max_rounds(settings)  # the first round evaluates the start
     bar = ProgressBar(enabled=progress_wanted(progress), total=total, label="batched_minimize")
+    pace = _BarPace(bar.enabled)
     done = 0  # rounds run
     try:
-        for rounds in range(1, total + 1):
-            if check_every is not None and (rounds - 1) % check_every == 0:
-                running = active.state.lbfgs.status == StopReason.RUNNING.value
+        while done < total:
+            if check_every is not None and done % check_every == 0:
+                running = _running(active.state)
                 keep = running.nonzero().squeeze(1)  # sync-ok: as often as early_exit allows
                 running_count = keep.numel()
                 if running_count == 0:
                     break
                 if bar.enabled:  # sync-ok: the bar reads the running problems' values
                     # (none before the first round, which evaluates the starts)
-                    values = active.state.lbfgs.value[keep] if rounds > 1 else None
-                    bar.update(rounds=rounds - 1, running=running_count, values=values)
+                    values = active.state.lbfgs.value[keep] if done > 0 else None
+                    bar.update(rounds=done, running=running_count, values=values)
                 if should_shrink(running_count, running.numel()) and active.can_shrink:
                     active.shrink(keep)
-            if rounds == 1 and compile is not False:
-                with bar.compiling("one round (vmapped advance)", announce=first_compile):
-                    active.state = advance_batch(active.state, template, *active.args)
+            if done == 0 and rounds_to.compiled:
+                with bar.compiling("one round (vmapped advance)", announce=rounds_to.first_compile):
+                    active.state, done = rounds_to(active.state, template, active.args, done, 1)
             else:
-                active.state = advance_batch(active.state, template, *active.args)
-            done = rounds
-            if callback is not None and rounds % callback_every == 0:
-                callback(progress_of(rounds, active.whole(), settings))
+                # where the host acts next: a callback, the bar, or the end
+                last = min(total, pace.next(done), _next_multiple(done, callback_every, callback))
+                before, started = done, pace.clock()
+                active.state, done = rounds_to(active.state, template, active.args, done, last)
+                pace.ran(done - before, started)
+            if callback is not None and done % callback_every == 0:
+                callback(progress_of(done, active.whole(), settings))
         if bar.enabled:  # sync-ok: the bar's last reading
             whole = active.whole()
             still = whole.lbfgs.status == StopReason.RUNNING.value
@@ -277,3 +283,83 @@ def _solve(
     finally:
         bar.close()
     return active.whole(), unravel
+
+
+def _running(state: RoundState) -> torch.Tensor:
+    return state.lbfgs.status == StopReason.RUNNING.value
+
+
+def _next_multiple(done: int, every: int, callback: object) -> int:
+    """The next round after ``done`` at which ``callback`` is due (never without one)."""
+    return sys.maxsize if callback is None else (done // every + 1) * every
+
+
+class _Rounds:
+    """How a solve runs its rounds: ``rounds(state, template, args, done, last)`` runs the
+    rounds after ``done`` up to ``last`` at most, and returns the state and the rounds done.
+
+    Eagerly, and compiled where the stop flags are not read every round (off the CPU, or
+    ``early_exit=False``), it runs one round per call. Compiled where they are read every
+    round, it runs the rounds until the host has something to do (the batch should shrink, all
+    problems stopped, ``last``) as one ``while_loop`` in one call of the compiled graph
+    (:func:`~torchlbfgs.compaction.steps_until_shrink`).
+    """
+
+    def __init__(
+        self, advance_batch: Callable[..., RoundState], fun: Callable[..., Any],
+        compile: bool | Mapping[str, Any], check_every: int | None, *, shrinkable: bool,
+    ) -> None:  # fmt: skip
+        self.compiled = compile is not False
+        self.stretches = self.compiled and check_every == 1
+        self.advance_batch = advance_batch
+        self.first_compile = False  # whether the first call compiles (as far as can be told)
+        if compile is not False:
+            kind = "batched_minimize rounds" if self.stretches else "batched_minimize round"
+            self.run = CompiledStep(kind, fun, {} if compile is True else compile, loops=self.stretches)
+            self.first_compile = not self.run.compiled_before
+
+        def stretch(
+            state: RoundState, count: torch.Tensor, last: torch.Tensor, template: PyTree, *data: Any
+        ) -> tuple[RoundState, torch.Tensor]:
+            return steps_until_shrink(
+                lambda state: advance_batch(state, template, *data), state, count, last, _running,
+                shrinkable=shrinkable,
+            )  # fmt: skip
+
+        self.stretch = stretch
+
+    def __call__(
+        self, state: RoundState, template: PyTree, args: tuple[Any, ...], done: int, last: int
+    ) -> tuple[RoundState, int]:
+        if self.stretches:
+            device = state.lbfgs.status.device
+            count, end = (torch.tensor(n, device=device) for n in (done, last))
+            state, count = self.run(self.stretch, state, count, end, template, *args)
+            return state, int(count)  # sync-ok: stretches only where every round reads the flags
+        if self.compiled:
+            return self.run(self.advance_batch, state, template, *args), done + 1
+        return self.advance_batch(state, template, *args), done + 1
+
+
+class _BarPace:
+    """Where a stretch of compiled rounds stops so that the progress bar moves: after about
+    :data:`BAR_SECONDS`, judged by the pace of the rounds so far (without a bar: never)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled, self.stride = enabled, 1
+
+    def next(self, done: int) -> int:
+        return done + self.stride if self.enabled else sys.maxsize
+
+    def clock(self) -> float:
+        return time.perf_counter() if self.enabled else 0.0  # no clock where Dynamo traces
+
+    def ran(self, rounds: int, started: float) -> None:
+        seconds = self.clock() - started
+        if self.enabled and rounds > 0 and seconds > 0:  # at most twice as many rounds each time
+            self.stride = max(1, min(int(BAR_SECONDS * rounds / seconds), 2 * self.stride))
+
+
+BAR_SECONDS = 0.2
+"""About how often the progress bar of a compiled solve moves (Inductor's loop runs the rounds
+between two readings; the bar draws no more often than tqdm would anyway)."""

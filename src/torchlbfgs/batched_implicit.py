@@ -10,7 +10,9 @@ products are built for the current problems only: eagerly, one pullback of the b
 gradient per compaction, each product then one backward pass through it; with ``compile``
 (the solve's option), one ``torch.compile``-d iteration (products by reverse-over-reverse
 autodiff, then the update) whose batch dimension is dynamic, so the shrinking batch reuses one
-graph. Each problem's iterates are those it would have alone.
+graph; on the CPU the iterations between two compactions run in one call of it, as a
+``while_loop`` (:func:`~torchlbfgs.compaction.steps_until_shrink`). Each problem's iterates
+are those it would have alone.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any, NamedTuple
 import torch
 from torch._C._functorch import get_unwrapped, is_batchedtensor, is_functorch_wrapped_tensor
 
-from torchlbfgs.compaction import ActiveBatch, active_batch, map_leaves, should_shrink
+from torchlbfgs.compaction import ActiveBatch, active_batch, map_leaves, should_shrink, steps_until_shrink
 from torchlbfgs.compiled import CompiledStep
 from torchlbfgs.direction import inv_hessian_product
 from torchlbfgs.history import History
@@ -74,7 +76,11 @@ class BatchedAdjoint:
     options: ImplicitDiff
     bounded: bool = False
     compile: bool | Mapping[str, Any] = False
-    _compiled: list[Callable[..., ConjugateGradients]] = field(default_factory=list)
+    # compiled steps, made at their first use (not copied by dataclasses.replace)
+    _compiled: list[Callable[..., ConjugateGradients]] = field(default_factory=list, init=False)
+    _compiled_stretch: list[tuple[CompiledStep, Callable[..., ConjugateGradients]]] = field(
+        default_factory=list, init=False
+    )
 
     def solve(
         self, x: torch.Tensor, free: torch.Tensor, memory: list[torch.Tensor], v: torch.Tensor
@@ -106,9 +112,13 @@ class BatchedAdjoint:
             # its residual): a compiled iteration would guard on aliasing and compile again.
             systems = map_leaves(lambda leaf: leaf.clone(memory_format=torch.contiguous_format), systems)
         batch = active_batch(systems, self.data, self.dims, self.compile if compiled else False)
-        step = self._step(batch, compiled=compiled)
         check_every = stop_check_interval(None, systems.cg.done)
-        for k in range(max_iter):
+        # compiled where the flags are read every iteration: the iterations between two
+        # compactions in one call (a while_loop), as the solve's rounds (torchlbfgs.batched)
+        stretches = compiled and check_every == 1
+        step = self._step(batch, compiled=compiled, stretches=stretches)
+        k = 0
+        while k < max_iter:
             if check_every is not None and k % check_every == 0:
                 running = ~batch.state.cg.done
                 keep = running.nonzero().squeeze(1)  # sync-ok: as often as stop_check_interval allows
@@ -116,22 +126,36 @@ class BatchedAdjoint:
                     break
                 if should_shrink(keep.numel(), running.numel()) and batch.can_shrink:
                     batch.shrink(keep)
-                    step = self._step(batch, compiled=compiled)
-            batch.state = batch.state._replace(cg=step(batch.state))
+                    step = self._step(batch, compiled=compiled, stretches=stretches)
+            cg, k = step(batch.state, k, max_iter)
+            batch.state = batch.state._replace(cg=cg)
         whole = batch.whole().cg
         return whole.u, cg_outcome(whole)
 
     def _step(
-        self, batch: ActiveBatch[_Systems], *, compiled: bool
-    ) -> Callable[[_Systems], ConjugateGradients]:
-        """One CG iteration of the current problems."""
+        self, batch: ActiveBatch[_Systems], *, compiled: bool, stretches: bool
+    ) -> Callable[[_Systems, int, int], tuple[ConjugateGradients, int]]:
+        """``step(systems, done, last)``: CG iterations of the current problems after ``done``,
+        and the iterations done then: one, or (``stretches``) compiled, in one call, as many as
+        run before the batch should shrink, every problem has converged or ``last``."""
         data = batch.args
+        if stretches:
+            run, iteration = self._compiled_iterations()
+            stretch = _stretch_of(iteration, batch.can_shrink)
+            device = batch.state.cg.done.device
+
+            def iterations(systems: _Systems, done: int, last: int) -> tuple[ConjugateGradients, int]:
+                count, end = (torch.tensor(n, device=device) for n in (done, last))
+                cg, count = run(stretch, systems, count, end, self.template, *data)
+                return cg, int(count)  # sync-ok: stretches only where every iteration reads the flags
+
+            return iterations
         if compiled:
             iterate = self._compiled_iteration()
-            return lambda systems: iterate(systems, self.template, *data)
+            return lambda systems, done, last: (iterate(systems, self.template, *data), done + 1)
         state = batch.state
         hessian_times, precondition = self._operators(state.x, state.free, state.memory, data)
-        return lambda systems: cg_iteration(systems.cg, hessian_times, precondition)
+        return lambda systems, done, last: (cg_iteration(systems.cg, hessian_times, precondition), done + 1)
 
     def _operators(
         self, x: torch.Tensor, free: torch.Tensor, memory: History, data: tuple[Any, ...]
@@ -153,6 +177,15 @@ class BatchedAdjoint:
 
     def _on_free(self, operator: Operator, free: torch.Tensor) -> Operator:
         return _on_free(operator, free) if self.bounded else operator
+
+    def _compiled_iterations(self) -> tuple[CompiledStep, Callable[..., ConjugateGradients]]:
+        """The compiled stretch of CG iterations (:func:`_stretch_of`) and the iteration it repeats."""
+        if not self._compiled_stretch:
+            options = {} if self.compile is True else dict(self.compile)  # type: ignore[arg-type]
+            iteration = _iteration_of(self.fun, self.dims, self.options.solver, bounded=self.bounded)
+            run = CompiledStep("batched_minimize implicit CG iterations", self.fun, options, loops=True)
+            self._compiled_stretch.append((run, iteration))
+        return self._compiled_stretch[0]
 
     def _compiled_iteration(self) -> Callable[..., ConjugateGradients]:
         if not self._compiled:
@@ -223,6 +256,27 @@ def _iteration_of(
         )
 
     return iteration
+
+
+def _stretch_of(
+    iteration: Callable[..., ConjugateGradients], shrinkable: bool
+) -> Callable[..., tuple[ConjugateGradients, torch.Tensor]]:
+    """CG iterations of a batch until it should shrink, its problems converged or ``last``
+    (:func:`~torchlbfgs.compaction.steps_until_shrink`), as one function to compile."""
+
+    def stretch(
+        systems: _Systems, count: torch.Tensor, last: torch.Tensor, template: PyTree, *data: Any
+    ) -> tuple[ConjugateGradients, torch.Tensor]:
+        def step(cg: ConjugateGradients) -> ConjugateGradients:
+            return iteration(systems._replace(cg=cg), template, *data)
+
+        return steps_until_shrink(step, systems.cg, count, last, _not_done, shrinkable=shrinkable)
+
+    return stretch
+
+
+def _not_done(cg: ConjugateGradients) -> torch.Tensor:
+    return ~cg.done
 
 
 def _vmapped(tensor: torch.Tensor) -> bool:

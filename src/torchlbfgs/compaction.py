@@ -7,6 +7,11 @@ which problems still run and, once at most half of the current batch does, gathe
 states and data into a smaller batch and sets the others' results aside; the work is then
 close to the sum of what the problems need. Each problem's iterates are unchanged.
 
+A compiled loop that reads its stop flags every step runs the steps between two things the host
+must do (shrink the batch, call back, stop) as one ``while_loop`` inside the compiled graph
+(:func:`steps_until_shrink`): one call of the compiled function, with its guards and wrappers,
+for tens of steps instead of one each.
+
 Examples:
     >>> import torch
     >>> from typing import NamedTuple
@@ -26,8 +31,9 @@ from typing import Any, Generic, TypeVar
 
 import optree
 import torch
+from torch._higher_order_ops import while_loop
 
-__all__ = ["ActiveBatch", "active_batch", "map_leaves", "should_shrink"]
+__all__ = ["ActiveBatch", "active_batch", "map_leaves", "should_shrink", "steps_until_shrink"]
 
 State = TypeVar("State")
 
@@ -39,10 +45,83 @@ def map_leaves(function: Callable[..., torch.Tensor], *trees: Any) -> Any:
     return function(*trees)
 
 
-def should_shrink(running: int, current: int) -> bool:
+Count = TypeVar("Count", int, torch.Tensor)
+
+
+def should_shrink(running: Count, current: Count | int) -> Count | bool:
     """Go on with the ``running`` problems of a batch of ``current``? Once at most half run, and
-    never below two problems: ``torch.compile`` specialises a batch of one."""
-    return 2 <= running <= current // 2
+    never below two problems: ``torch.compile`` specialises a batch of one. Counts on the host
+    (ints) or on the device (tensors, inside a compiled loop)."""
+    return (running >= 2) & (running <= current // 2)
+
+
+def steps_until_shrink(
+    step: Callable[[State], State],
+    state: State,
+    count: torch.Tensor,
+    last: torch.Tensor,
+    running: Callable[[State], torch.Tensor],
+    *,
+    shrinkable: bool,
+) -> tuple[State, torch.Tensor]:
+    """``step`` applied to the batch ``state`` (a NamedTuple of tensors batched along dimension 0)
+    once, then while ``count < last``, some problem is ``running`` and, where the batch may
+    shrink (``shrinkable``), it should not yet (:func:`should_shrink`); the state and the count
+    then. ``step`` must leave stopped problems as they are. The first step is unconditional (if
+    ``count < last``): the host calls after it has acted, so each call makes progress.
+
+    Written for ``torch.compile``: one ``while_loop``, whose condition Inductor's loop reads on
+    the host at each step (free on the CPU, a sync elsewhere). Each call of a compiled function
+    costs its guards and AOTAutograd's wrappers (0.4-0.5 ms at B = 1024 for a round of
+    :func:`~torchlbfgs.batched_minimize`, a tenth of an evaluation of the batch); one call for
+    all the steps between two host actions costs them once. Eagerly the same loop runs in
+    Python, one host read per step.
+
+    Examples:
+        >>> import torch
+        >>> from typing import NamedTuple
+        >>> class Countdown(NamedTuple):
+        ...     left: torch.Tensor
+        >>> def tick(state):
+        ...     return Countdown(torch.where(state.left > 0, state.left - 1, state.left))
+        >>> state, count = steps_until_shrink(
+        ...     tick, Countdown(torch.tensor([1, 2, 5, 6])), torch.tensor(0), torch.tensor(100),
+        ...     lambda state: state.left > 0, shrinkable=True)
+        >>> state.left, count  # after two steps only two of the four run: time to shrink
+        (tensor([0, 0, 3, 4]), tensor(2))
+        >>> steps_until_shrink(tick, state, count, torch.tensor(100), lambda state: state.left > 0,
+        ...                    shrinkable=True)  # called again, it steps at least once
+        (Countdown(left=tensor([0, 0, 2, 3])), tensor(3))
+    """
+    leaves: list[torch.Tensor]
+    leaves, treedef = optree.tree_flatten(state)  # type: ignore[arg-type]
+    current = leaves[0].shape[0]
+
+    def unflatten(flat: tuple[torch.Tensor, ...]) -> State:
+        return optree.tree_unflatten(treedef, list(flat))  # type: ignore[return-value]
+
+    first = count.clone()  # not the carried tensor itself: while_loop refuses aliases
+
+    def goes_on(count: torch.Tensor, *flat: torch.Tensor) -> torch.Tensor:
+        still = running(unflatten(flat)).sum()
+        more = still > 0
+        if shrinkable:
+            more = more & ~should_shrink(still, current)
+        return (count < last) & ((count == first) | more)
+
+    def body(count: torch.Tensor, *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        after: list[torch.Tensor] = optree.tree_leaves(step(unflatten(flat)))  # type: ignore[arg-type]
+        # while_loop refuses outputs that alias its inputs, and wants the inputs' strides back
+        return (count + 1, *(leaf.clone(memory_format=torch.contiguous_format) for leaf in after))
+
+    if not torch.compiler.is_compiling():  # while_loop would compile itself, with no use here
+        carried = (count, *leaves)
+        while bool(goes_on(*carried)):  # sync-ok: an eager call reads the flags every step
+            carried = body(*carried)
+        count, *end = carried
+    else:
+        count, *end = while_loop(goes_on, body, (count, *leaves))  # type: ignore[no-untyped-call]
+    return unflatten(tuple(end)), count
 
 
 def active_batch(

@@ -19,6 +19,13 @@ a failure: after Dynamo's failure the whole process runs as if its frame hook we
 installed (measured with torch 2.13: every Python call half again as slow, and a function's
 arguments held until it returns, even after ``torch._dynamo.reset()``).
 
+A step that loops on the device (a ``while_loop``, ``loops=True``) is compiled with that
+loop marked cacheable for Inductor: unmarked, Inductor's FX graph cache and AOTAutograd's cache
+bypass any graph with a ``while_loop`` ("Can't cache HigherOrderOperator", torch 2.13), and a
+fresh process compiles it from scratch (27 s against 8.5 s for the rounds of a logistic
+regression at B = 1024). The caches' keys cover the loop's subgraphs: their code is hashed
+with the graph module that holds them.
+
 Examples:
     >>> import torch
     >>> def step(x):
@@ -30,7 +37,10 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+import sys
 import types
 import warnings
 from collections.abc import Callable, Mapping
@@ -56,9 +66,15 @@ def _run(step: Callable[..., Any], *args: Any) -> Any:
     return step(*args)
 
 
-def _fresh_trampoline() -> Callable[..., Any]:
-    """``_run`` with a code object of its own (Dynamo's cache lives on the code object)."""
-    return types.FunctionType(_run.__code__.replace(), _run.__globals__, _run.__name__)
+def _fresh_trampoline(name: str) -> Callable[..., Any]:
+    """``_run`` with a code object of its own (Dynamo's cache lives on the code object), named
+    ``name``: Dynamo keeps what it learnt about a function's inputs (which sizes changed between
+    calls, and so are compiled dynamic) by file, line and name, and the trampolines of different
+    steps, whose inputs differ, must not share it."""
+    code = _run.__code__.replace(co_name=name)
+    if sys.version_info >= (3, 11):
+        code = code.replace(co_qualname=name)
+    return types.FunctionType(code, _run.__globals__, name)
 
 
 def user_code(fun: Any) -> Any:
@@ -74,6 +90,14 @@ def user_code(fun: Any) -> Any:
         elif hasattr(fun, "__wrapped__"):
             fun = fun.__wrapped__
     return getattr(fun, "__code__", type(fun))
+
+
+def _described(code: Any) -> str:
+    """A user function's code (or a callable object's type) as ``name (file:line)``."""
+    if isinstance(code, types.CodeType):
+        name = getattr(code, "co_qualname", code.co_name)
+        return f"{name} ({os.path.basename(code.co_filename)}:{code.co_firstlineno})"
+    return f"{getattr(code, '__qualname__', repr(code))}"
 
 
 def graphs_compiled() -> int:
@@ -93,6 +117,21 @@ def _cache_entries(compiled: Any) -> int:
         return 0
 
 
+_WHILE_LOOP = "torch.ops.higher_order.while_loop"  # how Inductor names the operator
+
+
+def _while_loops_cacheable() -> contextlib.AbstractContextManager[Any]:
+    """Inductor's config with ``while_loop`` graphs cacheable, where this torch has the switch."""
+    config = torch._inductor.config
+    marked = getattr(config, "unsafe_marked_cacheable_functions", None)
+    if marked is None or _WHILE_LOOP in marked:
+        return contextlib.nullcontext()
+    patched: contextlib.AbstractContextManager[Any] = config.patch(
+        unsafe_marked_cacheable_functions={**marked, _WHILE_LOOP: torch.__version__}
+    )
+    return patched
+
+
 def _recompile_limit() -> int:
     limit: int = getattr(torch._dynamo.config, _LIMIT_NAME)
     return limit
@@ -101,7 +140,8 @@ def _recompile_limit() -> int:
 class CompiledStep:
     """``run(step, *args) -> step(*args)``, ``torch.compile``-d (``fullgraph=True`` and
     ``options``) in the Dynamo cache of the step ``kind`` for the user function ``fun``.
-    ``step`` may be a new closure at each call; what it closes over is guarded.
+    ``step`` may be a new closure at each call; what it closes over is guarded. ``loops``:
+    the step holds a ``while_loop``, which Inductor's caches are then allowed to keep.
 
     Attributes:
         compiled_before: whether this process has compiled this step for this function (and
@@ -109,13 +149,18 @@ class CompiledStep:
             its graph and compiles nothing.
     """
 
-    def __init__(self, kind: str, fun: Any, options: Mapping[str, Any]) -> None:
+    def __init__(self, kind: str, fun: Any, options: Mapping[str, Any], *, loops: bool = False) -> None:
         self.key: _Key = (kind, user_code(fun), repr(sorted(options.items())))
         self.options = options
+        self._config = _while_loops_cacheable if loops else contextlib.nullcontext
         self.compiled_before = self.key in _trampolines
         self._limit = _recompile_limit()
 
     def __call__(self, step: Callable[..., Any], *args: Any) -> Any:
+        with self._config():
+            return self._call(step, *args)
+
+    def _call(self, step: Callable[..., Any], *args: Any) -> Any:
         trampoline = self._trampoline()
         graphs = _cache_entries(trampoline)
         try:
@@ -136,7 +181,9 @@ class CompiledStep:
 
     def _trampoline(self) -> Callable[..., Any]:
         if self.key not in _trampolines:
-            _trampolines[self.key] = torch.compile(_fresh_trampoline(), fullgraph=True, **self.options)
+            kind, code, _ = self.key
+            name = f"{kind} of {_described(code)}"
+            _trampolines[self.key] = torch.compile(_fresh_trampoline(name), fullgraph=True, **self.options)
         return _trampolines[self.key]
 
     def _warn_beyond_limit(self, graphs: int) -> None:
