@@ -25,7 +25,13 @@ import torch
 
 from torchlbfgs.batched_implicit import BatchedAdjoint
 from torchlbfgs.bounds import Bounds, BoundsLike, leaf_bounds
-from torchlbfgs.compaction import active_batch, map_leaves, should_shrink, steps_until_shrink
+from torchlbfgs.compaction import (
+    active_batch,
+    call_with_counts,
+    map_leaves,
+    should_shrink,
+    steps_until_shrink,
+)
 from torchlbfgs.compiled import CompiledStep
 from torchlbfgs.implicit import ImplicitDiff, join_solution, solve_inputs
 from torchlbfgs.line_searches.loop import stop_check_interval
@@ -278,7 +284,7 @@ def _solve(
                 callback(progress_of(done, active.whole(), settings))
         if bar.enabled:  # sync-ok: the bar's last reading
             whole = active.whole()
-            still = whole.lbfgs.status == StopReason.RUNNING.value
+            still = _running(whole)
             bar.update(rounds=done, running=int(still.sum()), values=whole.lbfgs.value)
     finally:
         bar.close()
@@ -332,10 +338,7 @@ class _Rounds:
         self, state: RoundState, template: PyTree, args: tuple[Any, ...], done: int, last: int
     ) -> tuple[RoundState, int]:
         if self.stretches:
-            device = state.lbfgs.status.device
-            count, end = (torch.tensor(n, device=device) for n in (done, last))
-            state, count = self.run(self.stretch, state, count, end, template, *args)
-            return state, int(count)  # sync-ok: stretches only where every round reads the flags
+            return call_with_counts(self.run, self.stretch, state, done, last, template, *args)
         if self.compiled:
             return self.run(self.advance_batch, state, template, *args), done + 1
         return self.advance_batch(state, template, *args), done + 1

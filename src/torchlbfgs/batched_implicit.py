@@ -25,7 +25,14 @@ from typing import Any, NamedTuple
 import torch
 from torch._C._functorch import get_unwrapped, is_batchedtensor, is_functorch_wrapped_tensor
 
-from torchlbfgs.compaction import ActiveBatch, active_batch, map_leaves, should_shrink, steps_until_shrink
+from torchlbfgs.compaction import (
+    ActiveBatch,
+    active_batch,
+    call_with_counts,
+    map_leaves,
+    should_shrink,
+    steps_until_shrink,
+)
 from torchlbfgs.compiled import CompiledStep
 from torchlbfgs.direction import inv_hessian_product
 from torchlbfgs.history import History
@@ -142,12 +149,9 @@ class BatchedAdjoint:
         if stretches:
             run, iteration = self._compiled_iterations()
             stretch = _stretch_of(iteration, batch.can_shrink)
-            device = batch.state.cg.done.device
 
             def iterations(systems: _Systems, done: int, last: int) -> tuple[ConjugateGradients, int]:
-                count, end = (torch.tensor(n, device=device) for n in (done, last))
-                cg, count = run(stretch, systems, count, end, self.template, *data)
-                return cg, int(count)  # sync-ok: stretches only where every iteration reads the flags
+                return call_with_counts(run, stretch, systems, done, last, self.template, *data)
 
             return iterations
         if compiled:

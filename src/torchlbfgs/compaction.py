@@ -33,7 +33,14 @@ import optree
 import torch
 from torch._higher_order_ops import while_loop
 
-__all__ = ["ActiveBatch", "active_batch", "map_leaves", "should_shrink", "steps_until_shrink"]
+__all__ = [
+    "ActiveBatch",
+    "active_batch",
+    "call_with_counts",
+    "map_leaves",
+    "should_shrink",
+    "steps_until_shrink",
+]
 
 State = TypeVar("State")
 
@@ -122,6 +129,20 @@ def steps_until_shrink(
     else:
         count, *end = while_loop(goes_on, body, (count, *leaves))  # type: ignore[no-untyped-call]
     return unflatten(tuple(end)), count
+
+
+def call_with_counts(
+    run: Callable[..., tuple[Any, torch.Tensor]], stretch: Callable[..., Any], state: Any,
+    done: int, last: int, *rest: Any,
+) -> tuple[Any, int]:  # fmt: skip
+    """``run(stretch, state, count, last, *rest)``, a compiled ``stretch`` that calls
+    :func:`steps_until_shrink`, with the step counts on the host: ``done`` and ``last`` go in as
+    0-d tensors on the device of ``state``'s leaves (values a graph does not specialise on), and
+    the count comes back as an int (a host read: for loops that read their stop flags every step anyway)."""
+    device = optree.tree_leaves(state)[0].device
+    count, end = (torch.tensor(n, device=device) for n in (done, last))
+    after, count = run(stretch, state, count, end, *rest)
+    return after, int(count)  # sync-ok: where the stop flags are read every step
 
 
 def active_batch(
